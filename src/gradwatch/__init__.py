@@ -1,0 +1,42 @@
+"""gradwatch: keep deep-network training healthy.
+
+Measures gradient magnitude layer by layer on every step, diagnoses vanishing,
+exploding and non-finite gradients in plain words, and applies the standard
+fixes. Two lines in a plain PyTorch loop::
+
+    import gradwatch as gw
+    watch = gw.Watch(model, optimizer, clip_norm=1.0, run_dir="runs/exp1")
+    for x, y in loader:
+        result = watch.step(lambda: loss_fn(model(x), y), batch=(x, y))
+
+Importing gradwatch imports torch and numpy only: plotting, TensorBoard and the
+framework integrations load when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import GradwatchWarning, NonFiniteError
+from .findings import CODES, Finding
+from .plugins import StepContext, WatchPlugin
+from .records import StepRecord, StepResult
+from .rundir import Run, load_run
+from .watch import Watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CODES",
+    "Finding",
+    "GradwatchWarning",
+    "NonFiniteError",
+    "Run",
+    "StepContext",
+    "StepRecord",
+    "StepResult",
+    "Watch",
+    "WatchPlugin",
+    "load_run",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the ``gradwatch`` CLI: one module each, with ``add_parser`` and ``run``."""

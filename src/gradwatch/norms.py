@@ -1,0 +1,178 @@
+"""Fused per-layer norms and clipping: tensors in, numbers out.
+
+This is the pure core of gradwatch's telemetry. Clipping needs one norm per
+parameter tensor to get the global norm; per-layer norms fall out of the same
+numbers. One pass does all of it:
+
+1. per-tensor norms with the foreach kernels, one call per (device, dtype) group;
+2. per-layer powers ``sum |n_i|^p`` (``max`` for ``p = inf``) with one
+   ``index_add_`` (``scatter_reduce_``) into a tensor of size n_layers;
+3. the global norm from the per-layer powers;
+4. one in-place multiply of every gradient by the clamped coefficient
+   ``min(1, max_norm / (total + 1e-6))`` - the same formula as
+   :func:`torch.nn.utils.clip_grad_norm_`, without a host sync.
+
+Step 2's per-layer powers are what a distributed run all-reduces (one
+collective of size n_layers) before step 3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
+
+
+@dataclass
+class TensorGroups:
+    """Tensors grouped by (device, dtype), each with the layer slot of every tensor.
+
+    Build it once per step with :func:`group_tensors` (cheap: a Python pass over
+    the list, no kernels).
+    """
+
+    tensors: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]
+    slots: dict[tuple[torch.device, torch.dtype], list[int]]
+
+
+def group_tensors(tensors: list[torch.Tensor | None], slots: list[int]) -> TensorGroups:
+    """Group non-None tensors by (device, dtype), keeping each one's layer slot.
+
+    Example:
+        >>> g = group_tensors([torch.ones(2), None, torch.ones(3, dtype=torch.float64)], [0, 1, 1])
+        >>> sorted(len(v) for v in g.tensors.values())
+        [1, 1]
+    """
+    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    slot_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for tensor, slot in zip(tensors, slots):
+        if tensor is None:
+            continue
+        key = (tensor.device, tensor.dtype)
+        bucket = by_key.get(key)
+        if bucket is None:
+            by_key[key] = [tensor]
+            slot_key[key] = [slot]
+        else:
+            bucket.append(tensor)
+            slot_key[key].append(slot)
+    return TensorGroups(by_key, slot_key)
+
+
+def _tensor_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Per-tensor norms of one (device, dtype) group as one 1-D tensor."""
+    try:
+        norms = torch._foreach_norm(tensors, norm_type)
+    except (RuntimeError, NotImplementedError):  # a backend without foreach: per-tensor fallback
+        norms = [torch.linalg.vector_norm(t, norm_type) for t in tensors]
+    return torch.stack(norms)
+
+
+def layer_powers(
+    groups: TensorGroups,
+    n_layers: int,
+    norm_type: float = 2.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Per-layer ``sum_i |norm_i|^p`` (or ``max_i |norm_i|`` for ``p = inf``), float32+ on ``device``.
+
+    Layers without any tensor get 0. No host sync.
+
+    Example:
+        >>> g = group_tensors([torch.tensor([3.0]), torch.tensor([4.0])], [0, 0])
+        >>> layer_powers(g, 1).tolist()
+        [25.0]
+    """
+    norm_type = float(norm_type)
+    if device is None:
+        device = next(iter(groups.tensors))[0] if groups.tensors else torch.device("cpu")
+    dtypes = [key[1] for key in groups.tensors]
+    acc_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    out = torch.zeros(n_layers, dtype=acc_dtype, device=device)
+    for key, tensors in groups.tensors.items():
+        norms = _tensor_norms(tensors, norm_type).to(device=device, dtype=acc_dtype)
+        index = torch.tensor(groups.slots[key], dtype=torch.long, device=device)
+        if math.isinf(norm_type):
+            out.scatter_reduce_(0, index, norms, reduce="amax", include_self=True)
+        else:
+            out.index_add_(0, index, norms if norm_type == 1.0 else norms.pow(norm_type))
+    return out
+
+
+def finalize_norms(powers: torch.Tensor, norm_type: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """From per-layer powers to (per-layer norms, global norm). No host sync.
+
+    Example:
+        >>> layer, total = finalize_norms(torch.tensor([9.0, 16.0]))
+        >>> layer.tolist(), total.item()
+        ([3.0, 4.0], 5.0)
+    """
+    norm_type = float(norm_type)
+    if math.isinf(norm_type):
+        total = powers.max() if powers.numel() else powers.new_zeros(())
+        return powers, total
+    total_pow = powers.sum()
+    if norm_type == 1.0:
+        return powers, total_pow
+    if norm_type == 2.0:
+        return powers.sqrt(), total_pow.sqrt()
+    inv = 1.0 / norm_type
+    return powers.pow(inv), total_pow.pow(inv)
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (total + 1e-6))`` as a tensor, as clip_grad_norm_ computes it."""
+    return torch.clamp(max_norm / (total_norm + _EPS), max=1.0)
+
+
+def scale_(groups: TensorGroups, coefficient: torch.Tensor) -> None:
+    """Multiply every tensor in ``groups`` in place by ``coefficient`` (a 0-d tensor). No host sync."""
+    for (device, _dtype), tensors in groups.tensors.items():
+        coef = coefficient.to(device)
+        try:
+            torch._foreach_mul_(tensors, coef)
+        except (RuntimeError, NotImplementedError):
+            for tensor in tensors:
+                tensor.mul_(coef)
+
+
+def per_layer_grad_norms_(
+    grads: list[torch.Tensor | None],
+    slots: list[int],
+    n_layers: int,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer and global gradient norms before clipping, then clip in place.
+
+    The one-call form of the fused pass (the Watch calls the steps itself so that
+    a distributed run can reduce the per-layer powers in between).
+
+    Args:
+        grads: gradient tensors (None for a parameter without a gradient).
+        slots: the layer slot of each entry of ``grads``.
+        n_layers: number of layers (size of the result).
+        max_norm: clip threshold; None measures only. Default: None.
+        norm_type: p of the p-norm, ``float('inf')`` for the max norm. Default: 2.0.
+
+    Returns:
+        ``(layer_norms, total_norm, clip_coef)``, all tensors, norms measured
+        *before* clipping; ``clip_coef`` is 1 when nothing was clipped.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])]
+        >>> layers, total, coef = per_layer_grad_norms_(g, [0, 1], 2, max_norm=1.0)
+        >>> layers.tolist(), total.item(), round(g[0][0].item(), 4)
+        ([3.0, 4.0], 5.0, 0.6)
+    """
+    groups = group_tensors(grads, slots)
+    powers = layer_powers(groups, n_layers, norm_type)
+    layer_norms, total = finalize_norms(powers, norm_type)
+    if max_norm is None:
+        return layer_norms, total, torch.ones((), dtype=total.dtype, device=total.device)
+    coef = clip_coefficient(total, max_norm)
+    scale_(groups, coef)
+    return layer_norms, total, coef

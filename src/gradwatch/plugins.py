@@ -1,0 +1,68 @@
+"""The seam between the Watch and what builds on it (diagnosis, NaN root cause, ...).
+
+A :class:`WatchPlugin` sees every step at fixed points. The Watch calls every
+method inside its internal-error guard: a plugin that raises is reported once
+and the step goes on as plain training would.
+
+Order of calls on step N::
+
+    prepare(N)              at the end of step N-1 (at construction for N = 1):
+                            arm hooks for step N's forward (which may run before
+                            ``watch.step`` is called, in the ``step(loss)`` form)
+    before_forward(ctx)     inside ``watch.step``, before the closure runs
+    after_backward(ctx)     gradients present (unscaled), before measuring
+    veto(ctx, record)       after the one host sync: True asks to skip the update
+    after_step(ctx, record) after the update (or skip): returns findings
+    close()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .findings import Finding
+    from .records import StepRecord
+    from .watch import Watch
+
+
+@dataclass
+class StepContext:
+    """What one step carries between the Watch and its plugins."""
+
+    step: int
+    closure: Callable[[], torch.Tensor] | None
+    batch: Any
+    loss: torch.Tensor | None = None
+    skipped_by: list[str] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-step notes between plugins
+
+
+class WatchPlugin:
+    """Base class: every hook is a no-op."""
+
+    name = "plugin"
+
+    def attach(self, watch: "Watch") -> None:
+        self.watch = watch
+
+    def prepare(self, next_step: int) -> None:
+        pass
+
+    def before_forward(self, ctx: StepContext) -> None:
+        pass
+
+    def after_backward(self, ctx: StepContext) -> None:
+        pass
+
+    def veto(self, ctx: StepContext, record: "StepRecord") -> bool:
+        return False
+
+    def after_step(self, ctx: StepContext, record: "StepRecord") -> list["Finding"]:
+        return []
+
+    def close(self) -> None:
+        pass

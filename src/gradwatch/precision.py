@@ -1,0 +1,103 @@
+"""Precision: autocast and loss scaling around the Watch's step.
+
+``Precision("fp32")`` is a complete no-op (STYLE 10: the loop needs no branches
+for options). ``"bf16"`` runs the closure under ``torch.autocast`` with
+bfloat16 and needs no scaler. ``"fp16"`` runs it under autocast with float16
+and scales the loss with a :class:`torch.amp.GradScaler` (the user's own, or a
+default one), in the standard order: scale, backward, unscale, measure, clip,
+step or skip, update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast and loss scaling for one precision mode.
+
+    Args:
+        mode: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        device_type: the model's device type (``"cpu"``, ``"cuda"``, ...).
+        scaler: fp16 only: a ``torch.amp.GradScaler``; None makes a default one.
+
+    Example:
+        >>> p = Precision("fp32", "cpu")
+        >>> with p.autocast():
+        ...     pass
+        >>> p.loss_scale_tensor() is None
+        True
+    """
+
+    def __init__(self, mode: str = "fp32", device_type: str = "cpu", scaler: "torch.amp.GradScaler | None" = None):
+        if mode not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {mode!r}")
+        if scaler is not None and mode != "fp16":
+            raise ValueError(f"scaler= is only used with precision='fp16', got precision={mode!r}; drop scaler= or set precision='fp16'")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.mode = mode
+        self.device_type = device_type
+        if mode == "fp16" and scaler is None:
+            scaler = torch.amp.GradScaler(device_type)
+        self.scaler = scaler
+        self._unscaled = False
+
+    @property
+    def scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Context for the forward pass and the loss."""
+        if self.mode == "fp32":
+            yield
+            return
+        with torch.autocast(device_type=self.device_type, dtype=_DTYPES[self.mode]):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, scaled under fp16."""
+        if self.scaling:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def loss_scale_tensor(self) -> torch.Tensor | None:
+        """The scale used for this step's backward, as a tensor (no sync), or None."""
+        if not self.scaling:
+            return None
+        scale = getattr(self.scaler, "_scale", None)
+        return scale.detach().reshape(()) if isinstance(scale, torch.Tensor) else None
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide gradients by the loss scale in place (fp16 only)."""
+        if self.scaling:
+            self.scaler.unscale_(optimizer)
+            self._unscaled = True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update (the scaler still skips it if it saw an inf)."""
+        if self.scaling:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def update(self) -> None:
+        """Update the loss scale after a step (applied or skipped)."""
+        if self.scaling and self._unscaled:
+            self.scaler.update()
+        self._unscaled = False
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])

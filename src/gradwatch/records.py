@@ -1,0 +1,105 @@
+"""Records: what the Watch measures on one step, as plain data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .findings import Finding
+
+
+@dataclass
+class StepRecord:
+    """Everything measured on one step (host-side numbers; per-layer arrays in depth order).
+
+    ``layer_grad_norms`` are measured *before* clipping and, under fp16, after
+    unscaling (comparable across precisions).
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    clip_coef: float
+    clip_threshold: float | None
+    clipped: bool
+    skipped: bool
+    loss_finite: bool
+    layer_names: list[str]
+    layer_grad_norms: np.ndarray
+    layer_weight_norms: np.ndarray
+    update_ratio: np.ndarray | None = None
+    loss_scale: float | None = None
+    nonfinite_layers: list[str] = field(default_factory=list)
+    missing_layers: list[str] = field(default_factory=list)
+    time_ms: float = math.nan
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        return self.loss_finite and math.isfinite(self.grad_norm)
+
+    def to_json(self) -> dict[str, Any]:
+        """The step line of ``steps.jsonl`` (dense per-layer arrays go to the .f32 matrices)."""
+        data: dict[str, Any] = {
+            "step": self.step,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "clip_coef": self.clip_coef,
+            "clipped": self.clipped,
+            "skipped": self.skipped,
+            "time_ms": round(self.time_ms, 4),
+        }
+        if self.loss_scale is not None:
+            data["loss_scale"] = self.loss_scale
+        if self.update_ratio is not None:
+            data["update_ratio"] = [float(f"{v:.5g}") if math.isfinite(v) else repr(float(v)) for v in self.update_ratio.tolist()]
+        if self.nonfinite_layers:
+            data["nonfinite_layers"] = self.nonfinite_layers
+        if self.missing_layers:
+            data["missing_layers"] = self.missing_layers
+        if not self.loss_finite:
+            data["loss_finite"] = False
+        data.update(self.extra)
+        return data
+
+
+@dataclass
+class StepResult:
+    """What ``Watch.step`` returns.
+
+    Attributes:
+        step: 1-based step number.
+        loss: the loss as a float.
+        grad_norm: the global gradient norm *before* clipping.
+        clipped: whether clipping scaled the gradients down.
+        skipped: whether the update was not applied (non-finite step).
+        findings: findings raised on this step.
+        loss_scale: the fp16 loss scale used for this step (None otherwise).
+        record: the full :class:`StepRecord`.
+
+    ``layer_grad_norms`` (layer name -> pre-clip norm) is built only when read.
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    clipped: bool
+    skipped: bool
+    findings: list[Finding]
+    loss_scale: float | None = None
+    record: StepRecord | None = None
+
+    @property
+    def layer_grad_norms(self) -> dict[str, float]:
+        if self.record is None:
+            return {}
+        return dict(zip(self.record.layer_names, self.record.layer_grad_norms.tolist()))
+
+    @property
+    def layer_weight_norms(self) -> dict[str, float]:
+        if self.record is None:
+            return {}
+        return dict(zip(self.record.layer_names, self.record.layer_weight_norms.tolist()))

@@ -1,0 +1,376 @@
+"""The run directory: plain, append-only files a person can read with standard tools.
+
+Layout (every file is optional except ``meta.json``)::
+
+    RUN_DIR/
+      meta.json          written once, atomically: format version, config, model summary
+      layers.json        written once, atomically, when the depth order is known
+      steps.jsonl        one JSON object per step: scalars (loss, pre-clip norm, clip
+                         coefficient, skip flag, loss scale, timings), the step's row in
+                         the matrices below, and sparse per-layer values (update ratios
+                         every K steps, the names of non-finite layers)
+      grad_norms.f32     per-layer pre-clip gradient norms, one row of n_layers float32
+                         (little-endian) per step: numpy.fromfile(path, "<f4").reshape(-1, n)
+      weight_norms.f32   per-layer weight norms, same layout
+      findings.jsonl     one Finding per line
+      activations.jsonl  sampled activation statistics (one object per sampled step)
+      events.jsonl       other events: rollbacks, LR backoffs, internal errors
+      nonfinite/         reproduction bundles: step_000123.pt (torch.load(weights_only=True))
+
+Writes happen on a background thread: the training loop only appends to a list;
+every ``flush_every`` steps (and at ``close()`` and interpreter exit) the batch is
+handed to the thread, which writes whole lines and flushes them to the OS. A
+process killed at any instant leaves every flushed line readable; a cut-off last
+line is skipped by :func:`load_run`.
+
+Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``
+(strict JSON has no such numbers; ``jq`` and every JSON reader accept strings).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import queue
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .findings import Finding, _jsonable
+
+FORMAT_VERSION = 1
+STREAMS = ("steps", "findings", "activations", "events")
+MATRICES = ("grad_norms", "weight_norms")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(_jsonable(data), handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Append-only writer of one run directory, with a background flushing thread.
+
+    Args:
+        path: the run directory (created if missing). An existing run directory
+            is appended to only if ``resume=True``; otherwise a non-empty
+            directory with a ``meta.json`` is refused, so no run is overwritten.
+        flush_every: hand buffered lines to the writer thread every this many
+            steps. Default: 50.
+        resume: allow appending to an existing run. Default: False.
+
+    Example:
+        >>> import tempfile
+        >>> w = RunWriter(Path(tempfile.mkdtemp()) / "run", flush_every=1)
+        >>> w.write_meta({"model": "MLP"}); w.append("steps", {"step": 1, "loss": 0.5}); w.close()
+        >>> load_run(w.path).steps["loss"].tolist()
+        [0.5]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], flush_every: int = 50, resume: bool = False) -> None:
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"run_dir {str(self.path)!r} exists and is not a directory; pass a directory path")
+        if (self.path / "meta.json").exists() and not resume:
+            raise ValueError(
+                f"run_dir {str(self.path)!r} already holds a run (meta.json exists); "
+                "pass a new directory, or resume=True to append to it"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self._buffers: dict[str, list[str]] = {name: [] for name in STREAMS}
+        self._rows: dict[str, list[bytes]] = {name: [] for name in MATRICES}
+        self.rows_written = 0
+        self._pending_steps = 0
+        self._queue: "queue.Queue[tuple[str, Any] | None]" = queue.Queue()
+        self._handles: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
+        self._thread.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (lambda w: w.close() if w is not None else None)(ref())
+        atexit.register(self._atexit)
+
+    # ----- loop side -------------------------------------------------------------------
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Write ``meta.json`` (atomic; format version added)."""
+        _write_json_atomic(self.path / "meta.json", {"format_version": FORMAT_VERSION, **meta})
+
+    def write_layers(self, layers: list[dict[str, Any]]) -> None:
+        """Write ``layers.json`` once (atomic)."""
+        self._queue.put(("json", ("layers.json", {"layers": layers})))
+
+    def append(self, stream: str, record: dict[str, Any]) -> None:
+        """Buffer one record for ``stream``; steps count towards ``flush_every``."""
+        self._buffers[stream].append(json.dumps(_jsonable(record), separators=(",", ":")))
+        if stream == "steps":
+            self._pending_steps += 1
+            if self._pending_steps >= self.flush_every:
+                self.flush()
+
+    def append_step(self, record: dict[str, Any], matrices: dict[str, np.ndarray]) -> None:
+        """Buffer one step: its JSON line (given its ``row``) and one float32 row per matrix."""
+        record = dict(record)
+        record["row"] = self.rows_written
+        self.rows_written += 1
+        for name in MATRICES:
+            row = matrices.get(name)
+            if row is not None:
+                self._rows[name].append(np.asarray(row, dtype="<f4").tobytes())
+        self.append("steps", record)
+
+    def append_finding(self, finding: Finding) -> None:
+        self.append("findings", finding.to_dict())
+
+    def save_bundle(self, name: str, payload: dict[str, Any]) -> Path:
+        """Save a reproduction bundle under ``nonfinite/`` synchronously (it is rare and must not be lost)."""
+        import torch
+
+        folder = self.path / "nonfinite"
+        folder.mkdir(exist_ok=True)
+        target = folder / name
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+        return target
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand buffered lines to the writer thread; with ``wait``, block until written."""
+        for name, rows in self._rows.items():  # matrices first: a step line never precedes its row
+            if rows:
+                self._queue.put(("bytes", (name, rows)))
+                self._rows[name] = []
+        for stream, lines in self._buffers.items():
+            if lines:
+                self._queue.put(("lines", (stream, lines)))
+                self._buffers[stream] = []
+        self._pending_steps = 0
+        if wait:
+            done = threading.Event()
+            self._queue.put(("event", done))
+            done.wait(timeout=30)
+
+    def close(self) -> None:
+        """Flush everything, stop the thread, close the files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:  # pragma: no cover - interpreter shutting down
+            pass
+
+    # ----- writer thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            kind, payload = item
+            try:
+                if kind == "lines":
+                    stream, lines = payload
+                    handle = self._handles.get(stream)
+                    if handle is None:
+                        handle = open(self.path / f"{stream}.jsonl", "a", encoding="utf-8")
+                        self._handles[stream] = handle
+                    handle.write("".join(line + "\n" for line in lines))
+                    handle.flush()
+                elif kind == "bytes":
+                    name, rows = payload
+                    handle = self._handles.get(name)
+                    if handle is None:
+                        handle = open(self.path / f"{name}.f32", "ab")
+                        self._handles[name] = handle
+                    handle.write(b"".join(rows))
+                    handle.flush()
+                elif kind == "json":
+                    name, data = payload
+                    _write_json_atomic(self.path / name, data)
+                elif kind == "event":
+                    payload.set()
+            except BaseException as exc:  # keep the thread alive; the Watch reports it
+                self._error = exc
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    @property
+    def error(self) -> BaseException | None:
+        """The last error the writer thread met (None if none)."""
+        return self._error
+
+
+# ----- reading ----------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file, skipping a last line that was cut off mid-write."""
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut off by a kill: everything before it is intact
+    return records
+
+
+def _to_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)  # also parses 'nan', 'inf', '-inf'
+
+
+def _array(records: list[dict[str, Any]], key: str, width: int | None = None) -> np.ndarray:
+    if width is None:
+        return np.array([_to_float(r.get(key)) for r in records], dtype=np.float64)
+    out = np.full((len(records), width), np.nan, dtype=np.float64)
+    for i, record in enumerate(records):
+        values = record.get(key)
+        if values is None:
+            continue
+        out[i, : len(values)] = [_to_float(v) for v in values[:width]]
+    return out
+
+
+@dataclass
+class Run:
+    """A run directory read back: layer table, per-step numpy arrays, findings.
+
+    ``steps`` maps a column to an array over steps: scalars are 1-D
+    (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``clipped``, ``skipped``,
+    ``loss_scale``, ``time_ms``); per-layer columns are 2-D (steps x layers, in
+    ``layer_names`` order): ``layer_grad_norms``, ``layer_weight_norms``,
+    ``update_ratio`` (NaN on steps where it was not measured).
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    layers: list[dict[str, Any]]
+    layer_names: list[str]
+    steps: dict[str, np.ndarray]
+    findings: list[Finding]
+    activations: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    step_extras: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def bundles(self) -> list[Path]:
+        """Paths of the reproduction bundles of non-finite steps."""
+        folder = self.path / "nonfinite"
+        return sorted(folder.glob("*.pt")) if folder.is_dir() else []
+
+    def layer_rms(self) -> np.ndarray:
+        """Per-layer gradient RMS (norm / sqrt(numel)), steps x layers."""
+        numel = {layer["name"]: layer.get("trainable_numel") or layer.get("numel") or 1 for layer in self.layers}
+        scale = np.array([math.sqrt(max(1, numel.get(name, 1))) for name in self.layer_names])
+        return self.steps["layer_grad_norms"] / scale
+
+
+SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "loss_scale", "time_ms")
+FLAG_COLUMNS = ("clipped", "skipped")
+SPARSE_LAYER_COLUMNS = ("update_ratio",)
+_KNOWN_KEYS = set(SCALAR_COLUMNS) | set(FLAG_COLUMNS) | set(SPARSE_LAYER_COLUMNS) | {"row"}
+
+
+def _read_matrix(path: Path, width: int, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of a float32 matrix file (NaN where a row is missing); a cut-off row is dropped."""
+    out = np.full((len(rows), width), np.nan, dtype=np.float64)
+    if width == 0 or not path.exists():
+        return out
+    data = np.fromfile(path, dtype="<f4")
+    whole = data[: (data.size // width) * width].reshape(-1, width)
+    ok = (rows >= 0) & (rows < whole.shape[0])
+    out[ok] = whole[rows[ok]]
+    return out
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by a Watch (also one cut off by a kill).
+
+    Args:
+        path: the run directory.
+
+    Returns:
+        a :class:`Run` with the layer table, per-step numpy arrays and findings.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a run directory (no ``meta.json`` nor ``steps.jsonl``).
+
+    Example:
+        >>> run = load_run("runs/exp1")  # doctest: +SKIP
+        >>> run.steps["layer_grad_norms"].shape  # doctest: +SKIP
+        (1000, 12)
+    """
+    root = Path(path)
+    if not root.is_dir() or not ((root / "meta.json").exists() or (root / "steps.jsonl").exists()):
+        raise FileNotFoundError(
+            f"{str(root)!r} is not a gradwatch run directory (no meta.json or steps.jsonl); "
+            "pass the run_dir given to gradwatch.Watch"
+        )
+    meta: dict[str, Any] = {}
+    if (root / "meta.json").exists():
+        meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+    layers: list[dict[str, Any]] = []
+    if (root / "layers.json").exists():
+        layers = json.loads((root / "layers.json").read_text(encoding="utf-8"))["layers"]
+    layer_names = [layer["name"] for layer in layers if layer.get("measured", True)]
+    records = _read_jsonl(root / "steps.jsonl")
+    width = len(layer_names)
+    steps: dict[str, np.ndarray] = {key: _array(records, key) for key in SCALAR_COLUMNS}
+    steps["step"] = steps["step"].astype(np.int64) if len(records) else np.zeros(0, dtype=np.int64)
+    for key in FLAG_COLUMNS:
+        steps[key] = np.array([bool(r.get(key)) for r in records], dtype=bool)
+    for key in SPARSE_LAYER_COLUMNS:
+        steps[key] = _array(records, key, width)
+    rows = np.array([int(r.get("row", -1)) for r in records], dtype=np.int64)
+    steps["layer_grad_norms"] = _read_matrix(root / "grad_norms.f32", width, rows)
+    steps["layer_weight_norms"] = _read_matrix(root / "weight_norms.f32", width, rows)
+    extras = {}
+    for record in records:
+        extra = {k: v for k, v in record.items() if k not in _KNOWN_KEYS}
+        if extra:
+            extras[int(record.get("step", -1))] = extra
+    findings = []
+    for data in _read_jsonl(root / "findings.jsonl"):
+        try:
+            findings.append(Finding.from_dict(data))
+        except (KeyError, ValueError, TypeError):
+            continue
+    return Run(
+        path=root,
+        meta=meta,
+        layers=layers,
+        layer_names=layer_names,
+        steps=steps,
+        findings=findings,
+        activations=_read_jsonl(root / "activations.jsonl"),
+        events=_read_jsonl(root / "events.jsonl"),
+        step_extras=extras,
+    )
+
+
+def iter_findings(paths: Iterable[str | os.PathLike[str]]) -> Iterable[Finding]:
+    """Findings of several runs, in order."""
+    for path in paths:
+        yield from load_run(path).findings

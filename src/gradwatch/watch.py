@@ -1,0 +1,497 @@
+"""The Watch: per-layer gradient telemetry, clipping and skip-on-non-finite in one call per step.
+
+``watch.step(closure)`` runs, in order: the closure (under autocast when asked),
+backward (scaled under fp16), unscale, per-layer norms *before* clipping, clip,
+finite check, ``optimizer.step()`` or skip, ``zero_grad``, record, diagnose.
+
+Cost on a healthy step: the fused norm pass (:mod:`gradwatch.norms`, what
+clipping costs anyway), one foreach norm over the weights, one host sync (the
+skip decision, which carries every per-layer number to the host in one small
+transfer), and a few microseconds of Python. Every ``update_ratio_every`` steps
+(default 10) the weights are also copied once before the update to measure
+``||dw|| / ||w||`` per layer: one extra copy, subtract and norm over the weights,
+and one extra small transfer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import norms as _norms
+from .clipping import make_clipper
+from .errors import InternalErrorReporter, NonFiniteError, logger
+from .findings import Finding
+from .layers import LayerIndex
+from .plugins import StepContext, WatchPlugin
+from .precision import Precision
+from .records import StepRecord, StepResult
+from .rundir import RunWriter
+
+ON_NONFINITE = ("skip", "rollback", "raise")
+Closure = Callable[[], torch.Tensor]
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Watch:
+    """Watch a model's training: per-layer gradient norms, clipping, skip, diagnosis.
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        optimizer: the optimizer that holds the model's trainable parameters.
+        clip_norm: clip the global gradient norm to this value; None measures
+            only. Default: 1.0 (the usual transformer default).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast, plus loss
+            scaling for fp16). Default: ``"fp32"``.
+        scaler: fp16 only: your own ``torch.amp.GradScaler``; None makes a default one.
+        on_nonfinite: ``"skip"`` (the update is not applied; weights and optimizer
+            state stay bit-identical), ``"rollback"`` or ``"raise"``
+            (:class:`~gradwatch.errors.NonFiniteError`). Default: ``"skip"``.
+        run_dir: directory for the run's files (see :mod:`gradwatch.rundir`);
+            None keeps everything in memory. Default: None.
+        norm_type: p of the p-norm (``float('inf')`` for the max norm). Default: 2.0.
+        update_ratio_every: measure ``||dw||/||w||`` per layer every this many steps. Default: 10.
+        flush_every: write the run directory every this many steps. Default: 50.
+        history: number of recent step records kept in memory for the rules. Default: 200.
+        plugins: extra :class:`~gradwatch.plugins.WatchPlugin` objects.
+        diagnose: run the diagnosis rules. Default: True.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> watch = Watch(model, opt, clip_norm=1.0)
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+        >>> result = watch.step(lambda: nn.functional.mse_loss(model(x), y))
+        >>> watch.layers, result.skipped
+        (['0', '2'], False)
+        >>> watch.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: Any = 1.0,
+        precision: str = "fp32",
+        scaler: "torch.amp.GradScaler | None" = None,
+        on_nonfinite: str = "skip",
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        norm_type: float = 2.0,
+        update_ratio_every: int = 10,
+        flush_every: int = 50,
+        history: int = 200,
+        plugins: Sequence[WatchPlugin] = (),
+        diagnose: bool = True,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
+            raise ValueError(f"norm_type must be a positive number or float('inf'), got {norm_type!r}")
+        self.options = dict(options)
+        self.update_ratio_every = _check_positive_int("update_ratio_every", update_ratio_every)
+        self.history_size = _check_positive_int("history", history)
+        self.norm_type = float(norm_type)
+        self.clipper = make_clipper(clip_norm)
+        self.clip_norm = clip_norm
+        self.on_nonfinite = on_nonfinite
+        self.model = model
+        self.optimizer = optimizer
+
+        self.index = LayerIndex(model)
+        if not self.index.params:
+            raise ValueError(
+                "model has no trainable parameters (none with requires_grad=True); "
+                "gradwatch measures gradients, so unfreeze at least one parameter"
+            )
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = sum(1 for p in self.index.params if id(p) in in_optimizer)
+        if held == 0:
+            raise ValueError(
+                "optimizer does not hold any of the model's trainable parameters; "
+                "build it from this model, e.g. torch.optim.AdamW(model.parameters())"
+            )
+        self.device = self.index.params[0].device
+        self.precision = Precision(precision, self.device.type, scaler)
+
+        self.writer = RunWriter(run_dir, flush_every=_check_positive_int("flush_every", flush_every)) if run_dir is not None else None
+        self.run_dir = self.writer.path if self.writer is not None else None
+        self.errors = InternalErrorReporter()
+        self.findings: list[Finding] = []
+        self.history: list[StepRecord] = []
+        self._step = 0
+        self._closed = False
+        self._weight_groups: _norms.TensorGroups | None = None
+
+        self.plugins: list[WatchPlugin] = []
+        if diagnose:
+            self.plugins.extend(self._default_plugins())
+        self.plugins.extend(plugins)
+        for plugin in self.plugins:
+            plugin.attach(self)
+
+        if self.writer is not None:
+            self.writer.write_meta(self._meta())
+        self.index.start_order_tracking()  # the first forward may run before step() is called
+        self._call_plugins("prepare", 1)
+
+    # ----- public API -------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        """Measured layer names in depth (execution) order."""
+        return list(self.index.names)
+
+    @property
+    def layer_table(self) -> list[dict[str, Any]]:
+        """Every layer (frozen ones too) with type, depth, shapes and parameter counts."""
+        return [layer.to_dict() for layer in self.index.layers]
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of calls to :meth:`step` so far."""
+        return self._step
+
+    def step(self, closure_or_loss: Closure | torch.Tensor, batch: Any = None) -> StepResult:
+        """Run (or finish) one training step under the Watch.
+
+        Args:
+            closure_or_loss: a closure that computes and returns the loss (the
+                Watch runs it, backward and the update), or a loss tensor,
+                already back-propagated or not (then no replay of a non-finite
+                step is possible).
+            batch: the step's input batch, kept for diagnosing a non-finite step.
+
+        Returns:
+            a :class:`~gradwatch.records.StepResult`.
+
+        Raises:
+            TypeError / ValueError: the closure or loss is not a scalar tensor.
+            NonFiniteError: a non-finite step with ``on_nonfinite="raise"``.
+
+        Example:
+            >>> model = nn.Linear(3, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> watch = Watch(model, opt)
+            >>> loss = model(torch.randn(8, 3)).pow(2).mean()
+            >>> watch.step(loss).grad_norm > 0
+            True
+        """
+        if self._closed:
+            raise RuntimeError("this Watch is closed; make a new gradwatch.Watch to keep measuring")
+        closure = closure_or_loss if callable(closure_or_loss) and not isinstance(closure_or_loss, torch.Tensor) else None
+        if closure is None and not isinstance(closure_or_loss, torch.Tensor):
+            raise TypeError(
+                "watch.step() takes a closure that returns the loss, or the loss tensor; "
+                f"got {type(closure_or_loss).__name__}"
+            )
+        started = time.perf_counter()
+        self._step += 1
+        ctx = StepContext(step=self._step, closure=closure, batch=batch)
+        self._call_plugins("before_forward", ctx)
+
+        if closure is not None:
+            with self.precision.autocast():
+                loss = closure()
+            self._check_loss(loss, "the closure passed to watch.step() returned")
+            backward_needed = True
+        else:
+            loss = closure_or_loss
+            self._check_loss(loss, "the loss passed to watch.step() is")
+            backward_needed = loss.requires_grad and not any(p.grad is not None for p in self.index.params)
+        ctx.loss = loss
+        if backward_needed:
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the loss does not require grad, so no gradient can flow; "
+                    "compute it from the model's output without torch.no_grad() or .detach()"
+                )
+            self.precision.backward(loss)
+
+        try:
+            record = self._measure_and_update(ctx, loss, started)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # an error inside gradwatch: report once, train as plain PyTorch would
+            self.errors.report("watch.step", exc)
+            return self._plain_step(ctx, loss, started)
+        return record
+
+    def close(self) -> None:
+        """Remove hooks, close plugins and flush the run directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.index.finish_order_tracking()
+        for plugin in self.plugins:
+            try:
+                plugin.close()
+            except Exception as exc:
+                self.errors.report(f"{plugin.name}.close", exc)
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, clipper and precision state (to resume a run)."""
+        return {
+            "step": self._step,
+            "clipper": self.clipper.state_dict(),
+            "precision": self.precision.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._step = int(state["step"])
+        self.clipper.load_state_dict(state.get("clipper", {}))
+        self.precision.load_state_dict(state.get("precision", {}))
+
+    def add_finding(self, finding: Finding) -> None:
+        """Record a finding (in memory, in the run directory, and in the log)."""
+        self.findings.append(finding)
+        if self.writer is not None:
+            self.writer.append_finding(finding)
+        if finding.severity != "info":
+            logger.warning("%s", finding)
+
+    # ----- internals --------------------------------------------------------------------
+    def _default_plugins(self) -> list[WatchPlugin]:
+        plugins: list[WatchPlugin] = []
+        for factory in _PLUGIN_FACTORIES:
+            plugin = factory(self)
+            if plugin is not None:
+                plugins.append(plugin)
+        return plugins
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": type(self.model).__name__,
+            "optimizer": type(self.optimizer).__name__,
+            "clip_norm": self.clip_norm if isinstance(self.clip_norm, (int, float, str, type(None))) else repr(self.clip_norm),
+            "precision": self.precision.mode,
+            "on_nonfinite": self.on_nonfinite,
+            "norm_type": self.norm_type,
+            "update_ratio_every": self.update_ratio_every,
+            "torch": torch.__version__,
+            "device": str(self.device),
+        }
+
+    @staticmethod
+    def _check_loss(loss: Any, what: str) -> None:
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"{what} a {type(loss).__name__}, not a tensor; return the scalar loss tensor")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"{what} a tensor of shape {tuple(loss.shape)}, not a scalar; reduce it first, e.g. loss.mean()"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(f"{what} a tensor of dtype {loss.dtype}; the loss must be a floating-point scalar")
+
+    def _call_plugins(self, method: str, *args: Any) -> list[Any]:
+        out: list[Any] = []
+        for plugin in self.plugins:
+            try:
+                value = getattr(plugin, method)(*args)
+            except NonFiniteError:
+                raise
+            except Exception as exc:
+                self.errors.report(f"{plugin.name}.{method}", exc)
+                continue
+            if value:
+                out.append(value)
+        return out
+
+    def _measure_and_update(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
+        index = self.index
+        if index.tracking:  # first step: the depth order is now known
+            index.finish_order_tracking()
+            self._weight_groups = None
+            if self.writer is not None:
+                self.writer.write_layers(self.layer_table)
+        self.precision.unscale_(self.optimizer)
+        self._call_plugins("after_backward", ctx)
+
+        with torch.no_grad():
+            n_layers = len(index)
+            grads = [p.grad for p in index.params]
+            groups = _norms.group_tensors(grads, index.param_layer)
+            powers = _norms.layer_powers(groups, n_layers, self.norm_type, self.device)
+            powers = self._reduce_powers(powers)
+            layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
+            threshold = self.clipper.threshold()
+            if threshold is not None:
+                coef = _norms.clip_coefficient(total, threshold)
+                _norms.scale_(groups, coef)
+            else:
+                coef = torch.ones((), dtype=total.dtype, device=total.device)
+            if self._weight_groups is None:
+                self._weight_groups = _norms.group_tensors(list(index.params), index.param_layer)
+            weight_powers = _norms.layer_powers(self._weight_groups, n_layers, 2.0, self.device)
+            weight_norms = weight_powers.sqrt()
+            scale = self.precision.loss_scale_tensor()
+            head = torch.stack([
+                loss.detach().reshape(()).to(device=self.device, dtype=torch.float64),
+                total.to(torch.float64),
+                coef.to(torch.float64),
+                (scale if scale is not None else torch.zeros((), device=self.device)).to(device=self.device, dtype=torch.float64),
+            ])
+            packed = torch.cat([head, layer_norms.to(torch.float64), weight_norms.to(torch.float64)])
+            host = packed.cpu().numpy()  # the one host sync of the step
+        loss_value, total_value, coef_value, scale_value = (float(v) for v in host[:4])
+        layer_values = host[4 : 4 + n_layers]
+        weight_values = host[4 + n_layers :]
+        loss_finite = math.isfinite(loss_value)
+        finite = loss_finite and math.isfinite(total_value)
+        finite = self._agree_finite(finite)
+
+        nonfinite_layers = [] if finite else [index.names[i] for i in np.flatnonzero(~np.isfinite(layer_values))]
+        missing = [index.names[i] for i in sorted({index.param_layer[j] for j, g in enumerate(grads) if g is None})] if any(g is None for g in grads) else []
+        record = StepRecord(
+            step=ctx.step,
+            loss=loss_value,
+            grad_norm=total_value,
+            clip_coef=coef_value if finite else math.nan,
+            clip_threshold=threshold,
+            clipped=bool(finite and threshold is not None and coef_value < 1.0),
+            skipped=not finite,
+            loss_finite=loss_finite,
+            layer_names=index.names,
+            layer_grad_norms=layer_values,
+            layer_weight_norms=weight_values,
+            loss_scale=scale_value if scale is not None else None,
+            nonfinite_layers=nonfinite_layers,
+            missing_layers=missing,
+        )
+        vetoes = self._call_plugins("veto", ctx, record) if finite else []
+        skip = (not finite) or bool(vetoes)
+        record.skipped = skip
+
+        measure_update = finite and not skip and ctx.step % self.update_ratio_every == 0
+        before = self._snapshot_weights() if measure_update else None
+        if skip:
+            self.precision.update()
+        else:
+            self.precision.step(self.optimizer)
+            self.precision.update()
+            if before is not None:
+                record.update_ratio = self._update_ratio(before, weight_values)
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.clipper.observe(total_value)
+
+        record.time_ms = (time.perf_counter() - started) * 1e3
+        self.history.append(record)
+        if len(self.history) > self.history_size:
+            del self.history[: len(self.history) - self.history_size]
+        findings: list[Finding] = []
+        for found in self._call_plugins("after_step", ctx, record):
+            findings.extend(found)
+        for finding in findings:
+            self.add_finding(finding)
+        if self.writer is not None:
+            self.writer.append_step(
+                record.to_json(), {"grad_norms": record.layer_grad_norms, "weight_norms": record.layer_weight_norms}
+            )
+            if self.writer.error is not None:
+                error, self.writer._error = self.writer.error, None
+                self.errors.report("run directory writer", error)
+        self._call_plugins("prepare", ctx.step + 1)
+
+        result = StepResult(
+            step=ctx.step,
+            loss=loss_value,
+            grad_norm=total_value,
+            clipped=record.clipped,
+            skipped=record.skipped,
+            findings=findings,
+            loss_scale=record.loss_scale,
+            record=record,
+        )
+        if not finite and self.on_nonfinite == "raise":
+            finding = next((f for f in findings if f.severity == "error"), findings[0] if findings else None)
+            where = f"; non-finite gradients in {', '.join(nonfinite_layers[:5])}" if nonfinite_layers else ""
+            raise NonFiniteError(
+                f"step {ctx.step} is non-finite (loss={loss_value}, grad_norm={total_value}{where}); "
+                "the update was not applied. Pass on_nonfinite='skip' to skip such steps instead of raising.",
+                record=record,
+                finding=finding,
+            )
+        return result
+
+    def _reduce_powers(self, powers: torch.Tensor) -> torch.Tensor:
+        """Hook for distributed runs: sum (max) per-layer powers across ranks. Identity here."""
+        return powers
+
+    def _agree_finite(self, finite: bool) -> bool:
+        """Hook for distributed runs: every rank skips if any rank saw a non-finite value."""
+        return finite
+
+    def _snapshot_weights(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [p.detach().clone() for p in self.index.params]
+
+    def _update_ratio(self, before: list[torch.Tensor], weight_norms: np.ndarray) -> np.ndarray:
+        """Per layer ||w_after - w_before|| / ||w_before|| (one extra small transfer)."""
+        with torch.no_grad():
+            params = list(self.index.params)
+            torch._foreach_sub_(before, params)  # before := before - after = -dw
+            groups = _norms.group_tensors(before, self.index.param_layer)
+            delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt().cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(weight_norms > 0, delta / weight_norms, np.nan)
+
+    def _plain_step(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
+        """Finish the step as plain PyTorch would (after an internal error)."""
+        params = list(self.index.params)
+        try:
+            if self.precision.scaling and not self.precision._unscaled:
+                self.precision.unscale_(self.optimizer)
+            threshold = self.clipper.threshold()
+            norm = torch.nn.utils.clip_grad_norm_(params, threshold if threshold is not None else math.inf)
+            grad_norm = float(norm)
+        except Exception:
+            grad_norm = math.nan
+        finite = math.isfinite(grad_norm)
+        if finite:  # never write a non-finite update into the weights, even on this path
+            self.precision.step(self.optimizer)
+        self.precision.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+        return StepResult(
+            step=ctx.step,
+            loss=loss_value,
+            grad_norm=grad_norm,
+            clipped=False,
+            skipped=not finite,
+            findings=[],
+        )
+
+
+#: Factories for the default plugins (diagnosis rules, NaN root cause, ...): each
+#: takes the Watch and returns a plugin or None. Modules register themselves here.
+_PLUGIN_FACTORIES: list[Callable[[Watch], WatchPlugin | None]] = []
+
+
+def register_default_plugin(factory: Callable[[Watch], WatchPlugin | None]) -> Callable[[Watch], WatchPlugin | None]:
+    """Add a default plugin factory (used by gradwatch's own modules)."""
+    _PLUGIN_FACTORIES.append(factory)
+    return factory
