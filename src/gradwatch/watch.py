@@ -66,6 +66,8 @@ class Watch:
         history: number of recent step records kept in memory for the rules. Default: 200.
         plugins: extra :class:`~gradwatch.plugins.WatchPlugin` objects.
         diagnose: run the diagnosis rules. Default: True.
+        **options: options of gradwatch's own plugins (each plugin factory
+            ``watch.options.pop``-s its own keys; an unknown key is a TypeError).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -139,12 +141,15 @@ class Watch:
         self._closed = False
         self._weight_groups: _norms.TensorGroups | None = None
 
-        self.plugins: list[WatchPlugin] = []
-        if diagnose:
-            self.plugins.extend(self._default_plugins())
+        self.plugins: list[WatchPlugin] = self._default_plugins(diagnose)
         self.plugins.extend(plugins)
         for plugin in self.plugins:
             plugin.attach(self)
+        if self.options:  # every extra keyword must be taken by a plugin factory
+            raise TypeError(
+                f"Watch() got unexpected keyword argument(s) {sorted(self.options)}; "
+                "see help(gradwatch.Watch) for the accepted arguments"
+            )
 
         if self.writer is not None:
             self.writer.write_meta(self._meta())
@@ -273,9 +278,11 @@ class Watch:
             logger.warning("%s", finding)
 
     # ----- internals --------------------------------------------------------------------
-    def _default_plugins(self) -> list[WatchPlugin]:
+    def _default_plugins(self, diagnose: bool) -> list[WatchPlugin]:
         plugins: list[WatchPlugin] = []
-        for factory in _PLUGIN_FACTORIES:
+        for factory, always in _PLUGIN_FACTORIES:
+            if not (diagnose or always):
+                continue
             plugin = factory(self)
             if plugin is not None:
                 plugins.append(plugin)
@@ -487,11 +494,26 @@ class Watch:
 
 
 #: Factories for the default plugins (diagnosis rules, NaN root cause, ...): each
-#: takes the Watch and returns a plugin or None. Modules register themselves here.
-_PLUGIN_FACTORIES: list[Callable[[Watch], WatchPlugin | None]] = []
+#: takes the Watch and returns a plugin or None. Modules register themselves here
+#: at import time (gradwatch/__init__.py imports them). A factory reads its own
+#: keyword options with ``watch.options.pop(name, default)`` and validates them.
+#: With ``Watch(diagnose=False)`` only the factories registered with
+#: ``always=True`` run (those that change behaviour, not only report).
+_PLUGIN_FACTORIES: list[tuple[Callable[[Watch], WatchPlugin | None], bool]] = []
 
 
-def register_default_plugin(factory: Callable[[Watch], WatchPlugin | None]) -> Callable[[Watch], WatchPlugin | None]:
-    """Add a default plugin factory (used by gradwatch's own modules)."""
-    _PLUGIN_FACTORIES.append(factory)
-    return factory
+def register_default_plugin(
+    factory: Callable[[Watch], WatchPlugin | None] | None = None, *, always: bool = False
+) -> Any:
+    """Add a default plugin factory (used by gradwatch's own modules); usable as a decorator.
+
+    Example:
+        >>> @register_default_plugin(always=True)  # doctest: +SKIP
+        ... def _make(watch): return MyPlugin() if watch.options.pop("my_option", False) else None
+    """
+
+    def add(f: Callable[[Watch], WatchPlugin | None]) -> Callable[[Watch], WatchPlugin | None]:
+        _PLUGIN_FACTORIES.append((f, always))
+        return f
+
+    return add(factory) if factory is not None else add
