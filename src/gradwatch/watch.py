@@ -132,8 +132,6 @@ class Watch:
         self.device = self.index.params[0].device
         self.precision = Precision(precision, self.device.type, scaler)
 
-        self.writer = RunWriter(run_dir, flush_every=_check_positive_int("flush_every", flush_every)) if run_dir is not None else None
-        self.run_dir = self.writer.path if self.writer is not None else None
         self.errors = InternalErrorReporter()
         self.findings: list[Finding] = []
         self.history: list[StepRecord] = []
@@ -143,13 +141,17 @@ class Watch:
 
         self.plugins: list[WatchPlugin] = self._default_plugins(diagnose)
         self.plugins.extend(plugins)
-        for plugin in self.plugins:
-            plugin.attach(self)
         if self.options:  # every extra keyword must be taken by a plugin factory
             raise TypeError(
                 f"Watch() got unexpected keyword argument(s) {sorted(self.options)}; "
                 "see help(gradwatch.Watch) for the accepted arguments"
             )
+        # Everything is validated: only now touch the disk.
+        flush_every = _check_positive_int("flush_every", flush_every)
+        self.writer = RunWriter(run_dir, flush_every=flush_every) if run_dir is not None else None
+        self.run_dir = self.writer.path if self.writer is not None else None
+        for plugin in self.plugins:
+            plugin.attach(self)
 
         if self.writer is not None:
             self.writer.write_meta(self._meta())
