@@ -1,0 +1,82 @@
+"""The pure core of the diagnosis rules: robust baselines and norm patterns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gradwatch.diagnosis.patterns import HUGE_FIRST_NORM, norm_pattern
+from gradwatch.diagnosis.robust import MAD_TO_SIGMA, median_mad, robust_zscore
+
+NAN, INF = math.nan, math.inf
+
+
+# ----- robust_zscore ---------------------------------------------------------------------
+def test_robust_zscore_matches_hand_computed_median_mad():
+    history = [1.0, 2.0, 3.0, 4.0, 100.0]  # median 3, |dev| = 2,1,0,1,97 -> MAD 1
+    assert median_mad(history) == (3.0, 1.0)
+    assert robust_zscore(history, 6.0) == pytest.approx(3.0 / MAD_TO_SIGMA)
+    assert robust_zscore(history, 0.0) == pytest.approx(-3.0 / MAD_TO_SIGMA)
+
+
+def test_robust_zscore_nan_and_inf_never_enter_the_baseline():
+    clean = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0]
+    poisoned = clean[:3] + [NAN, INF, -INF] + clean[3:]
+    for value in (1.0, 3.0, 50.0):
+        assert robust_zscore(poisoned, value) == pytest.approx(robust_zscore(clean, value))
+
+
+def test_robust_zscore_one_spike_barely_moves_the_baseline():
+    rng = np.random.default_rng(0)
+    history = list(1.0 + 0.05 * rng.standard_normal(50))
+    before = robust_zscore(history, 2.0)
+    after = robust_zscore(history + [1e6], 2.0)  # a huge spike now sits in the history
+    assert before > 10 and after > 0.8 * before  # a mean/std baseline would drop to ~0
+
+
+def test_robust_zscore_edge_cases():
+    assert math.isnan(robust_zscore([], 1.0))
+    assert math.isnan(robust_zscore([NAN, INF], 1.0))
+    assert math.isnan(robust_zscore([1.0, 2.0], NAN))
+    assert robust_zscore([1.0, 2.0], INF) == INF
+    constant = [2.0] * 10
+    assert robust_zscore(constant, 2.0) == 0.0
+    assert robust_zscore(constant, 2.1) > 1e3  # a constant history: any departure is far out
+    assert math.isfinite(robust_zscore(constant, 2.1))
+
+
+# ----- norm_pattern -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "norms, expected",
+    [
+        ([3e5], "init_scale_too_large"),  # huge before any update
+        ([INF], "init_scale_too_large"),
+        ([NAN, 1.0, 1.0], "init_scale_too_large"),
+        ([2 * HUGE_FIRST_NORM, 10.0, 1.0], "init_scale_too_large"),
+        ([1.2, 1.0, 4.0, 40.0, 900.0, INF], "lr_too_high"),  # sane, then growth after updates
+        ([0.8, 30.0, NAN], "lr_too_high"),
+        ([1.0, 0.7, 8.0, 90.0, 1e3, 2e4], "lr_too_high"),  # finite divergence by >1e3
+        ([1.2, 1.0, 1.1, 0.9, NAN], None),  # flat then NaN: a numerics bug, not divergence
+        ([1.0, 1.1, 1.2, 1.3, INF], None),  # rising, but only 1.2x before the inf
+        ([1.0, 5.0, INF], None),  # one 5x rise is not "step over step"
+        ([0.01, 0.05, 0.2, 0.5, 1.0], None),  # warm-up of a zero-initialized head
+        ([1.0, 0.9, 1.1, 1.0, 0.95], None),  # healthy
+        ([], None),
+    ],
+)
+def test_norm_pattern_cases(norms, expected):
+    assert norm_pattern(norms) == expected
+
+
+def test_norm_pattern_skipped_steps_are_left_out_of_the_growth_run():
+    # A skipped step between rises (no update after it) does not break the run.
+    norms = [1.0, 3.0, 50.0, 45.0, 60.0, INF]
+    assert norm_pattern(norms) is None  # 50 -> 45 breaks the run; 45 -> 60 is not tenfold
+    assert norm_pattern(norms, skipped=[False, False, False, True, False, True]) == "lr_too_high"
+
+
+def test_norm_pattern_rejects_mismatched_skipped():
+    with pytest.raises(ValueError, match="skipped"):
+        norm_pattern([1.0, 2.0], skipped=[False])
