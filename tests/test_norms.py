@@ -1,0 +1,121 @@
+"""The fused per-layer norm + clip pass against torch.nn.utils.clip_grad_norm_."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch import norms
+from gradwatch.layers import LayerIndex
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(8, 3)
+        self.unused = nn.Linear(8, 3)  # receives no gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def _inputs(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(model[0] if isinstance(model, nn.Sequential) else None, nn.Conv2d):
+        return torch.randn(5, 2, 6, 6, dtype=dtype)
+    return torch.randn(5, 8, dtype=dtype)
+
+
+MODELS = {"mlp": _mlp, "conv": _conv, "unused": _WithUnused}
+
+
+def _model_with_grads(factory, dtype: torch.dtype, scale: float) -> nn.Module:
+    torch.manual_seed(1)
+    model = factory().to(dtype)
+    (model(_inputs(model, dtype)) * scale).pow(2).sum().backward()
+    return model
+
+
+def _grads_for(factory, dtype: torch.dtype, scale: float) -> tuple[nn.Module, nn.Module]:
+    """Two identical models with identical gradients (built twice from one seed)."""
+    return _model_with_grads(factory, dtype, scale), _model_with_grads(factory, dtype, scale)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.5])
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+def test_matches_clip_grad_norm(name: str, dtype: torch.dtype, norm_type: float, max_norm: float | None) -> None:
+    ours, ref = _grads_for(MODELS[name], dtype, scale=3.0)
+    index = LayerIndex(ours)
+    grads = [p.grad for p in index.params]
+    assert any(g is None for g in grads) == (name == "unused")
+
+    layer_norms, total, coef = norms.per_layer_grad_norms_(grads, index.param_layer, len(index), max_norm, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm if max_norm is not None else math.inf, norm_type)
+
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        if p_ref.grad is None:
+            assert p_ours.grad is None
+            continue
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-6, atol=0)
+    # Per-layer norms are the norms of each layer's own gradients, before clipping.
+    _, unclipped = _grads_for(MODELS[name], dtype, scale=3.0)
+    for slot, layer in enumerate(index.measured_layers):
+        own = [unclipped.get_parameter(n).grad for n in layer.param_names]
+        own = [g for g in own if g is not None]
+        want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in own]), norm_type) if own else torch.tensor(0.0)
+        assert layer_norms[slot].item() == pytest.approx(want.item(), rel=1e-6, abs=1e-30)
+    assert (coef.item() < 1.0) == (max_norm is not None and expected.item() > max_norm)
+
+
+def test_hand_worked_example_from_theory() -> None:
+    """THEORY.md: gradients (3, 0) and (0, 4) with max_norm 1 -> returns 5.0, post-clip norm 0.9999998."""
+    g = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])]
+    layer_norms, total, coef = norms.per_layer_grad_norms_(g, [0, 1], 2, max_norm=1.0)
+    assert total.item() == 5.0
+    assert layer_norms.tolist() == [3.0, 4.0]
+    post = math.hypot(g[0][0].item(), g[1][1].item())
+    assert post == pytest.approx(0.9999998, abs=1e-7)
+    assert coef.item() == pytest.approx(1.0 / (5.0 + 1e-6))
+
+
+def test_layers_sharing_slots_sum_squares() -> None:
+    g = [torch.tensor([1.0, 2.0]), torch.tensor([2.0]), torch.tensor([4.0])]
+    layer_norms, total, _ = norms.per_layer_grad_norms_(g, [0, 0, 1], 2)
+    assert layer_norms.tolist() == pytest.approx([3.0, 4.0])
+    assert total.item() == pytest.approx(5.0)
+
+
+def test_mixed_dtypes_accumulate_in_float64() -> None:
+    g = [torch.tensor([3.0], dtype=torch.float32), torch.tensor([4.0], dtype=torch.float64)]
+    layer_norms, total, _ = norms.per_layer_grad_norms_(g, [0, 1], 2)
+    assert layer_norms.dtype == torch.float64
+    assert total.item() == 5.0
+
+
+def test_no_gradients_at_all_gives_zero() -> None:
+    layer_norms, total, coef = norms.per_layer_grad_norms_([None, None], [0, 1], 2, max_norm=1.0)
+    assert layer_norms.tolist() == [0.0, 0.0]
+    assert total.item() == 0.0
+    assert coef.item() == 1.0
+
+
+def test_nonfinite_gradient_poisons_total_and_its_layer_only() -> None:
+    g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0]), torch.tensor([float("inf")])]
+    layer_norms, total, _ = norms.per_layer_grad_norms_(g, [0, 1, 2], 3)
+    assert math.isnan(layer_norms[0].item())
+    assert layer_norms[1].item() == 2.0
+    assert math.isinf(layer_norms[2].item())
+    assert not math.isfinite(total.item())
