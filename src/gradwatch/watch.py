@@ -348,10 +348,12 @@ class Watch:
             layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
             threshold = self.clipper.threshold()
             if threshold is not None:
-                coef = _norms.clip_coefficient(total, threshold)
+                coef = self.clipper.coefficient(total, threshold)  # a tensor: no host sync
                 _norms.scale_(groups, coef)
             else:
                 coef = torch.ones((), dtype=total.dtype, device=total.device)
+            if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
+                self.clipper.clip_unitwise_(index)
             if self._weight_groups is None:
                 self._weight_groups = _norms.group_tensors(list(index.params), index.param_layer)
             weight_powers = _norms.layer_powers(self._weight_groups, n_layers, 2.0, self.device)
