@@ -119,3 +119,20 @@ def test_nonfinite_gradient_poisons_total_and_its_layer_only() -> None:
     assert layer_norms[1].item() == 2.0
     assert math.isinf(layer_norms[2].item())
     assert not math.isfinite(total.item())
+
+
+def test_measure_plan_fused_and_general_paths_agree() -> None:
+    model = _model_with_grads(_mlp, torch.float32, 2.0)
+    index = LayerIndex(model)
+    plan = norms.MeasurePlan(index.params, index.param_layer, len(index))
+    grads = [p.grad for p in index.params]
+    _, fused_g, fused_w = plan.measure(grads)  # every gradient present: fused path
+    general = norms.group_tensors(grads, index.param_layer)
+    want_g = norms.layer_powers(general, len(index), 2.0)
+    want_w = norms.layer_powers(norms.group_tensors(list(index.params), index.param_layer), len(index), 2.0)
+    torch.testing.assert_close(fused_g, want_g)
+    torch.testing.assert_close(fused_w, want_w)
+    grads[0] = None  # a missing gradient takes the general path, with the same weights
+    _, g2, w2 = plan.measure(grads)
+    torch.testing.assert_close(w2, want_w)
+    assert g2[0].item() == pytest.approx(grads[1].norm().item() ** 2, rel=1e-6)  # layer 0 keeps only its bias

@@ -202,7 +202,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch: pytes
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(norms, "layer_powers", broken)
+    monkeypatch.setattr(norms, "finalize_norms", broken)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     watch = gw.Watch(model, opt, clip_norm=1.0)
@@ -218,7 +218,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch: pytes
 
 
 def test_internal_error_never_applies_a_nonfinite_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norms, "layer_powers", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(norms, "finalize_norms", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch = gw.Watch(model, opt)

@@ -176,3 +176,68 @@ def per_layer_grad_norms_(
     coef = clip_coefficient(total, max_norm)
     scale_(groups, coef)
     return layer_norms, total, coef
+
+
+class MeasurePlan:
+    """A fixed parameter list, grouped once, for one fused norm pass per step.
+
+    On the common path (2-norm, every parameter has a gradient of its own dtype
+    and device) each (device, dtype) group makes ONE foreach norm call over its
+    gradients *and* its weights, and one ``index_add_`` into a tensor of
+    2 x n_layers: per-layer gradient powers and weight powers together. Index
+    tensors are built once. Any other case takes the general path
+    (:func:`group_tensors` + :func:`layer_powers` twice).
+
+    Example:
+        >>> w = [torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([4.0]))]
+        >>> plan = MeasurePlan(w, [0, 1], 2)
+        >>> groups, g, wp = plan.measure([torch.tensor([1.0]), torch.tensor([2.0])])
+        >>> g.tolist(), wp.tolist()
+        ([1.0, 4.0], [9.0, 16.0])
+    """
+
+    def __init__(self, params: list[torch.Tensor], slots: list[int], n_layers: int, device: torch.device | None = None) -> None:
+        self.params = list(params)
+        self.slots = list(slots)
+        self.n_layers = n_layers
+        self.device = device if device is not None else (self.params[0].device if self.params else torch.device("cpu"))
+        members: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            members.setdefault((p.device, p.dtype), []).append(i)
+        self.members = members
+        self.acc_dtype = torch.float64 if any(key[1] == torch.float64 for key in members) else torch.float32
+        self._fused_index = {
+            key: torch.tensor([self.slots[i] for i in idx] + [self.slots[i] + n_layers for i in idx], dtype=torch.long, device=self.device)
+            for key, idx in members.items()
+        }
+        self._slots_by_key = {key: [self.slots[i] for i in idx] for key, idx in members.items()}
+        self._weight_groups = TensorGroups({k: [self.params[i] for i in idx] for k, idx in members.items()}, dict(self._slots_by_key))
+
+    def measure(
+        self, grads: list[torch.Tensor | None], norm_type: float = 2.0
+    ) -> tuple[TensorGroups, torch.Tensor, torch.Tensor]:
+        """Gradient groups (for clipping), per-layer gradient powers and per-layer squared weight norms. No host sync."""
+        if float(norm_type) == 2.0:
+            fused = self._fused(grads)
+            if fused is not None:
+                return fused
+        groups = group_tensors(grads, self.slots)
+        powers = layer_powers(groups, self.n_layers, norm_type, self.device)
+        weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device)
+        return groups, powers, weights
+
+    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor, torch.Tensor] | None:
+        grad_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for key, idx in self.members.items():
+            bucket = [grads[i] for i in idx]
+            for g in bucket:
+                if g is None or g.dtype != key[1] or g.device != key[0] or g.layout != torch.strided:
+                    return None
+            grad_groups[key] = bucket
+        out = torch.zeros(2 * self.n_layers, dtype=self.acc_dtype, device=self.device)
+        for key, bucket in grad_groups.items():
+            norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0)
+            if norms.device != self.device or norms.dtype != self.acc_dtype:
+                norms = norms.to(device=self.device, dtype=self.acc_dtype)
+            out.index_add_(0, self._fused_index[key], norms * norms)
+        return TensorGroups(grad_groups, self._slots_by_key), out[: self.n_layers], out[self.n_layers :]

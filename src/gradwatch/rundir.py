@@ -90,8 +90,8 @@ class RunWriter:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self.flush_every = flush_every
-        self._buffers: dict[str, list[str]] = {name: [] for name in STREAMS}
-        self._rows: dict[str, list[bytes]] = {name: [] for name in MATRICES}
+        self._buffers: dict[str, list[dict[str, Any]]] = {name: [] for name in STREAMS}
+        self._rows: dict[str, list[np.ndarray]] = {name: [] for name in MATRICES}
         self.rows_written = 0
         self._pending_steps = 0
         self._queue: "queue.Queue[tuple[str, Any] | None]" = queue.Queue()
@@ -115,7 +115,7 @@ class RunWriter:
 
     def append(self, stream: str, record: dict[str, Any]) -> None:
         """Buffer one record for ``stream``; steps count towards ``flush_every``."""
-        self._buffers[stream].append(json.dumps(_jsonable(record), separators=(",", ":")))
+        self._buffers[stream].append(record)  # encoded on the writer thread
         if stream == "steps":
             self._pending_steps += 1
             if self._pending_steps >= self.flush_every:
@@ -129,7 +129,7 @@ class RunWriter:
         for name in MATRICES:
             row = matrices.get(name)
             if row is not None:
-                self._rows[name].append(np.asarray(row, dtype="<f4").tobytes())
+                self._rows[name].append(row)
         self.append("steps", record)
 
     def append_finding(self, finding: Finding) -> None:
@@ -190,7 +190,7 @@ class RunWriter:
                     if handle is None:
                         handle = open(self.path / f"{stream}.jsonl", "a", encoding="utf-8")
                         self._handles[stream] = handle
-                    handle.write("".join(line + "\n" for line in lines))
+                    handle.write("".join(json.dumps(_jsonable(r), separators=(",", ":")) + "\n" for r in lines))
                     handle.flush()
                 elif kind == "bytes":
                     name, rows = payload
@@ -198,7 +198,7 @@ class RunWriter:
                     if handle is None:
                         handle = open(self.path / f"{name}.f32", "ab")
                         self._handles[name] = handle
-                    handle.write(b"".join(rows))
+                    handle.write(b"".join(np.asarray(r, dtype="<f4").tobytes() for r in rows))
                     handle.flush()
                 elif kind == "json":
                     name, data = payload

@@ -137,7 +137,7 @@ class Watch:
         self.history: list[StepRecord] = []
         self._step = 0
         self._closed = False
-        self._weight_groups: _norms.TensorGroups | None = None
+        self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
 
         self.plugins: list[WatchPlugin] = self._default_plugins(diagnose)
         self.plugins.extend(plugins)
@@ -333,7 +333,7 @@ class Watch:
         index = self.index
         if index.tracking:  # first step: the depth order is now known
             index.finish_order_tracking()
-            self._weight_groups = None
+            self._plan = None
             if self.writer is not None:
                 self.writer.write_layers(self.layer_table)
         self.precision.unscale_(self.optimizer)
@@ -342,8 +342,9 @@ class Watch:
         with torch.no_grad():
             n_layers = len(index)
             grads = [p.grad for p in index.params]
-            groups = _norms.group_tensors(grads, index.param_layer)
-            powers = _norms.layer_powers(groups, n_layers, self.norm_type, self.device)
+            if self._plan is None:
+                self._plan = _norms.MeasurePlan(index.params, index.param_layer, n_layers, self.device)
+            groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
             powers = self._reduce_powers(powers)
             layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
             threshold = self.clipper.threshold()
@@ -354,22 +355,19 @@ class Watch:
                 coef = torch.ones((), dtype=total.dtype, device=total.device)
             if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
                 self.clipper.clip_unitwise_(index)
-            if self._weight_groups is None:
-                self._weight_groups = _norms.group_tensors(list(index.params), index.param_layer)
-            weight_powers = _norms.layer_powers(self._weight_groups, n_layers, 2.0, self.device)
             weight_norms = weight_powers.sqrt()
             scale = self.precision.loss_scale_tensor()
-            head = torch.stack([
-                loss.detach().reshape(()).to(device=self.device, dtype=torch.float64),
-                total.to(torch.float64),
-                coef.to(torch.float64),
-                (scale if scale is not None else torch.zeros((), device=self.device)).to(device=self.device, dtype=torch.float64),
-            ])
-            packed = torch.cat([head, layer_norms.to(torch.float64), weight_norms.to(torch.float64)])
-            host = packed.cpu().numpy()  # the one host sync of the step
-        loss_value, total_value, coef_value, scale_value = (float(v) for v in host[:4])
-        layer_values = host[4 : 4 + n_layers]
-        weight_values = host[4 + n_layers :]
+            head = [loss.detach().reshape(1), total.reshape(1), coef.reshape(1)]
+            if scale is not None:
+                head.append(scale.reshape(1))
+            parts = [t if t.device == layer_norms.device else t.to(layer_norms.device) for t in head]
+            packed = torch.cat(parts + [layer_norms, weight_norms])  # cat promotes to the widest dtype
+            host = packed.cpu().numpy().astype(np.float64)  # the one host sync of the step
+        width = len(head)
+        loss_value, total_value, coef_value = (float(v) for v in host[:3])
+        scale_value = float(host[3]) if scale is not None else math.nan
+        layer_values = host[width : width + n_layers]
+        weight_values = host[width + n_layers :]
         loss_finite = math.isfinite(loss_value)
         finite = loss_finite and math.isfinite(total_value)
         finite = self._agree_finite(finite)

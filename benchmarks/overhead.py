@@ -1,0 +1,146 @@
+"""Step-time overhead of gradwatch.Watch against a hand-written clipped loop.
+
+Run by hand (not a test):  python benchmarks/overhead.py [--rounds 15] [--steps N] [--ddp]
+
+Workloads (issue 2): a GPT-style model (6 pre-LN blocks, d=256, 4 heads, seq 128,
+batch 8, vocab 256, AdamW) and a small MLP (7 x Linear(128)+ReLU, batch 64,
+AdamW), CPU, 2 threads. Each round times ``--steps`` steps of every variant in
+turn (the order rotates between rounds); the printed figure is the median over
+rounds of the per-round ratio variant / baseline, so drifts of a shared machine
+cancel out. Variants:
+
+- baseline: ``loss.backward(); clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad()``
+- watch: ``watch.step(closure)`` with default settings and a run directory on
+- detect_anomaly: the baseline under ``torch.autograd.detect_anomaly()`` (for scale)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import gradwatch as gw  # noqa: E402
+from benchmarks import models  # noqa: E402
+
+
+def _workload(name: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
+    if name == "gpt":
+        x, y = models.gpt_batch(batch=8, seq=128, vocab=256)
+        return (lambda: models.gpt(vocab=256, d=256, heads=4, layers=6, seq=128)), (lambda m: models.gpt_loss(m, x, y))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 128, generator=g), torch.randint(0, 10, (64,), generator=g)
+    return (lambda: models.mlp(width=128, layers=7, out=10)), (lambda m: F.cross_entropy(m(x), y))
+
+
+def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
+    make, loss_of = _workload(name)
+    out: dict[str, Callable[[], None]] = {}
+
+    torch.manual_seed(0)
+    base_model = make()
+    base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4)
+
+    def baseline() -> None:
+        loss_of(base_model).backward()
+        torch.nn.utils.clip_grad_norm_(base_model.parameters(), 1.0)
+        base_opt.step()
+        base_opt.zero_grad()
+
+    out["baseline"] = baseline
+
+    torch.manual_seed(0)
+    watch_model = make()
+    watch_opt = torch.optim.AdamW(watch_model.parameters(), lr=1e-4)
+    watch = gw.Watch(watch_model, watch_opt, run_dir=tmp / f"{name}-watch")
+
+    def watched() -> None:
+        watch.step(lambda: loss_of(watch_model))
+
+    out["watch"] = watched
+
+    torch.manual_seed(0)
+    anom_model = make()
+    anom_opt = torch.optim.AdamW(anom_model.parameters(), lr=1e-4)
+
+    def anomaly() -> None:
+        with warnings_off(), torch.autograd.detect_anomaly(check_nan=True):
+            loss_of(anom_model).backward()
+        torch.nn.utils.clip_grad_norm_(anom_model.parameters(), 1.0)
+        anom_opt.step()
+        anom_opt.zero_grad()
+
+    out["detect_anomaly"] = anomaly
+    return out
+
+
+@contextlib.contextmanager
+def warnings_off():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+DEFAULT_STEPS = {"gpt": 3, "mlp": 100}  # a round of each variant lasts ~0.1-1 s on 2 cores
+
+
+def measure(name: str, rounds: int, steps: int, tmp: Path) -> dict[str, float]:
+    variants = _variants(name, tmp)
+    for fn in variants.values():  # warm-up (and the Watch's first step, which learns the layer order)
+        for _ in range(2):
+            fn()
+    names = list(variants)
+    ratios: dict[str, list[float]] = {n: [] for n in names if n != "baseline"}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        times = {}
+        for n in order:
+            start = time.perf_counter()
+            for _ in range(steps):
+                variants[n]()
+            times[n] = (time.perf_counter() - start) / steps
+        for n in ratios:
+            ratios[n].append(times[n] / times["baseline"])
+    return {n: statistics.median(v) for n, v in ratios.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default: gpt 3, mlp 100)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", default="gpt,mlp")
+    parser.add_argument("--ddp", action="store_true", help="also run the 2-process DDP benchmark (benchmarks/ddp_overhead.py)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds; ratio = variant / baseline (median over rounds)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads.split(","):
+            steps = args.steps or DEFAULT_STEPS.get(name, 5)
+            result = measure(name, args.rounds, steps, Path(tmp))
+            cells = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
+            print(f"{name:4s}  {cells}")
+    if args.ddp:
+        ddp = Path(__file__).with_name("ddp_overhead.py")
+        if not ddp.exists():
+            print("ddp: benchmarks/ddp_overhead.py is not there", file=sys.stderr)
+            return 2
+        import runpy
+
+        runpy.run_path(str(ddp), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
