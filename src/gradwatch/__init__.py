@@ -23,10 +23,14 @@ from .plugins import StepContext, WatchPlugin
 from .records import StepRecord, StepResult
 from .rundir import Run, load_run
 from .watch import Watch
+from .clipping import AGC, AutoClip, ZClip
+from . import repair as _repair  # registers on_spike= and lr_backoff= (issue 10)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
     "CODES",
     "Finding",
     "GradwatchWarning",
@@ -37,6 +41,7 @@ __all__ = [
     "StepResult",
     "Watch",
     "WatchPlugin",
+    "ZClip",
     "load_run",
     "__version__",
 ]
