@@ -25,6 +25,8 @@ from .rundir import Run, load_run
 from .watch import Watch
 from .clipping import AGC, AutoClip, ZClip
 from . import repair as _repair  # registers on_spike= and lr_backoff= (issue 10)
+from . import tensorboard as _tensorboard  # registers Watch(tensorboard=DIR) (issue 7)
+from .report import report  # gw.report(run_dir); matplotlib loads only when called
 
 __version__ = "0.1.0"
 
@@ -43,5 +45,6 @@ __all__ = [
     "WatchPlugin",
     "ZClip",
     "load_run",
+    "report",
     "__version__",
 ]

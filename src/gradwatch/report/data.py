@@ -1,0 +1,350 @@
+"""Pure data preparation for the report: what each chart shows, as numpy arrays.
+
+Nothing here draws or writes HTML, and nothing here imports matplotlib: every
+function takes arrays (or a :class:`~gradwatch.rundir.Run`) and returns arrays,
+so it is tested with plain arithmetic. The report *downsamples for display
+only*: the run directory is never changed, and every statistic (the effective
+per-layer gain, the last gradient RMS of a layer, counts of clipped and skipped
+steps) is computed from every step before anything is thinned.
+
+Downsampling keeps what a person must not miss:
+
+- line series keep the minimum *and* the maximum of each bucket (a one-step
+  spike survives a 100,000 to 2,000 point reduction);
+- the heatmap averages log10 values per bucket of steps (a geometric mean);
+- steps with flags (clipped, skipped, non-finite) are counted per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+#: Points per line after downsampling: ~1000 buckets x (min, max); a chart is ~900 px wide.
+MAX_LINE_POINTS = 2000
+#: Step columns of the layer x step heatmap (about one per horizontal pixel).
+MAX_HEATMAP_COLS = 600
+#: Layer rows of the heatmap; deeper models average neighbouring layers.
+MAX_HEATMAP_ROWS = 400
+
+
+def checkpoint_rows(steps: np.ndarray, usable: np.ndarray, count: int = 6) -> np.ndarray:
+    """A handful of row indices spread evenly over the run, each on a usable row.
+
+    Args:
+        steps: step numbers, one per row (only its length is used).
+        usable: bool per row (e.g. the row has at least one finite positive value).
+        count: how many rows to pick at most. Default: 6 (a readable number of lines).
+
+    Returns:
+        sorted unique row indices (first and last usable rows included).
+
+    Example:
+        >>> checkpoint_rows(np.arange(1, 101), np.ones(100, bool), count=3).tolist()
+        [0, 50, 99]
+    """
+    candidates = np.flatnonzero(np.asarray(usable, dtype=bool))
+    if candidates.size == 0 or count < 1:
+        return np.zeros(0, dtype=np.int64)
+    if candidates.size <= count:
+        return candidates.astype(np.int64)
+    targets = np.linspace(candidates[0], candidates[-1], count)
+    picks = candidates[np.searchsorted(candidates, targets).clip(0, candidates.size - 1)]
+    return np.unique(picks).astype(np.int64)
+
+
+def minmax_downsample(x: np.ndarray, y: np.ndarray, max_points: int = MAX_LINE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Thin a line to at most ``max_points`` points, keeping each bucket's min and max.
+
+    Non-finite values of ``y`` are ignored (a bucket with none finite gives NaN,
+    which draws as a gap).
+
+    Example:
+        >>> x = np.arange(10_000); y = np.zeros(10_000); y[1234] = 5.0
+        >>> xs, ys = minmax_downsample(x, y, max_points=100)
+        >>> len(xs) <= 100, ys.max(), int(xs[ys.argmax()])
+        (True, 5.0, 1234)
+    """
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=np.float64)
+    n = y.size
+    if n <= max_points:
+        return x, y
+    buckets = max(1, max_points // 2)
+    edges = np.linspace(0, n, buckets + 1).astype(np.int64)
+    size = int(np.max(np.diff(edges)))
+    # Pad every bucket to the same width so the reduction is one vectorized call.
+    index = edges[:-1, None] + np.arange(size)[None, :]  # (buckets, size)
+    valid = index < edges[1:, None]
+    index = np.minimum(index, n - 1)
+    values = y[index]
+    finite = valid & np.isfinite(values)
+    low = np.where(finite, values, np.inf)
+    high = np.where(finite, values, -np.inf)
+    arg_low = low.argmin(axis=1)
+    arg_high = high.argmax(axis=1)
+    rows = np.arange(buckets)
+    any_finite = finite.any(axis=1)
+    first = np.minimum(arg_low, arg_high)
+    second = np.maximum(arg_low, arg_high)
+    pos = np.stack([index[rows, first], index[rows, second]], axis=1).reshape(-1)
+    out_y = y[pos].copy()
+    out_y[np.repeat(~any_finite, 2)] = np.nan
+    return x[pos], out_y
+
+
+def bucket_edges(n: int, max_buckets: int) -> np.ndarray:
+    """Row boundaries of at most ``max_buckets`` contiguous buckets over ``n`` rows.
+
+    Example:
+        >>> bucket_edges(10, 3).tolist()
+        [0, 3, 6, 10]
+    """
+    buckets = max(1, min(n, max_buckets))
+    return np.linspace(0, n, buckets + 1).astype(np.int64)
+
+
+def bucket_mean(values: np.ndarray, edges: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean of the finite values of each bucket along ``axis`` (NaN where a bucket has none).
+
+    Example:
+        >>> bucket_mean(np.array([1.0, 3.0, np.nan, 5.0]), np.array([0, 2, 4])).tolist()
+        [2.0, 5.0]
+    """
+    values = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0)
+    finite = np.isfinite(values)
+    sums = np.add.reduceat(np.where(finite, values, 0.0), edges[:-1], axis=0)
+    counts = np.add.reduceat(finite.astype(np.int64), edges[:-1], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return np.moveaxis(out, 0, axis)
+
+
+def log10_positive(values: np.ndarray) -> np.ndarray:
+    """log10 of the finite positive entries, NaN elsewhere (zeros and NaN do not warn)."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values) & (values > 0)
+    out = np.full(values.shape, np.nan)
+    out[ok] = np.log10(values[ok])
+    return out
+
+
+@dataclass
+class Heatmap:
+    """A layer x step heatmap of log10 values, ready to draw.
+
+    ``z`` is (rows, cols) with row 0 the first layer; ``step_edges`` are the
+    first step of each column and one past the last; ``layer_rows`` are the
+    first layer index of each row and one past the last.
+    """
+
+    z: np.ndarray
+    step_edges: np.ndarray
+    layer_rows: np.ndarray
+
+
+def heatmap(matrix: np.ndarray, steps: np.ndarray, max_cols: int = MAX_HEATMAP_COLS,
+            max_rows: int = MAX_HEATMAP_ROWS) -> Heatmap:
+    """Layer x step heatmap of log10(matrix): geometric means over buckets of steps (and layers).
+
+    Args:
+        matrix: steps x layers, positive values (e.g. gradient RMS); others are gaps.
+        steps: step number of each row of ``matrix``.
+
+    Example:
+        >>> m = np.tile([1.0, 10.0, 100.0], (1000, 1))
+        >>> h = heatmap(m, np.arange(1, 1001), max_cols=10)
+        >>> h.z.shape, h.z[:, 0].tolist()
+        ((3, 10), [0.0, 1.0, 2.0])
+    """
+    logs = log10_positive(matrix)  # (S, L)
+    n_steps, n_layers = logs.shape
+    cols = bucket_edges(n_steps, max_cols)
+    rows = bucket_edges(n_layers, max_rows)
+    z = bucket_mean(logs, cols, axis=0) if n_steps else np.zeros((0, n_layers))  # (C, L)
+    if n_layers and n_steps:
+        z = bucket_mean(z, rows, axis=1)  # (C, R)
+    steps = np.asarray(steps)
+    step_edges = np.append(steps[cols[:-1]], steps[-1] + 1) if n_steps else np.zeros(0, dtype=np.int64)
+    return Heatmap(z=np.asarray(z).T, step_edges=step_edges, layer_rows=rows)
+
+
+def effective_gain(rms: np.ndarray) -> np.ndarray:
+    """Effective per-layer gain of every step: exp(-slope) of log RMS against depth.
+
+    Backpropagation multiplies one Jacobian per layer, so a gradient reaching
+    layer ``l`` of ``L`` scales like ``sigma**(L - l)``: log RMS is a line in
+    depth of slope ``-log(sigma)``. The least-squares slope over the finite,
+    positive entries of each row gives ``sigma`` (below 1: vanishing, above 1:
+    exploding). Rows with fewer than two usable layers give NaN.
+
+    Args:
+        rms: steps x layers, layers in depth order.
+
+    Example:
+        >>> depth = np.arange(10)
+        >>> rms = np.stack([0.5 ** (9 - depth), 2.0 ** (9 - depth)])
+        >>> np.round(effective_gain(rms), 6).tolist()
+        [0.5, 2.0]
+    """
+    logs = np.log(np.where(np.isfinite(rms) & (rms > 0), rms, np.nan))  # (S, L)
+    mask = np.isfinite(logs)
+    depth = np.arange(logs.shape[1], dtype=np.float64)[None, :]
+    w = mask.astype(np.float64)
+    y = np.where(mask, logs, 0.0)
+    n = w.sum(axis=1)
+    sx = (w * depth).sum(axis=1)
+    sy = y.sum(axis=1)
+    sxx = (w * depth * depth).sum(axis=1)
+    sxy = (y * depth).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = n * sxx - sx * sx
+        slope = np.where((n >= 2) & (den > 0), (n * sxy - sx * sy) / np.where(den > 0, den, 1.0), np.nan)
+        return np.exp(-slope)
+
+
+def last_finite_rows(matrix: np.ndarray) -> np.ndarray:
+    """Per column, the last finite value (NaN if the column has none).
+
+    Example:
+        >>> last_finite_rows(np.array([[1.0, 2.0], [3.0, np.nan]])).tolist()
+        [3.0, 2.0]
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.size == 0:
+        return np.full(matrix.shape[1] if matrix.ndim == 2 else 0, np.nan)
+    finite = np.isfinite(matrix)
+    last = matrix.shape[0] - 1 - np.argmax(finite[::-1], axis=0)
+    out = matrix[last, np.arange(matrix.shape[1])]
+    out[~finite.any(axis=0)] = np.nan
+    return out
+
+
+def flag_buckets(steps: np.ndarray, flags: np.ndarray, max_buckets: int = MAX_LINE_POINTS // 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Share and count of flagged steps per bucket: (bucket centre step, share, count).
+
+    Example:
+        >>> centre, share, count = flag_buckets(np.arange(1, 11), np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 1], bool), 2)
+        >>> share.tolist(), count.tolist()
+        [[0.4, 0.2], [2, 1]]
+    """
+    steps = np.asarray(steps)
+    flags = np.asarray(flags, dtype=bool)
+    if steps.size == 0:
+        empty = np.zeros(0)
+        return empty, empty, empty.astype(np.int64)
+    edges = bucket_edges(steps.size, max_buckets)
+    count = np.add.reduceat(flags.astype(np.int64), edges[:-1])
+    size = np.diff(edges)
+    centre = (steps[edges[:-1]] + steps[edges[1:] - 1]) / 2.0
+    return centre, count / size, count
+
+
+def thin_steps(marks: Sequence[int], max_marks: int = 300) -> list[int]:
+    """At most ``max_marks`` of the given steps, evenly chosen (sorted, unique).
+
+    Example:
+        >>> thin_steps(range(1000), max_marks=4)
+        [0, 333, 666, 999]
+    """
+    unique = sorted(set(int(m) for m in marks))
+    if len(unique) <= max_marks:
+        return unique
+    picks = np.linspace(0, len(unique) - 1, max_marks).round().astype(int)
+    return [unique[i] for i in picks]
+
+
+# ----- the run, prepared ----------------------------------------------------------------
+@dataclass
+class ActivationStats:
+    """Sampled activation statistics: per layer, the latest dead and saturated fractions.
+
+    ``series`` maps a statistic name (``"dead"``, ``"saturated"``) to a
+    samples x layers array over ``steps``.
+    """
+
+    layers: list[str]
+    steps: np.ndarray
+    series: dict[str, np.ndarray]
+
+
+_ACT_KEYS = {
+    "dead": ("dead", "dead_fraction", "frac_dead", "zero_fraction"),
+    "saturated": ("saturated", "saturated_fraction", "frac_saturated"),
+}
+
+
+def _stat_value(stats: dict[str, Any], names: Sequence[str]) -> float:
+    for name in names:
+        if name in stats and stats[name] is not None:
+            try:
+                return float(stats[name])
+            except (TypeError, ValueError):
+                return math.nan
+    return math.nan
+
+
+def activation_stats(records: list[dict[str, Any]]) -> ActivationStats | None:
+    """Read ``activations.jsonl`` records into arrays (None when nothing was sampled).
+
+    Accepts one object per sampled step with a ``step`` and per-module stats,
+    either as ``{"layers": {name: {"dead": f, "saturated": f}}}`` or as a list
+    ``{"layers": [{"name": name, "dead": f, ...}]}``; unknown keys are ignored.
+
+    Example:
+        >>> s = activation_stats([{"step": 5, "layers": {"relu1": {"dead": 0.9}}}])
+        >>> s.layers, s.series["dead"].tolist()
+        (['relu1'], [[0.9]])
+    """
+    order: dict[str, int] = {}
+    rows: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        entries = record.get("layers", record.get("modules"))
+        per: dict[str, dict[str, Any]] = {}
+        if isinstance(entries, dict):
+            per = {str(k): v for k, v in entries.items() if isinstance(v, dict)}
+        elif isinstance(entries, list):
+            for item in entries:
+                if isinstance(item, dict) and ("name" in item or "module" in item):
+                    per[str(item.get("name", item.get("module")))] = item
+        if not per:
+            continue
+        for name in per:
+            order.setdefault(name, len(order))
+        try:
+            step = int(record.get("step", len(rows)))
+        except (TypeError, ValueError):
+            step = len(rows)
+        rows.append((step, per))
+    if not rows:
+        return None
+    names = list(order)
+    series = {}
+    for stat, keys in _ACT_KEYS.items():
+        table = np.full((len(rows), len(names)), np.nan)
+        for i, (_, per) in enumerate(rows):
+            for name, stats in per.items():
+                table[i, order[name]] = _stat_value(stats, keys)
+        if np.isfinite(table).any():
+            series[stat] = table
+    if not series:
+        return None
+    return ActivationStats(layers=names, steps=np.array([s for s, _ in rows]), series=series)
+
+
+def clip_threshold(meta: dict[str, Any]) -> float | None:
+    """The fixed clip threshold of a run, if it had one (None for none or adaptive clipping).
+
+    Example:
+        >>> clip_threshold({"clip_norm": 1.0}), clip_threshold({"clip_norm": None})
+        (1.0, None)
+    """
+    value = meta.get("clip_norm")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None

@@ -1,0 +1,358 @@
+"""The report's charts, drawn with matplotlib and returned as SVG text.
+
+Each ``fig_*`` function takes one or two :class:`~.prepare.RunView` (two when
+comparing: run A solid, run B dashed) and returns the SVG of one chart, or None
+when no run has the data it shows. matplotlib is imported here only, never by
+``import gradwatch``. Figures are built with ``matplotlib.figure.Figure``
+directly (no pyplot, no global state). Every name that comes from the run
+(layer names, run labels) goes through :func:`_text`, which escapes ``$`` so
+matplotlib never reads a layer name as math; a fixed SVG hash salt makes the
+same run give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import data
+from .prepare import RunView
+
+#: Line colour of run A and run B in single-series charts.
+RUN_COLORS = ("#1f77b4", "#d62728")
+RUN_STYLES = ("-", "--")
+SEVERITY_COLORS = {"error": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
+WIDTH = 9.0  # inches at 100 dpi: 900 px, the width of the page's column
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    import matplotlib
+
+    with matplotlib.rc_context({
+        "svg.hashsalt": "gradwatch",  # deterministic ids
+        "svg.fonttype": "path",  # glyphs as paths: no font needed in the browser
+        "font.size": 9,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "figure.dpi": 100,
+    }):
+        yield
+
+
+def _new(height: float, **kwargs: Any) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(WIDTH, height), layout="constrained", **kwargs)
+
+
+def _svg(fig: Any) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    return buffer.getvalue()
+
+
+def _palette(name: str, count: int, lo: float = 0.15, hi: float = 0.85) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name]
+    return [cmap(v) for v in (np.linspace(lo, hi, count) if count > 1 else [hi])]
+
+
+def _depth_ticks(ax: Any, names: Sequence[str], max_labels: int = 24) -> None:
+    n = len(names)
+    if n == 0:
+        return
+    ticks = np.unique(np.linspace(0, n - 1, min(n, max_labels)).round().astype(int))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_short(names[i]) for i in ticks], rotation=45, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, n - 0.5)
+
+
+def _text(value: object) -> str:
+    """A user-derived string made literal for matplotlib (``$`` would start math text)."""
+    return str(value).replace("$", "\\$")
+
+
+def _short(name: str, limit: int = 28) -> str:
+    return _text(name if len(name) <= limit else "\u2026" + name[-(limit - 1):])
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+
+def _top_marks(ax: Any, steps: Sequence[int], color: str, label: str) -> None:
+    """Markers along the top edge of ``ax`` at the given steps (x in data, y in axes units)."""
+    if not steps:
+        return
+    transform = ax.get_xaxis_transform()
+    ax.plot(steps, np.full(len(steps), 0.97), linestyle="none", marker="x", color=color,
+            transform=transform, label=label, clip_on=False)
+
+
+def _runs_label(views: Sequence[RunView], i: int) -> str:
+    return f"{_text(views[i].label)}: " if len(views) > 1 else ""
+
+
+# ----- charts -----------------------------------------------------------------------------
+def fig_depth(views: Sequence[RunView]) -> str | None:
+    """Gradient RMS by layer depth (log y), one line per checkpoint step, first layer on the left."""
+    if not any(v.checkpoints.size for v in views):
+        return None
+    with _style():
+        fig = _new(4.0)
+        ax = fig.add_subplot()
+        cmaps = ("viridis", "Oranges") if len(views) > 1 else ("viridis",)
+        for i, view in enumerate(views):
+            rows = view.checkpoints
+            if len(views) > 1 and rows.size > 3:  # fewer lines per run when two runs share the chart
+                rows = rows[np.unique(np.linspace(0, rows.size - 1, 3).round().astype(int))]
+            colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, row in zip(colors, rows):
+                ax.plot(np.arange(view.rms.shape[1]), _positive(view.rms[row]), RUN_STYLES[i], color=color,
+                        marker="o", markersize=2.5, linewidth=1.4, label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
+        ax.set_yscale("log")
+        ax.set_ylabel("gradient RMS (before clipping)")
+        ax.set_xlabel("layer, in depth (execution) order")
+        longest = max(views, key=lambda v: len(v.layer_names))
+        _depth_ticks(ax, longest.layer_names)
+        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        return _svg(fig)
+
+
+def fig_heatmap(views: Sequence[RunView]) -> str | None:
+    """Layer x step heatmap of log10 gradient RMS (one panel per run, shared colour scale)."""
+    maps = [data.heatmap(v.rms, v.steps) if v.rms.size else None for v in views]
+    if not any(m is not None and np.isfinite(m.z).any() for m in maps):
+        return None
+    finite = np.concatenate([m.z[np.isfinite(m.z)] for m in maps if m is not None])
+    vmin, vmax = float(np.percentile(finite, 1)), float(np.percentile(finite, 99))
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    with _style():
+        import matplotlib
+
+        fig = _new(3.4 * len(views))
+        cmap = matplotlib.colormaps["magma"].with_extremes(bad="#dddddd")
+        image = None
+        for i, (view, hm) in enumerate(zip(views, maps)):
+            ax = fig.add_subplot(len(views), 1, i + 1)
+            ax.grid(False)
+            if hm is None or hm.z.size == 0:
+                ax.set_title(f"{_text(view.label)}: no per-layer gradients", fontsize=8)
+                continue
+            extent = (float(hm.step_edges[0]) - 0.5, float(hm.step_edges[-1]) - 0.5, hm.z.shape[0], 0)
+            image = ax.imshow(hm.z, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent,
+                              interpolation="nearest")
+            rows = hm.layer_rows
+            ticks = np.unique(np.linspace(0, hm.z.shape[0] - 1, min(hm.z.shape[0], 16)).round().astype(int))
+            ax.set_yticks(ticks + 0.5)
+            ax.set_yticklabels([_short(view.layer_names[rows[t]]) for t in ticks], fontsize=7)
+            ax.set_ylabel("layer (first at top)")
+            if len(views) > 1:
+                ax.set_title(_text(view.label), fontsize=8)
+            if i == len(views) - 1:
+                ax.set_xlabel("step")
+        if image is not None:
+            fig.colorbar(image, ax=fig.axes, label="log10 gradient RMS", shrink=0.9)
+        return _svg(fig)
+
+
+def fig_grad_norm(views: Sequence[RunView]) -> str | None:
+    """Global gradient norm before clipping, the clip threshold, clipped share and skipped steps."""
+    if not any(v.n_steps for v in views):
+        return None
+    with _style():
+        fig = _new(4.2)
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        for i, view in enumerate(views):
+            if not view.n_steps:
+                continue
+            xs, ys = data.minmax_downsample(view.steps, _positive(view.grad_norm))
+            top.plot(xs, ys, RUN_STYLES[i], color=RUN_COLORS[i], linewidth=1.0,
+                     label=f"{_runs_label(views, i)}global norm (pre-clip)")
+            if view.threshold is not None:
+                top.axhline(view.threshold, color=RUN_COLORS[i], linestyle=":", linewidth=1.2,
+                            label=f"{_runs_label(views, i)}clip threshold {view.threshold:g}")
+            bad = view.steps[~np.isfinite(view.grad_norm)]
+            _top_marks(top, data.thin_steps(bad.tolist()), SEVERITY_COLORS["error"] if i == 0 else "#9467bd",
+                       f"{_runs_label(views, i)}non-finite norm")
+            centre, share, _ = data.flag_buckets(view.steps, view.clipped)
+            bottom.step(centre, share, where="mid", color=RUN_COLORS[i], linestyle=RUN_STYLES[i], linewidth=1.0,
+                        label=f"{_runs_label(views, i)}share clipped")
+            skipped = view.steps[view.skipped]
+            if skipped.size:
+                bottom.plot(data.thin_steps(skipped.tolist()), np.full(min(skipped.size, 300), 1.05), linestyle="none",
+                            marker="v", color=SEVERITY_COLORS["error"], markersize=4,
+                            label=f"{_runs_label(views, i)}skipped step")
+        top.set_yscale("log")
+        top.set_ylabel("gradient norm")
+        top.legend(fontsize=7, loc="best")
+        bottom.set_ylim(-0.05, 1.15)
+        bottom.set_ylabel("clipped")
+        bottom.set_xlabel("step")
+        bottom.legend(fontsize=7, loc="upper left", ncols=2)
+        return _svg(fig)
+
+
+def fig_loss(views: Sequence[RunView]) -> str | None:
+    """Loss over steps, each finding marked (vertical line coloured by severity) where it happened."""
+    if not any(v.n_steps for v in views):
+        return None
+    with _style():
+        fig = _new(3.6)
+        ax = fig.add_subplot()
+        all_loss = np.concatenate([v.loss[np.isfinite(v.loss)] for v in views])
+        log = bool(all_loss.size and all_loss.min() > 0 and all_loss.max() / all_loss.min() > 50)
+        for i, view in enumerate(views):
+            if not view.n_steps:
+                continue
+            xs, ys = data.minmax_downsample(view.steps, np.where(np.isfinite(view.loss), view.loss, np.nan))
+            ax.plot(xs, ys, RUN_STYLES[i], color=RUN_COLORS[i], linewidth=1.0, label=f"{_runs_label(views, i)}loss")
+            bad = view.steps[~np.isfinite(view.loss)]
+            _top_marks(ax, data.thin_steps(bad.tolist()), "#9467bd", f"{_runs_label(views, i)}non-finite loss")
+            for severity in ("info", "warning", "error"):
+                marks = data.thin_steps([f.step for f in view.findings if f.severity == severity])
+                if marks:
+                    ax.vlines(marks, 0, 1, transform=ax.get_xaxis_transform(), colors=SEVERITY_COLORS[severity],
+                              linestyles=RUN_STYLES[i], linewidth=0.8, alpha=0.6,
+                              label=f"{_runs_label(views, i)}{severity} finding")
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel("loss")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+        return _svg(fig)
+
+
+def fig_gain(views: Sequence[RunView]) -> str | None:
+    """Effective per-layer gain over steps (exp(-slope) of log RMS vs depth); 1 is healthy."""
+    if not any(np.isfinite(v.gain).any() for v in views):
+        return None
+    with _style():
+        fig = _new(3.2)
+        ax = fig.add_subplot()
+        for i, view in enumerate(views):
+            xs, ys = data.minmax_downsample(view.steps, _positive(view.gain))
+            ax.plot(xs, ys, RUN_STYLES[i], color=RUN_COLORS[i], linewidth=1.0,
+                    label=f"{_runs_label(views, i)}effective per-layer gain")
+        ax.axhline(1.0, color="#2ca02c", linestyle=":", linewidth=1.2, label="1.0 (gradients flow)")
+        ax.set_yscale("log")
+        ax.set_ylabel("gain per layer")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+        return _svg(fig)
+
+
+def fig_update_ratio(views: Sequence[RunView]) -> str | None:
+    """Update-to-weight ratio ||dw||/||w|| per layer at a few measured steps, with the 1e-3 guide."""
+    if not any(v.update_rows.size for v in views):
+        return None
+    with _style():
+        fig = _new(3.8)
+        ax = fig.add_subplot()
+        cmaps = ("viridis", "Oranges")
+        for i, view in enumerate(views):
+            measured = view.update_rows
+            if not measured.size:
+                continue
+            rows = measured[data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)]
+            colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, row in zip(colors, rows):
+                ax.plot(np.arange(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), RUN_STYLES[i],
+                        color=color, marker="o", markersize=2.5, linewidth=1.2,
+                        label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
+        ax.axhline(1e-3, color="#7f7f7f", linestyle=":", linewidth=1.2, label="1e-3 (rule of thumb)")
+        ax.set_yscale("log")
+        ax.set_ylabel("||update|| / ||weight||")
+        ax.set_xlabel("layer, in depth order")
+        _depth_ticks(ax, max(views, key=lambda v: len(v.layer_names)).layer_names)
+        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        return _svg(fig)
+
+
+def fig_activations(views: Sequence[RunView]) -> str | None:
+    """Dead and saturated fractions per sampled layer: latest sample and mean over samples."""
+    stats = [v.activations for v in views]
+    kinds = [k for k in ("dead", "saturated") if any(s is not None and k in s.series for s in stats)]
+    if not kinds:
+        return None
+    with _style():
+        fig = _new(3.2 * len(kinds))
+        axes = fig.subplots(len(kinds), 1, squeeze=False)[:, 0]
+        for ax, kind in zip(axes, kinds):
+            names: list[str] = []
+            for i, (view, stat) in enumerate(zip(views, stats)):
+                if stat is None or kind not in stat.series:
+                    continue
+                table = stat.series[kind]
+                with np.errstate(invalid="ignore"):
+                    counts = np.isfinite(table).sum(axis=0)
+                    mean = np.where(counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan)
+                latest = data.last_finite_rows(table)
+                x = np.arange(len(stat.layers))
+                ax.plot(x, latest, RUN_STYLES[i], color=RUN_COLORS[i], marker="o", markersize=3,
+                        label=f"{_runs_label(views, i)}latest sample (step {int(stat.steps[-1])})")
+                ax.plot(x, mean, RUN_STYLES[i], color=RUN_COLORS[i], alpha=0.45, linewidth=1.0,
+                        label=f"{_runs_label(views, i)}mean of {stat.steps.size} samples")
+                if len(stat.layers) > len(names):
+                    names = stat.layers
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylabel(f"{kind} fraction")
+            _depth_ticks(ax, names)
+            ax.legend(fontsize=7, loc="best")
+        return _svg(fig)
+
+
+def fig_loss_scale(views: Sequence[RunView]) -> str | None:
+    """The fp16 loss scale over steps (log2 y), with the steps the scaler skipped."""
+    if not any(v.has_loss_scale for v in views):
+        return None
+    with _style():
+        fig = _new(3.0)
+        ax = fig.add_subplot()
+        for i, view in enumerate(views):
+            if not view.has_loss_scale:
+                continue
+            xs, ys = data.minmax_downsample(view.steps, _positive(view.loss_scale))
+            ax.plot(xs, ys, RUN_STYLES[i], color=RUN_COLORS[i], linewidth=1.2, drawstyle="steps-post",
+                    label=f"{_runs_label(views, i)}loss scale")
+            _top_marks(ax, data.thin_steps(view.steps[view.skipped].tolist()), SEVERITY_COLORS["error"],
+                       f"{_runs_label(views, i)}skipped step")
+        ax.set_yscale("log", base=2)
+        ax.set_ylabel("loss scale")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+        return _svg(fig)
+
+
+#: (figure id, title, function, caption) in page order.
+FIGURES = (
+    ("fig-depth", "Gradient magnitude by layer depth", fig_depth,
+     "Per-layer gradient RMS before clipping at steps spread over the run (log scale), first layer on the left. "
+     "A line that rises to the right means vanishing gradients; one that falls means exploding."),
+    ("fig-heatmap", "Gradient RMS, layer \u00d7 step", fig_heatmap,
+     "log10 gradient RMS of every layer (rows, first at top) over steps (columns; buckets of steps are averaged "
+     "in log space for display). Grey: no finite value."),
+    ("fig-grad-norm", "Global gradient norm and clipping", fig_grad_norm,
+     "Global gradient norm before clipping against the clip threshold; below, the share of steps clipped and "
+     "the steps skipped (non-finite). Lines keep each bucket's minimum and maximum, so spikes survive thinning."),
+    ("fig-loss", "Loss and findings", fig_loss,
+     "Loss over steps; vertical lines mark findings where they were raised (red: error, orange: warning, grey: info)."),
+    ("fig-gain", "Effective per-layer gain", fig_gain,
+     "exp(-slope) of log gradient RMS against depth, per step: the typical factor by which backpropagation "
+     "scales a gradient per layer. Below 1: vanishing; above 1: exploding."),
+    ("fig-update-ratio", "Update-to-weight ratio", fig_update_ratio,
+     "||w_after - w_before|| / ||w_before|| per layer on the steps where it was measured."),
+    ("fig-activations", "Activation statistics", fig_activations,
+     "Share of units that are dead (output zero for every example) or saturated (in a flat tail), per sampled layer."),
+    ("fig-loss-scale", "Loss scale (fp16)", fig_loss_scale,
+     "The dynamic loss scale; the scaler halves it when scaled gradients overflow and skips that step."),
+)

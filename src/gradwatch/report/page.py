@@ -1,0 +1,285 @@
+"""HTML assembly: one self-contained page, every user-derived string escaped.
+
+Everything the page needs is inside the file: CSS inline, each chart an SVG in
+a ``data:`` URI (an SVG inside ``<img>`` cannot run scripts and its ids cannot
+clash with the page's). A Content-Security-Policy meta tag forbids scripts and
+any fetch except ``data:`` images, so even a mistake here cannot make the page
+reach the network. Every name and text that comes from the model, the data or
+the run directory (module names, finding messages, evidence, event text, file
+names) goes through :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .prepare import RunView
+
+#: Findings listed in full (the summary table counts all of them).
+MAX_FINDINGS = 200
+#: Events listed.
+MAX_EVENTS = 200
+#: Reproduction bundles opened to show what they hold (the rest are listed by name).
+MAX_BUNDLES_OPENED = 20
+MAX_VALUE_CHARS = 400
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+main{max-width:960px;margin:0 auto;padding:16px 24px 48px;background:#fff}
+h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:15px;margin:14px 0 6px}
+figure{margin:12px 0}figure img{width:100%;height:auto;display:block}figcaption{color:#555;font-size:12.5px}
+table{border-collapse:collapse;font-size:12.5px;margin:6px 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:0 3px;word-break:break-all}
+.sev{display:inline-block;border-radius:3px;padding:0 6px;color:#fff;font-size:12px;font-weight:600}
+.sev-error{background:#c62828}.sev-warning{background:#ef6c00}.sev-info{background:#757575}
+.finding{border:1px solid #e3e3e3;border-left:4px solid #999;padding:6px 10px;margin:8px 0}
+.finding.error{border-left-color:#c62828}.finding.warning{border-left-color:#ef6c00}
+.absent{color:#777;font-style:italic}.summary td{border:none;padding:1px 12px 1px 0}
+.run-a{color:#1f77b4;font-weight:600}.run-b{color:#d62728;font-weight:600}
+nav a{margin-right:10px;font-size:12.5px}
+"""
+
+
+def esc(value: Any) -> str:
+    """Escape any value for HTML text or a quoted attribute.
+
+    Example:
+        >>> esc("<script>alert(1)</script>")
+        '&lt;script&gt;alert(1)&lt;/script&gt;'
+    """
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """A number as a person reads it (4 significant digits; nan/inf spelled out), escaped.
+
+    Example:
+        >>> fmt(0.000123456), fmt(float("nan")), fmt(12), fmt("a<b")
+        ('0.0001235', 'nan', '12', 'a&lt;b')
+    """
+    if isinstance(value, bool) or value is None:
+        return esc(value)
+    if isinstance(value, (int, np.integer)):
+        return esc(int(value))
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return esc(repr(value) if not math.isfinite(value) else f"{value:.4g}")
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(fmt(v) for v in list(value)[:12])
+        return f"[{shown}{', ...' if len(value) > 12 else ''}]"
+    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, dict) else str(value)
+    if len(text) > MAX_VALUE_CHARS:
+        text = text[:MAX_VALUE_CHARS] + "\u2026"
+    return esc(text)
+
+
+def svg_img(svg: str, alt: str) -> str:
+    """An ``<img>`` holding ``svg`` as a base64 data URI (no network, no script)."""
+    payload = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    return f'<img alt="{esc(alt)}" src="data:image/svg+xml;base64,{payload}">'
+
+
+def _kv_table(items: Iterable[tuple[Any, Any]], cls: str = "") -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(v)}</td></tr>" for k, v in items)
+    return f'<table class="{cls}">{rows}</table>' if rows else ""
+
+
+def _run_span(views: Sequence[RunView], i: int) -> str:
+    return f'<span class="run-{"ab"[i]}">{esc(views[i].label)}</span>'
+
+
+# ----- sections -------------------------------------------------------------------------
+def _summary(view: RunView) -> str:
+    meta = view.meta
+    finite = np.isfinite(view.grad_norm)
+    by_sev = {s: sum(1 for f in view.findings if f.severity == s) for s in ("error", "warning", "info")}
+    items = [
+        ("run directory", str(view.path)),
+        ("model", meta.get("model", "?")),
+        ("optimizer", meta.get("optimizer", "?")),
+        ("precision", meta.get("precision", "?")),
+        ("clip_norm", meta.get("clip_norm")),
+        ("steps", view.n_steps),
+        ("measured layers", len(view.layer_names)),
+        ("skipped steps", int(view.skipped.sum())),
+        ("clipped steps", f"{int(view.clipped.sum())} ({100.0 * view.clipped.mean():.1f}%)" if view.n_steps else "0"),
+        ("last loss", view.loss[np.isfinite(view.loss)][-1] if np.isfinite(view.loss).any() else float("nan")),
+        ("median global norm", float(np.median(view.grad_norm[finite])) if finite.any() else float("nan")),
+        ("median effective gain", float(np.nanmedian(view.gain)) if np.isfinite(view.gain).any() else float("nan")),
+        ("findings", f"{by_sev['error']} error, {by_sev['warning']} warning, {by_sev['info']} info"),
+    ]
+    return _kv_table(items, "summary")
+
+
+def _finding_html(finding: Any) -> str:
+    evidence = _kv_table(finding.evidence.items()) if finding.evidence else ""
+    location = ", ".join(f"{esc(k)}=<code>{fmt(v)}</code>" for k, v in finding.location.items())
+    fixes = "".join(f"<li>{esc(fix)}</li>" for fix in finding.fixes)
+    sev = esc(finding.severity)
+    return (
+        f'<div class="finding {sev}"><span class="sev sev-{sev}">{sev}</span> '
+        f"<b>{esc(finding.code)}</b> at step {fmt(finding.step)}"
+        f'<p class="message">{esc(finding.message)}</p>'
+        + (f"<div>location: {location}</div>" if location else "")
+        + (f"<details open><summary>evidence</summary>{evidence}</details>" if evidence else "")
+        + (f"<div>fixes:<ol>{fixes}</ol></div>" if fixes else "")
+        + "</div>"
+    )
+
+
+def _findings(view: RunView) -> str:
+    if not view.findings:
+        return '<p class="absent">No findings: no rule raised anything on this run.</p>'
+    codes: dict[str, list[Any]] = {}
+    for f in view.findings:
+        codes.setdefault(f.code, []).append(f)
+    order = {"error": 0, "warning": 1, "info": 2}
+    rows = "".join(
+        f'<tr><td><span class="sev sev-{esc(fs[0].severity)}">{esc(fs[0].severity)}</span></td><td>{esc(code)}</td>'
+        f'<td class="num">{len(fs)}</td><td class="num">{fmt(fs[0].step)}</td><td class="num">{fmt(fs[-1].step)}</td></tr>'
+        for code, fs in sorted(codes.items(), key=lambda kv: (order.get(kv[1][0].severity, 3), kv[1][0].step))
+    )
+    table = ("<table><tr><th>severity</th><th>code</th><th>count</th><th>first step</th><th>last step</th></tr>"
+             f"{rows}</table>")
+    # First occurrence of every code, then the rest in order, up to the cap.
+    firsts = [fs[0] for fs in codes.values()]
+    chosen = {id(f) for f in firsts}
+    rest = [f for f in view.findings if id(f) not in chosen]
+    shown = sorted(firsts + rest[: max(0, MAX_FINDINGS - len(firsts))], key=lambda f: f.step)
+    more = len(view.findings) - len(shown)
+    note = (f'<p class="absent">{more} more findings are not listed here; all are in findings.jsonl '
+            f"(<code>gradwatch doctor {esc(view.path)}</code>).</p>") if more > 0 else ""
+    return table + "".join(_finding_html(f) for f in shown) + note
+
+
+def _bundle_summary(path: Path) -> str:
+    try:
+        import torch
+
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a bundle that cannot be read is shown, not fatal
+        return f'<span class="absent">could not be read with torch.load(weights_only=True): {esc(type(exc).__name__)}: {esc(str(exc)[:200])}</span>'
+    if not isinstance(payload, dict):
+        return f"<code>{esc(type(payload).__name__)}</code>"
+    parts = []
+    for key, value in payload.items():
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            shown = f"tensor {tuple(value.shape)} {value.dtype}"
+        elif isinstance(value, (dict, list, tuple)) and key not in ("location", "finding", "nonfinite", "where"):
+            shown = f"{type(value).__name__} of {len(value)}"
+        else:
+            shown = value
+        parts.append((key, shown))
+    return _kv_table(parts)
+
+
+def _bundles(view: RunView) -> str:
+    if not view.bundles:
+        return '<p class="absent">No reproduction bundles: no step was non-finite (or the run kept none).</p>'
+    rows = []
+    for i, path in enumerate(view.bundles):
+        content = _bundle_summary(path) if i < MAX_BUNDLES_OPENED else '<span class="absent">not opened</span>'
+        size = path.stat().st_size if path.exists() else 0
+        rows.append(f"<tr><td><code>{esc(path.name)}</code></td><td class=\"num\">{size / 1024:.1f} KiB</td><td>{content}</td></tr>")
+    return ("<p>Load one with <code>torch.load(path, weights_only=True)</code> to replay the step.</p>"
+            "<table><tr><th>bundle</th><th>size</th><th>contents</th></tr>" + "".join(rows) + "</table>")
+
+
+def _layer_table(views: Sequence[RunView]) -> str:
+    same = len(views) > 1 and all(v.layer_names == views[0].layer_names for v in views)
+    if len(views) > 1 and not same:
+        return "".join(f"<h3>{_run_span(views, i)}</h3>" + _layer_table([v]) for i, v in enumerate(views))
+    view = views[0]
+    last = {name: [v.last_rms[j] for v in views] for j, name in enumerate(view.layer_names)}
+    rms_heads = "".join(f"<th>last grad RMS{(' ' + _run_span(views, i)) if len(views) > 1 else ''}</th>"
+                        for i in range(len(views)))
+    rows = []
+    measured_depth = {name: i for i, name in enumerate(view.layer_names)}
+    layers = view.layers or [{"name": n, "depth": i} for i, n in enumerate(view.layer_names)]
+    for layer in sorted(layers, key=lambda l: (l.get("depth", 0) if isinstance(l.get("depth"), int) else 0)):
+        name = str(layer.get("name", ""))
+        values = last.get(name)
+        cells = "".join(f'<td class="num">{fmt(v)}</td>' for v in values) if values else \
+            f'<td colspan="{len(views)}" class="absent">{"frozen" if not layer.get("measured", True) else "not measured"}</td>'
+        rows.append(
+            f'<tr><td class="num">{fmt(layer.get("depth", measured_depth.get(name, "")))}</td><td><code>{esc(name)}</code></td>'
+            f'<td>{esc(layer.get("type", ""))}</td><td class="num">{fmt(layer.get("numel", ""))}</td>'
+            f'<td class="num">{fmt(layer.get("trainable_numel", ""))}</td>{cells}</tr>'
+        )
+    if not rows:
+        return '<p class="absent">No layer table (layers.json is missing).</p>'
+    return ("<table><tr><th>depth</th><th>name</th><th>type</th><th>parameters</th><th>trainable</th>"
+            f"{rms_heads}</tr>{''.join(rows)}</table>")
+
+
+def _events(view: RunView) -> str:
+    if not view.events:
+        return '<p class="absent">No events (rollbacks, LR backoffs, internal errors).</p>'
+    rows = []
+    for event in view.events[:MAX_EVENTS]:
+        step = event.get("step", "")
+        kind = event.get("kind", event.get("event", event.get("type", "")))
+        rest = {k: v for k, v in event.items() if k not in ("step", "kind", "event", "type")}
+        rows.append(f'<tr><td class="num">{fmt(step)}</td><td>{esc(kind)}</td><td>{fmt(rest)}</td></tr>')
+    more = len(view.events) - MAX_EVENTS
+    note = f'<p class="absent">{more} more events in events.jsonl.</p>' if more > 0 else ""
+    return "<table><tr><th>step</th><th>event</th><th>details</th></tr>" + "".join(rows) + "</table>" + note
+
+
+# ----- page -------------------------------------------------------------------------------
+def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Callable[..., str | None], str]]) -> str:
+    """The whole HTML page for one run, or two overlaid (``views[0]`` is run A).
+
+    Example:
+        >>> from gradwatch.report.figures import FIGURES  # doctest: +SKIP
+        >>> page = build_page([prepare(load_run("runs/exp1"))], FIGURES)  # doctest: +SKIP
+    """
+    compare = len(views) > 1
+    title = (f"gradwatch: {views[0].label} vs {views[1].label}" if compare else f"gradwatch: {views[0].label}")
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p>Report written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} by gradwatch. '
+        + (f"Run A {_run_span(views, 0)} is drawn solid, run B {_run_span(views, 1)} dashed.</p>" if compare else "</p>"),
+        '<nav><a href="#summary">summary</a><a href="#findings">findings</a><a href="#charts">charts</a>'
+        '<a href="#bundles">bundles</a><a href="#layers">layers</a><a href="#events">events</a></nav>',
+        '<section id="summary"><h2>Summary</h2>',
+    ]
+    for i, view in enumerate(views):
+        out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _summary(view))
+    out.append('</section><section id="findings"><h2>Findings</h2>')
+    for i, view in enumerate(views):
+        out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _findings(view))
+    out.append('</section><section id="charts"><h2>Charts</h2>')
+    for fig_id, heading, draw, caption in figures:
+        svg = draw(views)
+        out.append(f'<h3>{esc(heading)}</h3>')
+        if svg is None:
+            out.append(f'<p class="absent" id="{esc(fig_id)}-absent">Not recorded in this run.</p>')
+        else:
+            out.append(f'<figure id="{esc(fig_id)}">{svg_img(svg, heading)}<figcaption>{esc(caption)}</figcaption></figure>')
+    out.append('</section><section id="bundles"><h2>Reproduction bundles of non-finite steps</h2>')
+    for i, view in enumerate(views):
+        out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _bundles(view))
+    out.append('</section><section id="layers"><h2>Layers</h2>' + _layer_table(views))
+    out.append('</section><section id="events"><h2>Events</h2>')
+    for i, view in enumerate(views):
+        out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _events(view))
+    out.append("</section></main></body></html>\n")
+    return "\n".join(out)

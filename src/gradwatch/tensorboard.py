@@ -1,0 +1,245 @@
+"""TensorBoard export: per-layer gradient norms, global norm, loss, clip coefficient, findings.
+
+Two ways in, both writing with TensorBoard's own event-file writer
+(``tensorboard.summary.writer.event_file_writer.EventFileWriter``, which
+writes on a background thread):
+
+- live: ``Watch(model, opt, tensorboard="tb/exp1")`` adds a
+  :class:`TensorBoardPlugin` that writes every step (or every
+  ``tensorboard_every`` steps) as it happens;
+- after the fact: :func:`export_tensorboard` (``gradwatch export --tensorboard
+  RUN_DIR DIR``) writes a whole run directory.
+
+Tags (one event per step carries all of them, so 200 layers cost one protobuf,
+not 200 writes)::
+
+    loss                      the step's loss
+    grad_norm/global          global gradient norm before clipping
+    clip_coef                 clip coefficient (1.0: not clipped)
+    skipped                   1.0 on a skipped (non-finite) step
+    loss_scale                fp16 loss scale, when there is one
+    grad_norm/layer/<name>    per-layer gradient norm before clipping
+    findings                  text: one entry per finding, at its step
+
+The tensorboard package is imported only when a writer is made, never by
+``import gradwatch``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .findings import Finding
+from .plugins import StepContext, WatchPlugin
+from .records import StepRecord
+from .watch import Watch, register_default_plugin
+
+FINDINGS_TAG = "findings"
+LAYER_PREFIX = "grad_norm/layer/"
+
+
+def _require_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("TensorBoard export needs the tensorboard package: pip install 'gradwatch[tensorboard]'")
+
+
+def finding_markdown(finding: Finding) -> str:
+    """A finding as the markdown TensorBoard's text tab shows.
+
+    Example:
+        >>> f = Finding("loss_spike", "warning", 7, "The loss jumped 40x.", fixes=["lower lr"])
+        >>> print(finding_markdown(f))
+        **warning** `loss_spike` at step 7: The loss jumped 40x.
+        <BLANKLINE>
+        - fix: lower lr
+    """
+    text = f"**{finding.severity}** `{finding.code}` at step {finding.step}: {finding.message}"
+    lines = [text]
+    if finding.location:
+        lines.append("location: " + ", ".join(f"{k}={v}" for k, v in finding.location.items()))
+    if finding.evidence:
+        lines.append("evidence: " + ", ".join(f"{k}={v}" for k, v in finding.evidence.items()))
+    body = "\n\n".join(lines)
+    if finding.fixes:
+        body += "\n\n" + "\n".join(f"- fix: {fix}" for fix in finding.fixes)
+    return body
+
+
+class TensorBoardWriter:
+    """Writes gradwatch's step numbers and findings as TensorBoard events.
+
+    Args:
+        logdir: the TensorBoard log directory (created if missing).
+        flush_secs: flush the event file at least this often. Default: 10
+            (so a live TensorBoard shows new steps within seconds).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> tb = TensorBoardWriter(tempfile.mkdtemp())
+        >>> tb.add_step(1, loss=0.5, grad_norm=2.0, clip_coef=0.5, layer_names=["fc1", "fc2"],
+        ...             layer_norms=np.array([0.1, 1.9]))
+        >>> tb.close()
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], flush_secs: int = 10) -> None:
+        _require_tensorboard()
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._Event, self._Summary = Event, Summary
+        self._writer = EventFileWriter(str(self.logdir), flush_secs=flush_secs)
+        self._text_metadata: Any = None
+        self._closed = False
+
+    def add_step(self, step: int, *, loss: float, grad_norm: float, clip_coef: float,
+                 layer_names: Sequence[str], layer_norms: Sequence[float], skipped: bool = False,
+                 loss_scale: float | None = None, wall_time: float | None = None) -> None:
+        """Write one step's scalars (one event, every tag)."""
+        value = self._Summary.Value
+        values = [
+            value(tag="loss", simple_value=float(loss)),
+            value(tag="grad_norm/global", simple_value=float(grad_norm)),
+            value(tag="clip_coef", simple_value=float(clip_coef)),
+            value(tag="skipped", simple_value=1.0 if skipped else 0.0),
+        ]
+        if loss_scale is not None and math.isfinite(loss_scale) and loss_scale > 0:
+            values.append(value(tag="loss_scale", simple_value=float(loss_scale)))
+        values.extend(value(tag=LAYER_PREFIX + name, simple_value=float(norm))
+                      for name, norm in zip(layer_names, layer_norms))
+        self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
+                                           step=int(step), summary=self._Summary(value=values)))
+
+    def add_finding(self, finding: Finding, wall_time: float | None = None) -> None:
+        """Write one finding as text under the ``findings`` tag, at the finding's step."""
+        import numpy as np
+        from tensorboard.util import tensor_util
+
+        if self._text_metadata is None:
+            from tensorboard.plugins.text import metadata
+
+            self._text_metadata = metadata.create_summary_metadata(
+                display_name="gradwatch findings", description="Findings raised by gradwatch, one per entry."
+            )
+        tensor = tensor_util.make_tensor_proto(np.array(finding_markdown(finding), dtype=object))
+        summary = self._Summary(value=[self._Summary.Value(tag=FINDINGS_TAG, metadata=self._text_metadata, tensor=tensor)])
+        self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
+                                           step=int(finding.step), summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+
+def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLike[str], every: int = 1) -> Path:
+    """Write a run directory as TensorBoard event files under ``logdir``.
+
+    Args:
+        run_dir: a run directory written by :class:`gradwatch.Watch`.
+        logdir: where to write the event files (created if missing).
+        every: write every this many steps (findings are always all written). Default: 1.
+
+    Returns:
+        ``logdir`` as a Path.
+
+    Example:
+        >>> export_tensorboard("runs/exp1", "tb/exp1")  # doctest: +SKIP
+        PosixPath('tb/exp1')
+        >>> # then: tensorboard --logdir tb
+    """
+    from .rundir import load_run
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    run = load_run(run_dir)
+    writer = TensorBoardWriter(logdir, flush_secs=120)
+    try:
+        s = run.steps
+        names = run.layer_names
+        scales = s["loss_scale"]
+        for i in range(0, s["step"].size, every):
+            scale = float(scales[i])
+            writer.add_step(int(s["step"][i]), loss=s["loss"][i], grad_norm=s["grad_norm"][i],
+                            clip_coef=s["clip_coef"][i], layer_names=names,
+                            layer_norms=s["layer_grad_norms"][i].tolist(), skipped=bool(s["skipped"][i]),
+                            loss_scale=scale if math.isfinite(scale) else None)
+        for finding in run.findings:
+            writer.add_finding(finding)
+    finally:
+        writer.close()
+    return Path(logdir)
+
+
+class TensorBoardPlugin(WatchPlugin):
+    """Writes each step to TensorBoard while the Watch runs (``Watch(..., tensorboard=DIR)``).
+
+    Findings are written one step late (the Watch records them after the
+    plugins' ``after_step``) and at ``close()``, each at its own step.
+
+    Example:
+        >>> watch = Watch(model, opt, tensorboard="tb/exp1", tensorboard_every=10)  # doctest: +SKIP
+    """
+
+    name = "tensorboard"
+
+    def __init__(self, logdir: str | os.PathLike[str], every: int = 1) -> None:
+        self.logdir = Path(logdir)
+        self.every = every
+        self.writer: TensorBoardWriter | None = None
+        self._findings_written = 0
+
+    def attach(self, watch: Watch) -> None:
+        super().attach(watch)
+        self.writer = TensorBoardWriter(self.logdir)
+
+    def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
+        if self.writer is None:
+            return []
+        if record.step % self.every == 0 or record.skipped:
+            self.writer.add_step(record.step, loss=record.loss, grad_norm=record.grad_norm,
+                                 clip_coef=record.clip_coef, layer_names=record.layer_names,
+                                 layer_norms=record.layer_grad_norms.tolist(), skipped=record.skipped,
+                                 loss_scale=record.loss_scale)
+        self._write_new_findings()
+        return []
+
+    def _write_new_findings(self) -> None:
+        findings = self.watch.findings
+        for finding in findings[self._findings_written:]:
+            self.writer.add_finding(finding)  # type: ignore[union-attr]
+        self._findings_written = len(findings)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self._write_new_findings()
+            finally:
+                self.writer.close()
+
+
+@register_default_plugin(always=True)
+def _make_tensorboard_plugin(watch: Watch) -> TensorBoardPlugin | None:
+    logdir = watch.options.pop("tensorboard", None)
+    every = watch.options.pop("tensorboard_every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"tensorboard_every must be a positive int, got {every!r}")
+    if logdir is None:
+        return None
+    if not isinstance(logdir, (str, os.PathLike)):
+        raise TypeError(f"tensorboard must be a directory path (str or os.PathLike), got {type(logdir).__name__}")
+    if Path(logdir).exists() and not Path(logdir).is_dir():
+        raise ValueError(f"tensorboard={str(logdir)!r} exists and is not a directory; pass a log directory")
+    _require_tensorboard()
+    return TensorBoardPlugin(logdir, every)
