@@ -1,0 +1,30 @@
+"""The gradwatch command: help, version, and one clear line + exit 2 on bad arguments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gradwatch import cli
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("gradwatch ")
+    assert cli.main([]) == 2  # no command: help on stderr, exit 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_unknown_command_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["no-such-command"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gradwatch: error:") and "Traceback" not in err[0]
+
+
+def test_console_script_runs_as_a_module() -> None:
+    out = subprocess.run([sys.executable, "-m", "gradwatch.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("gradwatch ")
