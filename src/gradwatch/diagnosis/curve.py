@@ -1,0 +1,119 @@
+"""The gradient-by-depth curve: fit log(RMS) against depth, read off the effective per-layer gain.
+
+Backpropagation multiplies one Jacobian per layer, so the typical gradient at
+depth ``d`` of an ``n``-layer stack scales like ``sigma ** (n - 1 - d)``: a
+straight line in ``log(rms)`` against ``d``. The least-squares slope ``b`` of
+that line gives the *effective per-layer gain* ``sigma = exp(-b)``: the factor
+by which each layer multiplies the gradient on its way back towards the input
+(below 1: vanishing; above 1: exploding). Over the whole stack the fitted
+attenuation is ``sigma ** (n - 1)``; the measured first/last ratio is reported
+next to it.
+
+RMS (``norm / sqrt(numel)``), not the norm, so that layers of different sizes
+compare. Pure functions: arrays in, numbers out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class DepthFit:
+    """A fitted gradient-by-depth curve.
+
+    Attributes:
+        gain: effective per-layer gain ``exp(-slope)`` (gradient factor per layer, going backward).
+        slope: slope of ``ln(rms)`` against depth index.
+        total: fitted gain over the stack, ``gain ** (n - 1)`` (first layer relative to last).
+        first_last_ratio: measured ``rms[first] / rms[last]``.
+        r2: coefficient of determination of the line (1: a perfect exponential).
+        n: number of layers in the fit.
+        rms: the per-layer RMS values used (depth order).
+    """
+
+    gain: float
+    slope: float
+    total: float
+    first_last_ratio: float
+    r2: float
+    n: int
+    rms: list[float] = field(default_factory=list)
+
+
+def rms_from_norms(norms: Sequence[float], numel: Sequence[int] | Sequence[float]) -> np.ndarray:
+    """Per-layer RMS ``norm / sqrt(numel)`` (NaN where numel < 1).
+
+    Example:
+        >>> rms_from_norms([2.0, 3.0], [4, 9]).tolist()
+        [1.0, 1.0]
+    """
+    norms_a = np.asarray(norms, dtype=np.float64)
+    numel_a = np.asarray(numel, dtype=np.float64)
+    if norms_a.shape != numel_a.shape:
+        raise ValueError(f"norms has shape {norms_a.shape} but numel has shape {numel_a.shape}; pass one count per layer")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(numel_a >= 1, norms_a / np.sqrt(np.maximum(numel_a, 1.0)), np.nan)
+
+
+def fit_depth_curve(rms: Sequence[float], min_layers: int = 3) -> DepthFit | None:
+    """Fit ``ln(rms)`` against depth (0 = first layer) by least squares.
+
+    Layers with a non-finite or non-positive RMS (no gradient, dead) are left
+    out of the fit; their depth index keeps its place.
+
+    Args:
+        rms: per-layer gradient RMS in depth order.
+        min_layers: fewest usable layers for a fit. Default: 3.
+
+    Returns:
+        a :class:`DepthFit`, or None with fewer than ``min_layers`` usable layers.
+
+    Example:
+        >>> fit = fit_depth_curve([0.25 ** 4, 0.25 ** 3, 0.25 ** 2, 0.25, 1.0])
+        >>> round(fit.gain, 6), round(fit.total, 8), round(fit.r2, 6)
+        (0.25, 0.00390625, 1.0)
+    """
+    values = np.asarray(rms, dtype=np.float64).reshape(-1)
+    depth = np.arange(values.size, dtype=np.float64)
+    ok = np.isfinite(values) & (values > 0)
+    if int(ok.sum()) < max(2, min_layers):
+        return None
+    x, y = depth[ok], np.log(values[ok])
+    x_c = x - x.mean()
+    slope = float((x_c * (y - y.mean())).sum() / (x_c * x_c).sum())
+    residual = y - (y.mean() + slope * x_c)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    span = float(x[-1] - x[0])
+    gain = math.exp(-slope)
+    total = math.exp(-slope * span)
+    first_last = float(values[ok][0] / values[ok][-1])
+    return DepthFit(gain=gain, slope=slope, total=total, first_last_ratio=first_last, r2=r2, n=int(ok.sum()),
+                    rms=[float(v) for v in values])
+
+
+def window_log_median(rows: np.ndarray) -> np.ndarray:
+    """Per-layer geometric median over steps: ``exp(median(ln rows))`` over finite positive entries.
+
+    Args:
+        rows: steps x layers array of RMS values.
+
+    Example:
+        >>> window_log_median(np.array([[1.0, 10.0], [100.0, 10.0], [1.0, float("nan")]])).round(6).tolist()
+        [1.0, 10.0]
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        return np.full(rows.shape[-1] if rows.ndim else 0, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(np.isfinite(rows) & (rows > 0), np.log(np.where(rows > 0, rows, 1.0)), np.nan)
+    out = np.full(rows.shape[1], np.nan)
+    has = np.isfinite(logs).any(axis=0)
+    if has.any():
+        out[has] = np.exp(np.nanmedian(logs[:, has], axis=0))
+    return out

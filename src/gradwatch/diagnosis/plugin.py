@@ -1,0 +1,183 @@
+"""DiagnosisPlugin: runs the rules on every step and the activation sampler on sampled steps.
+
+Registered as a default plugin: every ``Watch(...)`` with ``diagnose=True``
+(the default) gets one. Its options are keyword arguments of the Watch:
+
+- ``sample_every`` (default 50): sample activation statistics and activation
+  gradients on step 1 and every this many steps (hooks only on those steps).
+- ``check_every`` (default 10): fit the gradient-by-depth curve every this
+  many steps (and on every sampled step).
+
+Per step cost on an unsampled step: a few numpy operations over the per-layer
+norms already on the host (the curve fit only every ``check_every`` steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..findings import Finding
+from ..plugins import StepContext, WatchPlugin
+from ..watch import Watch, register_default_plugin
+from .rules import (
+    ActivationRule,
+    ClippingRule,
+    DepthCurveRule,
+    InitScaleRule,
+    LossSpikeRule,
+    LrRule,
+    MissingGradRule,
+    RuleInput,
+)
+from .sampler import ActivationSample, ActivationSampler, activation_family, is_curve_layer
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int (steps), got {value!r}; e.g. gradwatch.Watch(..., {name}=50)")
+    return value
+
+
+class DiagnosisPlugin(WatchPlugin):
+    """The diagnosis rules of gradwatch as a :class:`~gradwatch.plugins.WatchPlugin`.
+
+    Args:
+        sample_every: sample activations every this many steps (and step 1). Default: 50.
+        check_every: fit the depth curve every this many steps. Default: 10.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> watch = Watch(model, opt, sample_every=10)  # the plugin is added by default
+        >>> [p.name for p in watch.plugins if isinstance(p, DiagnosisPlugin)]
+        ['diagnosis']
+        >>> watch.close()
+    """
+
+    name = "diagnosis"
+
+    def __init__(self, sample_every: int = 50, check_every: int = 10) -> None:
+        self.sample_every = _positive_int("sample_every", sample_every)
+        self.check_every = _positive_int("check_every", check_every)
+        self.sample: ActivationSample | None = None
+        self.samples: list[ActivationSample] = []
+        self._sampled_pending: int | None = None
+        self._curve: tuple[list[str], list[int], np.ndarray] | None = None
+        self._weight_scales: dict[str, float] = {}
+        self._kinds: set[str] = set()
+
+    def attach(self, watch: Watch) -> None:
+        self.watch = watch
+        self.sampler = ActivationSampler(watch.model)
+        self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
+        index = watch.index
+        layer_of = {pname: index.names[slot] for pname, slot in zip(index.param_names, index.param_layer)}
+        self.depth_rule = DepthCurveRule(self.check_every)
+        self.init_rule = InitScaleRule()
+        self.lr_rule = LrRule()
+        self.missing_rule = MissingGradRule(list(index.param_names), layer_of)
+        self.clip_rule = ClippingRule()
+        self.spike_rule = LossSpikeRule()
+        self.activation_rule = ActivationRule()
+
+    def is_sampled(self, step: int) -> bool:
+        """Step 1 and every ``sample_every`` steps."""
+        return step == 1 or step % self.sample_every == 0
+
+    # ----- hooks ------------------------------------------------------------------------
+    def prepare(self, next_step: int) -> None:
+        self.sampler.exit_mode()  # a closure that raised may have left the mode on
+        if self.is_sampled(next_step):
+            self.sampler.arm()
+
+    def before_forward(self, ctx: StepContext) -> None:
+        if self.sampler.armed and ctx.closure is not None:
+            self.sampler.enter_mode()
+
+    def after_backward(self, ctx: StepContext) -> None:
+        if self.sampler.armed:
+            self.sampler.disarm()
+            self._sampled_pending = ctx.step
+        if self.missing_rule.watching:
+            self.missing_rule.observe({n for n, p in zip(self.watch.index.param_names, self.watch.index.params) if p.grad is None})
+        if ctx.step == 1:
+            self._weight_scales = self._measure_weight_scales()
+
+    def after_step(self, ctx: StepContext, record: Any) -> list[Finding]:
+        sampled_now = self._sampled_pending == ctx.step
+        if sampled_now:
+            self._sampled_pending = None
+            self.sample = self.sampler.collect(ctx.step)
+            self._kinds |= {a["kind"] for a in self.sample.activations.values()}
+            if self.watch.writer is not None:
+                self.watch.writer.append("activations", self.sample.to_json())
+        names, slots, numel = self._curve_layers()
+        inp = RuleInput(
+            step=ctx.step, record=record, history=self.watch.history, layer_names=names, curve_index=slots,
+            curve_numel=numel, sample=self.sample, sampled_now=sampled_now, skipped_by=list(ctx.skipped_by),
+            activation_kinds=self._kinds,
+        )
+        clip = record.clip_threshold
+        lr = self._lr()
+        findings: list[Finding] = []
+        findings += self.init_rule.check(inp, self._weight_scales, clip)
+        findings += self.lr_rule.check(inp, lr)
+        findings += self.depth_rule.check(inp)
+        findings += self.missing_rule.check(inp)
+        findings += self.clip_rule.check(inp)
+        findings += self.spike_rule.check(inp)
+        findings += self.activation_rule.check(inp)
+        return findings
+
+    def close(self) -> None:
+        self.sampler.disarm()
+
+    # ----- helpers ----------------------------------------------------------------------
+    def _curve_layers(self) -> tuple[list[str], list[int], np.ndarray]:
+        """Curve layers in depth order (known after step 1's forward), cached."""
+        if self._curve is None:
+            index = self.watch.index
+            slots = [i for i, n in enumerate(index.names) if n != "(root)" and is_curve_layer(index.module(n))]
+            names = [index.names[i] for i in slots]
+            numel = np.array([index.layer_numel[i] for i in slots], dtype=np.float64)
+            self._curve = (names, slots, numel)
+        return self._curve
+
+    def _measure_weight_scales(self) -> dict[str, float]:
+        """Per curve layer: std(W) * sqrt(fan_in) / sqrt(2), i.e. the weight scale in units of Kaiming's ReLU scale.
+
+        Runs once, on step 1 before the update (one host transfer).
+        """
+        names, stds, fans = [], [], []
+        for name, module in self.sampler.curve_layers.items():
+            weight = next((p for p in module._parameters.values() if p is not None and p.dim() >= 2), None)
+            if weight is None or weight.numel() < 2:
+                continue
+            names.append(name)
+            stds.append(weight.detach().float().std().reshape(1))
+            fans.append(weight[0].numel())
+        if not names:
+            return {}
+        device = stds[0].device
+        values = torch.cat([s.to(device) for s in stds]).cpu().tolist()
+        return {n: s * math.sqrt(f) / math.sqrt(2.0) for n, s, f in zip(names, values, fans) if math.isfinite(s)}
+
+    def _lr(self) -> float | None:
+        try:
+            lr = self.watch.optimizer.param_groups[0]["lr"]
+            return float(lr)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+
+
+@register_default_plugin
+def _make_diagnosis_plugin(watch: Watch) -> DiagnosisPlugin:
+    return DiagnosisPlugin(
+        sample_every=watch.options.pop("sample_every", 50),
+        check_every=watch.options.pop("check_every", 10),
+    )

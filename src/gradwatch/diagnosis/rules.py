@@ -1,0 +1,428 @@
+"""The diagnosis rules: one small class per finding code, each raising a finding once per episode.
+
+Every rule reads host-side numbers only (the per-layer norms the Watch already
+carried to the host, the recent ``watch.history``, and on sampled steps the
+:class:`~gradwatch.diagnosis.sampler.ActivationSample`). A rule returns at most
+one :class:`~gradwatch.findings.Finding` per call, and an :class:`Episode`
+keeps it from repeating while the condition holds: it may fire again only after
+the condition has been false on ``quiet`` consecutive checks.
+
+Thresholds and their reasoning are in docs/diagnosis.md; the constants below
+are the single source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..findings import Finding
+from .curve import DepthFit, fit_depth_curve, window_log_median
+from .patterns import HUGE_FIRST_NORM, norm_pattern
+from .robust import median_mad, robust_zscore
+from .sampler import ActivationSample
+
+# vanishing / exploding: the fitted gradient ratio over the whole stack, and how straight the line is.
+VANISH_TOTAL = 1e-3  # first layer gets < 1/1000 of the last layer's gradient (healthy controls: > 0.02)
+EXPLODE_TOTAL = 1e3  # first layer gets > 1000x the last layer's gradient (healthy controls: < 10)
+MIN_R2 = 0.5  # the decay must be systematic, layer after layer, not one odd layer
+MIN_CURVE_LAYERS = 4
+AFFECTED_FACTOR = 1e-2  # "affected" layers: RMS below 1/100 (above 100x) of the last layer's
+CURVE_WINDOW = 20  # steps in the weight-gradient window (geometric median per layer)
+# init scale: a weight's std * sqrt(fan_in) above this many times Kaiming's ReLU value sqrt(2).
+WEIGHT_SCALE_FACTOR = 2.5
+# clipping
+CLIP_MIN_STEPS = 50
+CLIP_SHARE = 0.9
+# loss spike: an order of magnitude above the recent median, and far outside the recent spread (in log space).
+SPIKE_WINDOW = 50
+SPIKE_MIN_HISTORY = 20
+SPIKE_RATIO = 10.0
+SPIKE_LOG_Z = 6.0
+SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
+# activations
+DEAD_SHARE = 0.5  # "most units" dead for every example of the batch
+SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
+MISSING_AFTER = 5  # steps with no gradient at all before a parameter is reported
+
+
+class Episode:
+    """Once-per-episode bookkeeping for one rule and key.
+
+    Example:
+        >>> e = Episode(quiet=2)
+        >>> [e.update(c) for c in (True, True, False, True, False, False, True)]
+        [True, False, False, False, False, False, True]
+    """
+
+    def __init__(self, quiet: int = 3) -> None:
+        self.quiet = quiet
+        self.active = False
+        self._false = 0
+
+    def update(self, condition: bool) -> bool:
+        """Feed the condition of this check; True when a new episode starts (fire now)."""
+        if condition:
+            self._false = 0
+            if not self.active:
+                self.active = True
+                return True
+            return False
+        if self.active:
+            self._false += 1
+            if self._false >= self.quiet:
+                self.active = False
+                self._false = 0
+        return False
+
+
+@dataclass
+class RuleInput:
+    """What the rules see on one step (all host-side)."""
+
+    step: int
+    record: Any  # StepRecord
+    history: Sequence[Any]  # recent StepRecords, the current one last
+    layer_names: list[str]  # curve layers, depth order
+    curve_index: list[int]  # their slots in record.layer_grad_norms
+    curve_numel: np.ndarray  # their trainable parameter counts
+    sample: ActivationSample | None  # the latest activation sample (maybe from an earlier step)
+    sampled_now: bool
+    skipped_by: list[str] = field(default_factory=list)
+    activation_kinds: set[str] = field(default_factory=set)
+
+
+def _span(names: Sequence[str]) -> str:
+    if not names:
+        return ""
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2g}" if 1e-2 <= abs(x) < 1e3 else f"{x:.1e}"
+
+
+class DepthCurveRule:
+    """``vanishing_gradients`` / ``exploding_gradients`` from the gradient-by-depth curve.
+
+    Two curves are fitted: the weight-gradient RMS per layer (every check, the
+    geometric median over the last ``CURVE_WINDOW`` finite steps) and the
+    activation-gradient RMS ``||dL/dh_l||`` of the latest sampled step. The
+    weight curve can hide vanishing (shrinking activations cancel the shrinking
+    backward signal) and hides exploding from a too-large init the same way, so
+    either curve crossing the threshold raises the finding, and the evidence
+    carries both gains.
+    """
+
+    def __init__(self, check_every: int = 10) -> None:
+        self.check_every = check_every
+        self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
+
+    def _weight_fit(self, inp: RuleInput) -> DepthFit | None:
+        rows = [
+            r.layer_grad_norms[inp.curve_index] / np.sqrt(np.maximum(inp.curve_numel, 1))
+            for r in list(inp.history)[-CURVE_WINDOW:]
+            if r.finite
+        ]
+        if not rows:
+            return None
+        return fit_depth_curve(window_log_median(np.array(rows)), MIN_CURVE_LAYERS)
+
+    @staticmethod
+    def _activation_fit(inp: RuleInput) -> DepthFit | None:
+        if inp.sample is None:
+            return None
+        rms = [inp.sample.grad_rms.get(name, math.nan) for name in inp.layer_names]
+        return fit_depth_curve(rms, MIN_CURVE_LAYERS)
+
+    def check(self, inp: RuleInput) -> list[Finding]:
+        if len(inp.layer_names) < MIN_CURVE_LAYERS or not inp.record.finite:
+            return []
+        if not (inp.sampled_now or inp.step % self.check_every == 0):
+            return []
+        fits = {"activation_grad": self._activation_fit(inp), "weight_grad": self._weight_fit(inp)}
+        out: list[Finding] = []
+        for code, bad in (("vanishing_gradients", lambda f: f.total <= VANISH_TOTAL),
+                          ("exploding_gradients", lambda f: f.total >= EXPLODE_TOTAL)):
+            hits = [(k, f) for k, f in fits.items() if f is not None and f.r2 >= MIN_R2 and bad(f)]
+            if self.episodes[code].update(bool(hits)) and hits:
+                out.append(self._finding(code, inp, hits[0][0], hits[0][1], fits))
+        return out
+
+    def _finding(self, code: str, inp: RuleInput, curve: str, fit: DepthFit, fits: dict[str, DepthFit | None]) -> Finding:
+        names = inp.layer_names
+        rms = np.array(fit.rms)
+        ref = rms[-1] if np.isfinite(rms[-1]) and rms[-1] > 0 else np.nanmax(rms)
+        vanishing = code == "vanishing_gradients"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = rms / ref
+        affected = [n for n, r in zip(names, rel) if np.isfinite(r) and (r <= AFFECTED_FACTOR if vanishing else r >= 1 / AFFECTED_FACTOR)]
+        if not affected:
+            affected = names[:-1]
+        ratio = fit.first_last_ratio
+        what = "activation gradients dL/dh" if curve == "activation_grad" else "weight gradients"
+        evidence: dict[str, Any] = {
+            "effective_gain_per_layer": round(fit.gain, 4),
+            "fitted_first_last_ratio": fit.total,
+            "first_last_ratio": ratio,
+            "r2": round(fit.r2, 3),
+            "curve": curve,
+            "layers_in_fit": fit.n,
+            "layers_affected": affected,
+        }
+        for key, other in fits.items():
+            if other is not None:
+                evidence[f"{key}_gain"] = round(other.gain, 4)
+                evidence[f"{key}_first_last_ratio"] = other.first_last_ratio
+        evidence["thresholds"] = {"total": VANISH_TOTAL if vanishing else EXPLODE_TOTAL, "r2": MIN_R2}
+        location = {"layers": _span(affected), "last_layer": names[-1]}
+        if vanishing:
+            message = (
+                f"Layers {_span(affected)} ({len(affected)} of {len(names)}) receive {what} about {_fmt(ratio)} times "
+                f"those of {names[-1]}: each layer multiplies the gradient by about {fit.gain:.2f} on its way back "
+                f"(effective gain {fit.gain:.2f}), so the early layers barely learn."
+            )
+            fixes = []
+            if inp.activation_kinds & {"sigmoid", "tanh"}:
+                fixes.append(f"replace sigmoid/tanh by ReLU and use kaiming_normal_(nonlinearity='relu') on {_span(names[:-1])}")
+            else:
+                fixes.append(f"kaiming_normal_(weight, nonlinearity='relu') on {_span(names[:-1])} (PyTorch's default init shrinks ReLU gradients by ~0.41 per layer)")
+            fixes += ["add LayerNorm (or BatchNorm) after each hidden layer", "add residual connections (x + f(x)) so gradients bypass the stack"]
+        else:
+            message = (
+                f"Layers {_span(affected)} ({len(affected)} of {len(names)}) receive {what} about {_fmt(ratio)} times "
+                f"those of {names[-1]}: each layer multiplies the gradient by about {fit.gain:.2f} on its way back "
+                f"(effective gain {fit.gain:.2f}), toward overflow."
+            )
+            fixes = [
+                f"re-initialize {_span(names[:-1])} at fan-in scale: kaiming_normal_(weight, nonlinearity='relu') (or xavier_normal_ for tanh)",
+                "clip_norm=1.0 keeps the steps bounded meanwhile",
+                "add LayerNorm after each hidden layer",
+            ]
+        return Finding(code, "warning", inp.step, message, evidence=evidence, location=location, fixes=fixes)
+
+
+class InitScaleRule:
+    """``init_scale_too_large`` on step 1: a huge first norm, or weights far above their fan-in scale."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def check(self, inp: RuleInput, weight_scales: dict[str, float], clip: float | None) -> list[Finding]:
+        if self.done:
+            return []
+        self.done = True
+        first = inp.record.grad_norm
+        if not inp.record.finite:
+            return []  # the NaN root-cause plugin reports non-finite steps (using norm_pattern too)
+        huge = norm_pattern([first]) == "init_scale_too_large"
+        big = {n: s for n, s in weight_scales.items() if s >= WEIGHT_SCALE_FACTOR}
+        if not (huge or big):
+            return []
+        severity = "error" if huge and clip is None else "warning"
+        parts = []
+        if huge:
+            parts.append(f"the very first gradient norm, before any update, is {_fmt(first)} (unclipped)")
+        if big:
+            worst = max(big, key=big.get)
+            parts.append(f"{len(big)} layer(s) hold weights up to {big[worst]:.1f}x Kaiming's fan-in scale ({worst})")
+        layers = sorted(big, key=lambda n: inp.layer_names.index(n) if n in inp.layer_names else 0) or inp.layer_names
+        fixes = [f"re-initialize {_span(layers)}: kaiming_normal_(weight, nonlinearity='relu'), or xavier_normal_ for tanh/sigmoid"]
+        if clip is None:
+            fixes.append("clip_norm=1.0 to bound the first steps while you fix the init")
+        return [Finding(
+            "init_scale_too_large", severity, inp.step,
+            "Initialization is too large: " + "; ".join(parts) + ".",
+            evidence={"first_grad_norm": first, "huge_first_norm_threshold": HUGE_FIRST_NORM,
+                      "weight_scale_vs_kaiming": {n: round(s, 3) for n, s in big.items()},
+                      "weight_scale_threshold": WEIGHT_SCALE_FACTOR, "clip_norm": clip},
+            location={"layers": _span(layers)},
+            fixes=fixes,
+        )]
+
+
+class LrRule:
+    """``lr_too_high`` on finite steps: sane first norm, then growth step over step, with the loss rising."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.episode = Episode(quiet=20)
+
+    def check(self, inp: RuleInput, lr: float | None) -> list[Finding]:
+        record = inp.record
+        if self.first is None:
+            self.first = record.grad_norm
+            return []
+        if not record.finite:
+            return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
+        window = [r for r in list(inp.history)[-30:]]
+        norms = [self.first] + [r.grad_norm for r in window]
+        skipped = [False] + [bool(r.skipped) for r in window]
+        pattern = norm_pattern(norms, skipped)
+        losses = [r.loss for r in window if r.finite]
+        rising_loss = len(losses) >= 3 and losses[-1] > 2.0 * min(losses)
+        hit = pattern == "lr_too_high" and rising_loss
+        if not self.episode.update(hit) or not hit:
+            return []
+        growth = record.grad_norm / max(self.first, 1e-30)
+        lr_text = f"from {lr:.3g} to {lr / 10:.3g}" if lr else "by 10x"
+        return [Finding(
+            "lr_too_high", "error", inp.step,
+            f"The learning rate is too high: the first gradient norm was sane ({_fmt(self.first)}), then it grew "
+            f"step over step after updates to {_fmt(record.grad_norm)} ({_fmt(growth)}x) while the loss rose to {_fmt(record.loss)}.",
+            evidence={"first_grad_norm": self.first, "grad_norm": record.grad_norm, "growth": growth,
+                      "recent_grad_norms": [float(v) for v in norms[-8:]], "loss": record.loss, "lr": lr},
+            location={},
+            fixes=[f"lower lr {lr_text}", "add a learning-rate warm-up", "clip_norm=1.0 bounds each step"],
+        )]
+
+
+class MissingGradRule:
+    """``missing_gradients``: trainable parameters that receive no gradient on any of the first steps."""
+
+    def __init__(self, param_names: list[str], layer_of: dict[str, str]) -> None:
+        self.never: set[str] | None = None
+        self.param_names = param_names
+        self.layer_of = layer_of
+        self.steps = 0
+        self.done = False
+
+    def observe(self, missing_now: set[str]) -> None:
+        """Called after backward with the names of parameters whose ``.grad`` is None."""
+        self.steps += 1
+        self.never = set(missing_now) if self.never is None else self.never & missing_now
+
+    @property
+    def watching(self) -> bool:
+        return not self.done and (self.never is None or bool(self.never))
+
+    def check(self, inp: RuleInput) -> list[Finding]:
+        if self.done or self.steps < MISSING_AFTER:
+            return []
+        self.done = True
+        if not self.never:
+            return []
+        names = [n for n in self.param_names if n in self.never]
+        layers = list(dict.fromkeys(self.layer_of.get(n, n) for n in names))
+        return [Finding(
+            "missing_gradients", "warning", inp.step,
+            f"{len(names)} trainable parameter(s) in {len(layers)} layer(s) received no gradient on any of the first "
+            f"{self.steps} steps: {_span(layers)}. They are not connected to the loss (a .detach(), an unused branch).",
+            evidence={"parameters": names, "layers": layers, "steps_observed": self.steps},
+            location={"layers": ", ".join(layers[:10]) + (" ..." if len(layers) > 10 else "")},
+            fixes=[
+                "look for .detach(), .data, torch.no_grad() or .item() between these layers and the loss",
+                "if the branch is unused on purpose, freeze it: requires_grad_(False)",
+            ],
+        )]
+
+
+class ClippingRule:
+    """``clipping_always_active``: the clip coefficient is below 1 on >= 90% of >= 50 recent steps."""
+
+    def __init__(self) -> None:
+        self.episode = Episode(quiet=CLIP_MIN_STEPS)
+
+    def check(self, inp: RuleInput) -> list[Finding]:
+        if inp.record.clip_threshold is None:
+            return []
+        recent = [r for r in list(inp.history)[-CLIP_MIN_STEPS:] if r.finite]
+        if len(recent) < CLIP_MIN_STEPS:
+            return []
+        share = sum(1 for r in recent if r.clipped) / len(recent)
+        hit = share >= CLIP_SHARE
+        if not self.episode.update(hit) or not hit:
+            return []
+        norms = np.array([r.grad_norm for r in recent])
+        threshold = inp.record.clip_threshold
+        suggest = float(np.quantile(norms, 0.9))
+        return [Finding(
+            "clipping_always_active", "info", inp.step,
+            f"The clip threshold {threshold:g} engaged on {share:.0%} of the last {len(recent)} steps (median pre-clip "
+            f"norm {_fmt(float(np.median(norms)))}): every step is rescaled, so the learning rate alone no longer sets the step size.",
+            evidence={"share_clipped": share, "steps": len(recent), "clip_norm": threshold,
+                      "median_grad_norm": float(np.median(norms)), "p90_grad_norm": suggest},
+            location={},
+            fixes=[f"raise clip_norm from {threshold:g} to about {suggest:.2g} (the 90th percentile of recent norms)",
+                   "or lower the learning rate if the norms are large because training is unstable"],
+        )]
+
+
+class LossSpikeRule:
+    """``loss_spike``: an order of magnitude above a robust recent baseline (NaN/inf and spikes never enter it)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.episode = Episode(quiet=1)
+
+    def check(self, inp: RuleInput) -> list[Finding]:
+        record = inp.record
+        value = record.loss
+        history = self.losses[-SPIKE_WINDOW:]
+        self.losses.append(value)
+        del self.losses[: -SPIKE_WINDOW - 1]
+        handled = any("spike" in str(s) for s in inp.skipped_by) or any("spike" in str(k) for k in record.extra)
+        if not record.finite or handled:
+            return []
+        finite = [v for v in history if math.isfinite(v)]
+        if len(finite) < SPIKE_MIN_HISTORY:
+            self.episode.update(False)
+            return []
+        median, _ = median_mad(finite)
+        if median > 0 and min(finite) > 0:
+            ratio = value / median
+            z = robust_zscore(np.log(finite), math.log(value)) if value > 0 else -math.inf
+            hit = ratio >= SPIKE_RATIO and z >= SPIKE_LOG_Z
+        else:
+            ratio = math.nan
+            z = robust_zscore(finite, value)
+            hit = z >= SPIKE_LINEAR_Z
+        if not self.episode.update(hit) or not hit:
+            return []
+        return [Finding(
+            "loss_spike", "warning", inp.step,
+            f"The loss jumped to {_fmt(value)}, {_fmt(ratio)}x the median of the last {len(finite)} steps ({_fmt(median)}).",
+            evidence={"loss": value, "baseline_median": median, "ratio": ratio, "robust_z": z,
+                      "window": len(finite), "grad_norm": record.grad_norm},
+            location={},
+            fixes=["look at this step's batch (pass batch= to watch.step to keep it)",
+                   "Watch(on_spike='skip') skips such steps", "lower the learning rate or add warm-up"],
+        )]
+
+
+class ActivationRule:
+    """``dead_relu`` and ``saturated_activations`` from sampled activation statistics."""
+
+    def __init__(self) -> None:
+        self.episodes: dict[tuple[str, str], Episode] = {}
+
+    def check(self, inp: RuleInput) -> list[Finding]:
+        if not inp.sampled_now or inp.sample is None:
+            return []
+        out: list[Finding] = []
+        for site, stats in inp.sample.activations.items():
+            if "dead" in stats:
+                code, share, limit = "dead_relu", stats["dead"], DEAD_SHARE
+            else:
+                code, share, limit = "saturated_activations", stats["saturated"], SATURATED_SHARE
+            episode = self.episodes.setdefault((code, site), Episode(quiet=1))
+            hit = math.isfinite(share) and share >= limit
+            if not episode.update(hit) or not hit:
+                continue
+            if code == "dead_relu":
+                message = (f"{share:.0%} of the units of ReLU {site} output zero for every example in the batch: "
+                           "they pass no gradient and no longer learn.")
+                fixes = [f"use LeakyReLU(0.01) or GELU at {site}", "lower the learning rate (large updates kill units)",
+                         "kaiming_normal_ init and zero biases for the layer before it", "add BatchNorm/LayerNorm before it"]
+                evidence = {"dead_share": share, "units": stats.get("units"), "examples": stats.get("examples"), "threshold": limit}
+            else:
+                message = (f"{share:.0%} of the outputs of {stats['kind']} {site} sit in its flat tails (derivative below "
+                           "10% of its maximum): little gradient passes.")
+                fixes = [f"normalize the input of {site} (LayerNorm/BatchNorm before it)",
+                         "xavier_normal_ init for the layer before it", "use ReLU/GELU instead"]
+                evidence = {"saturated_share": share, "kind": stats["kind"], "threshold": limit}
+            out.append(Finding(code, "warning", inp.step, message, evidence=evidence, location={"module": site}, fixes=fixes))
+        return out

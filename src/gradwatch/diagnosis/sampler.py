@@ -1,0 +1,270 @@
+"""Activation sampler: activation statistics and activation gradients on sampled steps only.
+
+On a sampled step (step 1 and every ``sample_every`` steps) the sampler
+
+- hooks the output of every *curve layer* (a module owning a weight matrix or
+  kernel, embeddings excepted) and registers a tensor hook on that output, so
+  that backward delivers ``||dL/dh_l||`` for each layer (the activation
+  gradient, which the weight-gradient norm can hide: Glorot & Bengio eq. 14);
+- hooks ReLU/ReLU6, Sigmoid and Tanh *modules* and, while the closure runs
+  (``watch.step(closure)``), a :class:`torch.overrides.TorchFunctionMode`
+  catches the *functional* forms (``F.relu``, ``torch.sigmoid``,
+  ``Tensor.tanh``, ...), named after the layer that ran just before them
+  (``"relu after fc3"``);
+- computes every statistic as a tensor (no host sync inside hooks), and
+  carries them all to the host in one transfer in :meth:`collect`.
+
+Every hook is removed after the backward pass; unsampled steps run with no
+hook and no mode at all. Statistics are taken only while grad mode is on, so
+evaluation passes under ``torch.no_grad()`` between steps are not counted.
+
+Statistics:
+
+- ReLU family: ``dead`` = share of units that are exactly zero for every
+  example of the batch (a unit is a feature of a ``(B, D)`` output, a channel
+  of ``(B, C, H, W)``, the last dimension of ``(B, T, D)``); judged only when
+  at least ``MIN_EXAMPLES`` values were reduced per unit.
+- Sigmoid / tanh: ``saturated`` = share of outputs in the flat tails, where
+  the derivative is below 10% of its maximum (sigmoid: y < 0.0257 or
+  y > 0.9743; tanh: |y| > 0.9487).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+MIN_EXAMPLES = 8
+# Flat tails: derivative below 10% of its maximum.
+SIGMOID_LOW = 0.5 - math.sqrt(0.25 - 0.025)  # s(1-s) = 0.025 -> s = 0.0257
+TANH_HIGH = math.sqrt(0.9)  # 1 - t^2 = 0.1 -> |t| = 0.9487
+
+_FAMILY = {"relu": "relu", "relu_": "relu", "relu6": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+           "tanh": "tanh", "tanh_": "tanh"}
+_ACT_MODULES: tuple[tuple[type, str], ...] = (
+    (nn.ReLU, "relu"), (nn.ReLU6, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
+)
+
+
+def activation_family(module: nn.Module) -> str | None:
+    """``"relu"``, ``"sigmoid"``, ``"tanh"`` for an activation module, else None."""
+    for kind, family in _ACT_MODULES:
+        if isinstance(module, kind):
+            return family
+    return None
+
+
+def is_curve_layer(module: nn.Module) -> bool:
+    """A layer on the depth curve: owns a parameter with >= 2 dims and is not an embedding."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    return any(p.dim() >= 2 and p.requires_grad for p in module._parameters.values() if p is not None)
+
+
+def _unit_reduce_dims(out: torch.Tensor) -> tuple[int, ...] | None:
+    if out.dim() < 2:
+        return None
+    if out.dim() == 3:  # (B, T, D): units are the last dimension
+        return (0, 1)
+    return tuple(d for d in range(out.dim()) if d != 1)  # (B, D), (B, C, H, W), (B, C, D, H, W)
+
+
+@dataclass
+class ActivationSample:
+    """What one sampled step measured (host-side numbers).
+
+    ``grad_rms`` maps a curve layer to the RMS of ``dL/dh`` on its output;
+    ``activations`` maps an activation site to ``{"kind", "dead" | "saturated", ...}``.
+    """
+
+    step: int
+    grad_rms: dict[str, float] = field(default_factory=dict)
+    grad_norm: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "grad_rms": self.grad_rms, "grad_norm": self.grad_norm,
+                "activations": self.activations}
+
+
+class _FunctionalActivations(TorchFunctionMode):
+    """Catches functional activations while the closure runs (only on sampled steps)."""
+
+    def __init__(self, sampler: "ActivationSampler") -> None:
+        super().__init__()
+        self.sampler = sampler
+
+    def __torch_function__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        family = _FAMILY.get(getattr(func, "__name__", ""))
+        if family is not None and self.sampler._inside_act_module == 0 and isinstance(out, torch.Tensor):
+            site = f"{func.__name__.rstrip('_')} after {self.sampler._last_layer}" if self.sampler._last_layer else func.__name__.rstrip("_")
+            self.sampler._record(site, family, out)
+        return out
+
+
+class ActivationSampler:
+    """Arms hooks for one sampled step, then removes them. See the module docstring.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> sampler = ActivationSampler(model)
+        >>> sampler.arm(); sampler.enter_mode()
+        >>> model(torch.randn(32, 4)).pow(2).mean().backward()
+        >>> sampler.disarm()
+        >>> sample = sampler.collect(1)
+        >>> sorted(sample.grad_rms), sample.activations["1"]["kind"]
+        (['0', '2'], 'relu')
+    """
+
+    def __init__(self, model: nn.Module, layer_names: list[str] | None = None) -> None:
+        self.model = model
+        modules = dict(model.named_modules())
+        names = layer_names if layer_names is not None else [n for n, m in modules.items() if n and is_curve_layer(m)]
+        self.curve_layers = {n: modules[n] for n in names if n in modules and n and is_curve_layer(modules[n])}
+        self.act_modules = {n: (m, activation_family(m)) for n, m in modules.items() if activation_family(m)}
+        self._handles: list[Any] = []
+        self._mode: _FunctionalActivations | None = None
+        self._reset()
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def _reset(self) -> None:
+        self._grad_sq: dict[str, torch.Tensor] = {}
+        self._grad_numel: dict[str, int] = {}
+        self._alive: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, alive mask, examples)
+        self._sat: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, count in tails, numel)
+        self._order: list[str] = []
+        self._last_layer = ""
+        self._inside_act_module = 0
+
+    # ----- recording (inside hooks: tensors only, no host sync) ---------------------------
+    def _record(self, site: str, kind: str, out: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not out.is_floating_point():
+            return
+        y = out.detach()
+        if kind == "relu":
+            dims = _unit_reduce_dims(y)
+            if dims is None:
+                return
+            alive = (y != 0).any(dim=dims) if dims else (y != 0)
+            examples = y.numel() // max(1, alive.numel())
+            prev = self._alive.get(site)
+            if prev is not None and prev[1].shape == alive.shape:
+                alive = alive | prev[1]
+                examples += prev[2]
+            elif site not in self._order:
+                self._order.append(site)
+            self._alive[site] = (kind, alive, examples)
+        else:
+            if kind == "sigmoid":
+                tails = (y < SIGMOID_LOW) | (y > 1.0 - SIGMOID_LOW)
+            else:
+                tails = y.abs() > TANH_HIGH
+            count = tails.sum()
+            prev = self._sat.get(site)
+            if prev is not None:
+                count = count + prev[1]
+                numel = prev[2] + y.numel()
+            else:
+                numel = y.numel()
+                self._order.append(site)
+            self._sat[site] = (kind, count, numel)
+
+    def _layer_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._last_layer = name
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not isinstance(out, torch.Tensor) or not out.requires_grad or not torch.is_grad_enabled():
+                return
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                sq = grad.detach().float().pow(2).sum()
+                self._grad_sq[name] = self._grad_sq[name] + sq if name in self._grad_sq else sq
+                self._grad_numel[name] = self._grad_numel.get(name, 0) + grad.numel()
+
+            out.register_hook(grad_hook)
+
+        return hook
+
+    def _act_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._inside_act_module += 1
+
+    def _act_hook(self, name: str, kind: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._inside_act_module = max(0, self._inside_act_module - 1)
+            if isinstance(output, torch.Tensor):
+                self._record(name, kind, output)
+
+        return hook
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def arm(self) -> None:
+        """Register the forward hooks for the next forward pass."""
+        if self._handles:
+            return
+        self._reset()
+        for name, module in self.curve_layers.items():
+            self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+        for name, (module, kind) in self.act_modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._act_pre_hook))
+            self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
+
+    def enter_mode(self) -> None:
+        """Catch functional activations until :meth:`disarm` (call around the closure only)."""
+        if self._mode is None and self._handles:
+            self._mode = _FunctionalActivations(self)
+            self._mode.__enter__()
+
+    def exit_mode(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    def disarm(self) -> None:
+        """Leave the mode and remove every hook (tensor hooks already fired in backward)."""
+        self.exit_mode()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def collect(self, step: int) -> ActivationSample:
+        """Carry every statistic to the host in one transfer and clear them."""
+        sample = ActivationSample(step=step)
+        grad_names = list(self._grad_sq)
+        dead_sites = [s for s in self._order if s in self._alive and self._alive[s][2] >= MIN_EXAMPLES]
+        sat_sites = [s for s in self._order if s in self._sat]
+        parts: list[torch.Tensor] = []
+        for name in grad_names:
+            parts.append(self._grad_sq[name].reshape(1).double())
+        for site in dead_sites:
+            parts.append((~self._alive[site][1]).double().mean().reshape(1))
+        for site in sat_sites:
+            parts.append(self._sat[site][1].double().reshape(1))
+        values: list[float] = []
+        if parts:
+            device = parts[0].device
+            values = torch.cat([p.to(device) for p in parts]).cpu().tolist()  # the one transfer
+        i = 0
+        for name in grad_names:
+            sq = values[i]
+            i += 1
+            sample.grad_norm[name] = math.sqrt(sq) if sq >= 0 else math.nan
+            sample.grad_rms[name] = math.sqrt(sq / max(1, self._grad_numel[name])) if sq >= 0 else math.nan
+        for site in dead_sites:
+            kind, alive, examples = self._alive[site]
+            sample.activations[site] = {"kind": kind, "dead": values[i], "units": int(alive.numel()), "examples": examples}
+            i += 1
+        for site in sat_sites:
+            kind, _, numel = self._sat[site]
+            sample.activations[site] = {"kind": kind, "saturated": values[i] / max(1, numel), "numel": numel}
+            i += 1
+        self._reset()
+        return sample
