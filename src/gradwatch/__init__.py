@@ -23,6 +23,7 @@ from .plugins import StepContext, WatchPlugin
 from .records import StepRecord, StepResult
 from .rundir import Run, load_run
 from .watch import Watch
+from .diagnosis import DiagnosisPlugin  # registers the diagnosis rules as a default plugin (issue 3)
 from .clipping import AGC, AutoClip, ZClip
 from . import repair as _repair  # registers on_spike= and lr_backoff= (issue 10)
 from . import tensorboard as _tensorboard  # registers Watch(tensorboard=DIR) (issue 7)
@@ -34,6 +35,7 @@ __all__ = [
     "AGC",
     "AutoClip",
     "CODES",
+    "DiagnosisPlugin",
     "Finding",
     "GradwatchWarning",
     "NonFiniteError",
