@@ -51,7 +51,7 @@ def _make_spike_skip(watch: Watch) -> SpikeSkip | None:
 def _make_lr_backoff(watch: Watch) -> LRBackoff | None:
     factor = watch.options.pop("lr_backoff", "auto")
     after = watch.options.pop("lr_backoff_after", 3)
-    window = watch.options.pop("lr_backoff_window", 100)
+    window = watch.options.pop("lr_backoff_window", 50)
     if factor is None or factor is False:
         return None
     if factor == "auto" or factor is True:

@@ -24,6 +24,8 @@ import math
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from ..diagnosis.robust import median_mad, robust_zscore
 from ..findings import Finding
 from ..plugins import StepContext, WatchPlugin
@@ -48,8 +50,17 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _log(values: "deque[float]") -> np.ndarray:
+    """Natural log of the positive entries (zeros and negatives dropped)."""
+    array = np.asarray(values, dtype=np.float64)
+    return np.log(array[array > 0])
+
+
 class SpikeDetector:
     """Robust z-scores of the loss and the gradient norm against their recent finite history.
+
+    The loss is scored as is, the gradient norm on a log scale (norms move by
+    factors: a slow x4 drift over training is not a spike, a x1000 jump is).
 
     Args:
         threshold: a robust z-score above this is a spike. Default: 6.0 (OLMo's).
@@ -81,7 +92,12 @@ class SpikeDetector:
             history = self.history[name]
             if len(history) < self.warmup or not math.isfinite(value):
                 continue
-            z = robust_zscore(history, value)
+            if name == "grad_norm":  # norms are multiplicative: score them on a log scale
+                if not value > 0:
+                    continue
+                z = robust_zscore(_log(history), math.log(value))
+            else:
+                z = robust_zscore(history, value)
             if not z > self.threshold:
                 continue
             median, mad = median_mad(history)
@@ -94,6 +110,7 @@ class SpikeDetector:
                     "median": median,
                     "mad": mad,
                     "z": float(z),
+                    "scale": "log" if name == "grad_norm" else "linear",
                     "threshold": self.threshold,
                     "window": len(history),
                 }
