@@ -52,6 +52,11 @@ def report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | Non
     from .page import build_page
     from .prepare import prepare
 
+    if output is None:
+        output = Path(run_dir) / ("compare.html" if compare is not None else "report.html")
+    target = Path(output)
+    if target.is_dir():
+        raise ValueError(f"output {str(target)!r} is a directory; pass a file path such as {str(target / 'report.html')!r}")
     runs = [load_run(run_dir)]
     if compare is not None:
         runs.append(load_run(compare))
@@ -60,11 +65,6 @@ def report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | Non
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
     views = [prepare(r, label) for r, label in zip(runs, labels)]
     text = build_page(views, FIGURES)
-    if output is None:
-        output = Path(run_dir) / ("compare.html" if compare is not None else "report.html")
-    target = Path(output)
-    if target.is_dir():
-        raise ValueError(f"output {str(target)!r} is a directory; pass a file path such as {str(target / 'report.html')!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
