@@ -7,7 +7,7 @@ tensor:
 - NaN / +inf / -inf counts and the index of the first non-finite element,
   written as a path a person can paste, e.g. ``batch[0][3, 7]`` or
   ``batch['pixel_values'][0, 2, 5, 5]``;
-- for tensors with a feature dimension (``ndim >= 2``): whether the tensor is
+- for tensors with features (``ndim >= 2``, more than one value per example): whether the tensor is
   all zeros, whether it is constant, and which examples (rows along dim 0) are
   constant along their features (``x / x.std()`` of such a row is 0/0).
 
@@ -159,13 +159,13 @@ def _check_tensor(path: str, tensor: torch.Tensor) -> TensorCheck:
         first = int(torch.argmax(bad.to(torch.uint8)))
         check.first_nonfinite = f"{path}[{', '.join(str(i) for i in _index(first, t.shape))}]"
         return check  # the structural checks below mean nothing once values are NaN
-    if t.ndim < 2:
+    if t.ndim < 2 or t[0].numel() < 2:
         return check  # labels, per-example scalars: no feature dimension to be constant along
     rows = t.reshape(t.shape[0], -1)  # (N, features)
     check.n_rows = rows.shape[0]
     check.all_zero = bool((flat == 0).all())
     check.constant = not check.all_zero and flat.numel() > 1 and bool((flat == flat[0]).all())
-    if rows.shape[1] > 1 and not (check.all_zero or check.constant):
+    if not (check.all_zero or check.constant):
         const = (rows == rows[:, :1]).all(dim=1)
         idx = torch.nonzero(const).reshape(-1)
         check.n_constant_rows = int(idx.numel())

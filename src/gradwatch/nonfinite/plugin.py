@@ -1,0 +1,293 @@
+"""The Watch plugin that explains non-finite steps: replay, classify, roll back, save a bundle.
+
+Healthy steps cost one RNG-state copy when a closure is given (``before_forward``:
+``torch.get_rng_state()``, ~5 KB, plus a few bytes per GPU) and a few integer
+updates in ``after_step``; nothing runs per op. With
+``on_nonfinite="rollback"`` a CPU snapshot of the weights and optimizer state is
+also taken every ``rollback_every`` steps.
+
+On a non-finite step (``record.finite`` is False), ``after_step``:
+
+1. checks the batch (:func:`~.batch.check_batch`);
+2. replays the step (closure form) under the checking dispatch mode
+   (:func:`~.replay.replay`) with the step's autocast and loss scale;
+3. classifies (:func:`~.classify.classify`) into one error-level finding;
+4. with ``on_nonfinite="rollback"``, restores the last snapshot and backs off the
+   lr (not when the batch itself held NaN/inf: the weights were not at fault, the
+   skip already protected them);
+5. saves a reproduction bundle (:mod:`.bundle`) in the run directory.
+
+Options (``gradwatch.Watch(..., option=value)``):
+
+- ``rollback_every`` (int, default 100): steps between snapshots (rollback mode only).
+- ``rollback_lr_factor`` (float in (0, 1], default 0.5): lr multiplier on a restore.
+- ``max_replays`` (int >= 0, default 20): replays per run; later non-finite steps are
+  classified without one (a run that is NaN on every step must not triple its cost).
+- ``max_bundles`` (int >= 0, default 100): bundles saved per run.
+
+Under fp16 with a loss scaler, a step whose loss is finite but whose scaled
+gradients overflowed is the scaler's routine business (it halves the scale): it
+is left to the mixed-precision diagnosis and not replayed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..findings import Finding
+from ..plugins import StepContext, WatchPlugin
+from ..records import StepRecord
+from ..watch import Watch, register_default_plugin
+from .batch import BatchReport, check_batch
+from .bundle import bundle_name, make_bundle
+from .classify import StepFacts, classify, weight_scale
+from .replay import ReplayOutcome, capture_rng_state, replay
+from .rollback import Rollback
+
+_OPTIONS = ("rollback_every", "rollback_lr_factor", "max_replays", "max_bundles")
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        from ..distributed import unwrap_model
+    except ImportError:  # pragma: no cover - distributed support not present
+        return model
+    return unwrap_model(model)
+
+
+class NonFinitePlugin(WatchPlugin):
+    """Explain every non-finite step: replay, localize, classify, roll back, bundle.
+
+    Made by the Watch for every run (it changes behaviour under
+    ``on_nonfinite="rollback"``, so it is on even with ``diagnose=False``).
+
+    Args:
+        rollback_every: steps between rollback snapshots. Default: 100.
+        rollback_lr_factor: lr multiplier on each rollback. Default: 0.5.
+        max_replays: replays per run. Default: 20.
+        max_bundles: reproduction bundles per run. Default: 100.
+
+    Attributes:
+        replays: number of replays run so far (0 on a healthy run).
+        rollback: the :class:`~.rollback.Rollback` keeper (rollback mode), else None.
+
+    Example:
+        >>> import gradwatch as gw
+        >>> model = torch.nn.Linear(3, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> watch = gw.Watch(model, opt)
+        >>> x = torch.randn(4, 3); y = torch.zeros(4, 1)
+        >>> r = watch.step(lambda: torch.log(model(x) * 0).mean(), batch=(x, y))  # log(0)
+        >>> r.skipped, r.findings[0].code, r.findings[0].location["op"]
+        (True, 'loss_numerics', 'aten.log')
+        >>> watch.close()
+    """
+
+    name = "nonfinite"
+
+    def __init__(
+        self,
+        rollback_every: int | None = None,
+        rollback_lr_factor: float | None = None,
+        max_replays: int = 20,
+        max_bundles: int = 100,
+    ) -> None:
+        self._rollback_every = rollback_every
+        self._rollback_lr_factor = rollback_lr_factor
+        self.max_replays = _check_count("max_replays", max_replays)
+        self.max_bundles = _check_count("max_bundles", max_bundles)
+        self.replays = 0
+        self.bundles = 0
+        self.rollback: Rollback | None = None
+        self._rng: dict[str, Any] | None = None
+        self._first_norm: float | None = None
+        self._updates = 0
+
+    def attach(self, watch: Watch) -> None:
+        super().attach(watch)
+        if watch.on_nonfinite == "rollback":
+            self.rollback = Rollback(
+                watch.model,
+                watch.optimizer,
+                every=100 if self._rollback_every is None else self._rollback_every,
+                lr_factor=0.5 if self._rollback_lr_factor is None else self._rollback_lr_factor,
+            )
+        elif self._rollback_every is not None or self._rollback_lr_factor is not None:
+            raise ValueError(
+                "rollback_every and rollback_lr_factor only take effect with on_nonfinite='rollback'; "
+                f"pass on_nonfinite='rollback' or drop them (on_nonfinite is {watch.on_nonfinite!r})"
+            )
+
+    # ----- healthy path ---------------------------------------------------------------------
+    def before_forward(self, ctx: StepContext) -> None:
+        self._rng = capture_rng_state(self.watch.device) if ctx.closure is not None else None
+        if self.rollback is not None and not self.rollback.has_snapshot:
+            self.rollback.snapshot(ctx.step - 1)  # the weights before the first step we see
+
+    def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
+        if ctx.step == 1:
+            self._first_norm = record.grad_norm  # norm_pattern needs step 1's norm after history trims it
+        if record.finite:
+            if not record.skipped:
+                self._updates += 1
+                keeper = self.rollback
+                if keeper is not None and keeper.due(ctx.step) and np.isfinite(record.layer_weight_norms).all():
+                    keeper.snapshot(ctx.step)
+            self._rng = None
+            return []
+        try:
+            return self._explain(ctx, record)
+        finally:
+            self._rng = None
+
+    # ----- a non-finite step -------------------------------------------------------------------
+    def _explain(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
+        watch = self.watch
+        precision = watch.precision
+        if precision.scaling and record.loss_finite:
+            return []  # an fp16 overflow of the scaled gradients: the scaler's (and the AMP diagnosis's) business
+        batch = self._check_batch(ctx.batch)
+        outcome = self._replay(ctx, record)
+        history = [r for r in watch.history if r.step <= ctx.step]
+        norms = [r.grad_norm for r in history]
+        skipped = [r.skipped for r in history]
+        if history and history[0].step != 1 and self._first_norm is not None:
+            norms, skipped = [self._first_norm] + norms, [False] + skipped
+        writer = watch.writer
+        name = bundle_name(ctx.step) if writer is not None and self.bundles < self.max_bundles else None
+        facts = StepFacts(
+            step=ctx.step,
+            loss=record.loss,
+            grad_norm=record.grad_norm,
+            nonfinite_layers=list(record.nonfinite_layers),
+            norms=norms,
+            skipped=skipped,
+            updates_applied=self._updates,
+            closure_given=ctx.closure is not None,
+            lr=self._lr(),
+            weight_scale=weight_scale(watch.model) if self._updates == 0 else None,
+            bundle=f"nonfinite/{name}" if name else None,
+        )
+        finding = classify(facts, batch, outcome)
+        self._note_buffers(finding)
+        self._maybe_roll_back(ctx.step, finding)
+        if name is not None:
+            self._save_bundle(name, ctx, record, finding, outcome)
+        return [finding]
+
+    def _check_batch(self, batch: Any) -> BatchReport | None:
+        if batch is None:
+            return None
+        try:
+            return check_batch(batch)
+        except Exception as exc:  # never let a strange batch stop the explanation
+            self.watch.errors.report("nonfinite.check_batch", exc)
+            return None
+
+    def _replay(self, ctx: StepContext, record: StepRecord) -> ReplayOutcome | None:
+        if ctx.closure is None or self.replays >= self.max_replays:
+            return None
+        watch = self.watch
+        model = watch.model
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        no_sync = getattr(model, "no_sync", None)
+        if distributed and no_sync is None:
+            return None  # FSDP: a replay that stops early on one rank would leave the others in a collective
+        self.replays += 1
+        precision = watch.precision
+        autocast = precision.autocast if precision.mode != "fp32" else None
+        scale = record.loss_scale if precision.scaling and record.loss_scale and math.isfinite(record.loss_scale) else None
+        with (no_sync() if distributed else contextlib.nullcontext()):
+            return replay(_unwrap(model), ctx.closure, self._rng, autocast_ctx=autocast, loss_scale=scale)
+
+    def _lr(self) -> float | None:
+        try:
+            lr = self.watch.optimizer.param_groups[0]["lr"]
+            return float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+
+    def _note_buffers(self, finding: Finding) -> None:
+        """Say which buffers (BatchNorm running statistics) the failing forward left non-finite."""
+        bad = []
+        with torch.no_grad():
+            for name, buf in self.watch.model.named_buffers():
+                if buf.is_floating_point() and buf.numel() and not bool(torch.isfinite(buf).all()):
+                    bad.append(name)
+        if not bad:
+            return
+        finding.evidence["nonfinite_buffers"] = bad[:10]
+        if self.rollback is None:
+            finding.fixes.append(
+                f"the failing forward left non-finite buffers ({', '.join(bad[:3])}); "
+                "on_nonfinite='rollback' restores them with the weights"
+            )
+
+    def _maybe_roll_back(self, step: int, finding: Finding) -> None:
+        keeper = self.rollback
+        if keeper is None:
+            return
+        if finding.evidence.get("decided_by") == "batch_nonfinite":
+            finding.evidence["action"] = "skip"
+            finding.message += " The weights were not at fault, so the step was skipped without a rollback."
+            return
+        event = keeper.restore(step)
+        finding.evidence["action"] = "rollback"
+        finding.evidence["rollback"] = event.to_dict()
+        lr_from = ", ".join(f"{v:.3g}" for v in event.lr_before)
+        lr_to = ", ".join(f"{v:.3g}" for v in event.lr_after)
+        finding.message += (f" Rolled back to the weights and optimizer state after step {event.restored_step} "
+                            f"and lowered lr from {lr_from} to {lr_to}.")
+        if self.watch.writer is not None:
+            self.watch.writer.append("events", event.to_dict())
+
+    def _save_bundle(self, name: str, ctx: StepContext, record: StepRecord, finding: Finding,
+                     outcome: ReplayOutcome | None) -> None:
+        writer = self.watch.writer
+        if writer is None:
+            return
+        loc = outcome.localization if outcome is not None else None
+        try:
+            payload = make_bundle(
+                step=ctx.step,
+                finding=finding.to_dict(),
+                batch=ctx.batch,
+                rng=self._rng,
+                loss=record.loss,
+                grad_norm=record.grad_norm,
+                nonfinite_layers=record.nonfinite_layers,
+                localization=loc.to_dict() if loc is not None else None,
+            )
+            writer.save_bundle(name, payload)
+            self.bundles += 1
+        except Exception as exc:  # a bundle that cannot be written must not hide the finding
+            finding.evidence.pop("bundle", None)
+            finding.fixes = [fix for fix in finding.fixes if name not in fix]
+            self.watch.errors.report("nonfinite.save_bundle", exc)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"replays": self.replays, "bundles": self.bundles, "updates": self._updates,
+                "first_norm": self._first_norm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.replays = int(state.get("replays", 0))
+        self.bundles = int(state.get("bundles", 0))
+        self._updates = int(state.get("updates", 0))
+        self._first_norm = state.get("first_norm")
+
+
+@register_default_plugin(always=True)
+def _make_nonfinite(watch: Watch) -> NonFinitePlugin:
+    options = {key: watch.options.pop(key) for key in _OPTIONS if key in watch.options}
+    return NonFinitePlugin(**options)
