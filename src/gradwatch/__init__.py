@@ -26,8 +26,12 @@ from .watch import Watch
 from .diagnosis import DiagnosisPlugin  # registers the diagnosis rules as a default plugin (issue 3)
 from .clipping import AGC, AutoClip, ZClip
 from . import repair as _repair  # registers on_spike= and lr_backoff= (issue 10)
+from . import nonfinite as _nonfinite  # registers the NaN root-cause plugin: replay, rollback, bundles (issue 4)
 from . import tensorboard as _tensorboard  # registers Watch(tensorboard=DIR) (issue 7)
+from . import amp as _amp  # registers the precision plugin: fp16/bf16 findings and forecast (issue 6)
 from .report import report  # gw.report(run_dir); matplotlib loads only when called
+from . import init, theory  # gradwatch.init (kaiming_/xavier_/orthogonal_/lsuv_), gw.theory (issue 5)
+from .probe import Probe, probe  # gw.probe(model, batch): pre-flight check (issue 5)
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,10 @@ __all__ = [
     "WatchPlugin",
     "ZClip",
     "load_run",
+    "Probe",
+    "init",
+    "probe",
     "report",
+    "theory",
     "__version__",
 ]
