@@ -304,7 +304,7 @@ class ZClip(NoClip):
         # not at all; then the max_norm backstop.
         sigma = self.sigma
         if self.rule == "boundary":
-            value: torch.Tensor | float = self.mean + self.z_threshold * sigma
+            value = torch.full_like(total, self.mean + self.z_threshold * sigma)
         else:
             excess = torch.clamp(total - self.mean, min=1e-30)
             value = self.mean + (self.z_threshold**2) * sigma * (sigma + self.eps) / excess
@@ -422,8 +422,22 @@ class AGC(NoClip):
 
     # ----- finding the final classifier --------------------------------------------------
     def track(self, model: nn.Module) -> None:
-        """Arm forward pre-hooks on every ``nn.Linear`` to see which runs last (step 1 only)."""
-        if self._exclude_names is not None or self._hooks or self._plan is not None:
+        """Check ``exclude`` against the model; with ``"auto"``, arm forward pre-hooks on every
+        ``nn.Linear`` to see which runs last (removed at the first clip). Called when the Watch is built.
+
+        Raises:
+            ValueError: ``exclude`` names a parameter the model does not have.
+        """
+        if self._exclude_names is not None:
+            named = dict(model.named_parameters(remove_duplicate=False))
+            unknown = [n for n in self._exclude_names if n not in named]
+            if unknown:
+                raise ValueError(
+                    f"AGC(exclude=...) names no parameter of the model: {unknown}; "
+                    "pass names from model.named_parameters()"
+                )
+            return
+        if self._hooks or self._plan is not None:
             return
 
         def hook(module: nn.Module, args: Any) -> None:
@@ -456,10 +470,7 @@ class AGC(NoClip):
             skip = self._classifier_params(index.model)
         else:
             named = dict(index.model.named_parameters(remove_duplicate=False))
-            unknown = [n for n in self._exclude_names if n not in named]
-            if unknown:
-                raise ValueError(f"AGC(exclude=...) names no parameter of the model: {unknown}; see model.named_parameters()")
-            skip = {id(named[n]) for n in self._exclude_names}
+            skip = {id(named[n]) for n in self._exclude_names if n in named}
         self._plan = [(p, id(p) not in skip) for p in index.params]
         self.excluded = [n for n, (p, clip) in zip(index.param_names, self._plan) if not clip]
 
