@@ -1,0 +1,310 @@
+"""Diagnosis rules on real small models: each detection asserts its code (and for vanishing/exploding the gain)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnosis import DiagnosisPlugin, fit_depth_curve
+from gradwatch.diagnosis.sampler import ActivationSampler
+
+WARN = ("warning", "error")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-3)  # standardized pixels: (1797, 64)
+    return x, torch.tensor(data.target)
+
+
+def mlp(depth: int, act: str, init: str, width: int = 64, ln: bool = False, scale: float = 1.0, out: int = 10) -> nn.Sequential:
+    """``depth`` Linear layers, activation (and LayerNorm) after all but the last."""
+    mods: list[nn.Module] = []
+    fan = 64
+    for _ in range(depth - 1):
+        lin = nn.Linear(fan, width)
+        if init == "xavier":
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        elif init == "kaiming":
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            lin.weight.mul_(scale)
+        mods.append(lin)
+        if ln:
+            mods.append(nn.LayerNorm(width))
+        mods.append({"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh()}[act])
+        fan = width
+    mods.append(nn.Linear(fan, out))
+    return nn.Sequential(*mods)
+
+
+def train(model, data, steps, opt="sgd", lr=0.05, clip=1.0, batch=64, **kw) -> gw.Watch:
+    x_all, y_all = data
+    optimizer = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt == "sgd"
+                 else torch.optim.AdamW(model.parameters(), lr=lr))
+    watch = gw.Watch(model, optimizer, clip_norm=clip, **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (batch,), generator=g)
+        x, y = x_all[idx], y_all[idx]
+        watch.step(lambda: F.cross_entropy(model(x), y), batch=(x, y))
+    watch.close()
+    return watch
+
+
+def codes(watch: gw.Watch, severities=WARN) -> list[str]:
+    return [f.code for f in watch.findings if f.severity in severities]
+
+
+def only(watch: gw.Watch, code: str) -> gw.Finding:
+    found = [f for f in watch.findings if f.code == code]
+    assert len(found) == 1, [str(f) for f in watch.findings]
+    return found[0]
+
+
+# ----- vanishing / exploding ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "depth, init, opt, gain_range",
+    [
+        (10, "xavier", "sgd", (0.17, 0.30)),  # THEORY: 0.233 per layer (sqrt(chi1) = 0.236)
+        (10, "default", "adamw", (0.10, 0.19)),  # THEORY: 0.1405 per layer
+        (20, "xavier", "adamw", (0.17, 0.30)),
+        (20, "default", "sgd", (0.10, 0.19)),
+    ],
+)
+def test_deep_sigmoid_mlp_vanishes_with_the_theoretical_gain(digits, depth, init, opt, gain_range):
+    watch = train(mlp(depth, "sigmoid", init), digits, steps=3, opt=opt, lr=1e-3)
+    finding = only(watch, "vanishing_gradients")
+    assert finding.step == 1 and finding.severity == "warning"
+    gain = finding.evidence["effective_gain_per_layer"]
+    assert gain_range[0] <= gain <= gain_range[1]
+    assert [k for k in finding.evidence if "gain" in k]
+    assert finding.evidence["first_last_ratio"] < 1e-4
+    assert finding.evidence["layers_affected"][0] == watch.layers[0]
+    assert "0.2" in finding.message or "0.1" in finding.message  # the gain, in words
+    assert any("ReLU" in fix for fix in finding.fixes)
+    assert "exploding_gradients" not in codes(watch)
+
+
+@pytest.mark.parametrize("depth, ln, opt", [(10, False, "sgd"), (20, True, "adamw")])
+def test_relu_kaiming_of_the_same_depth_is_quiet_for_100_steps(digits, depth, ln, opt):
+    watch = train(mlp(depth, "relu", "kaiming", ln=ln), digits, steps=100, opt=opt, lr=0.05 if opt == "sgd" else 1e-3)
+    assert codes(watch) == [], [str(f) for f in watch.findings]
+    assert watch.history[-1].loss < 1.0  # it trains
+
+
+def test_weight_gradients_hide_vanishing_that_activation_gradients_show(digits):
+    """ReLU + Xavier, 10 layers: dL/dh shrinks ~0.705 per layer (THEORY), the weight-gradient curve barely."""
+    model = mlp(10, "relu", "xavier")
+    sampler = ActivationSampler(model)
+    x, y = digits[0][:256], digits[1][:256]
+    sampler.arm()
+    sampler.enter_mode()
+    F.cross_entropy(model(x), y).backward()
+    sampler.disarm()
+    sample = sampler.collect(1)
+    names = [n for n in sampler.curve_layers]
+    act = fit_depth_curve([sample.grad_rms[n] for n in names])
+    weights = [model[int(n)].weight for n in names]
+    weight = fit_depth_curve([w.grad.norm().item() / math.sqrt(w.numel()) for w in weights])
+    assert 0.6 <= act.gain <= 0.8  # THEORY: 1/sqrt(2) = 0.705
+    assert act.total < 0.1 and weight.total > 3 * act.total
+    assert not any(h for h in (m._forward_hooks for m in model.modules()))  # all hooks removed
+
+
+def test_relu_default_init_vanishing_is_seen_on_activation_gradients(digits):
+    watch = train(mlp(12, "relu", "default"), digits, steps=2)
+    finding = next(f for f in watch.findings if f.code == "vanishing_gradients")
+    assert finding.evidence["curve"] == "activation_grad"
+    assert 0.3 <= finding.evidence["effective_gain_per_layer"] <= 0.5  # THEORY: 1/sqrt(6) = 0.409
+    assert any("kaiming_normal_" in fix for fix in finding.fixes)
+
+
+def test_too_large_init_explodes_with_depth_and_is_named_on_step_1(digits):
+    watch = train(mlp(8, "relu", "kaiming", scale=4.0), digits, steps=3, clip=1.0)
+    init = only(watch, "init_scale_too_large")
+    first = watch.history[0]
+    assert init.step == 1
+    assert init.evidence["first_grad_norm"] == first.grad_norm > 1e3  # the unclipped norm
+    assert first.clipped
+    assert max(init.evidence["weight_scale_vs_kaiming"].values()) == pytest.approx(4.0, rel=0.15)
+    explode = only(watch, "exploding_gradients")
+    assert 3.0 <= explode.evidence["effective_gain_per_layer"] <= 5.0  # x4 per layer, halved by ReLU: ~4
+    assert "lr_too_high" not in codes(watch)
+
+
+# ----- init vs lr --------------------------------------------------------------------------
+@pytest.mark.parametrize("lr", [0.2, 1.0])
+def test_sgd_far_above_stable_lr_is_lr_too_high_not_init(digits, lr):
+    x_all, y_all = digits
+    model = mlp(4, "relu", "kaiming", out=1)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=lr), clip_norm=None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        idx = torch.randint(0, len(x_all), (64,), generator=g)
+        watch.step(lambda: F.mse_loss(model(x_all[idx]).squeeze(1), y_all[idx].float() / 9))
+    watch.close()
+    finite_steps = {r.step for r in watch.history if r.finite}
+    # Non-finite steps are the NaN root-cause plugin's to explain; the finite divergence is ours, raised once.
+    ours = [f for f in watch.findings if f.code == "lr_too_high" and f.step in finite_steps]
+    assert len(ours) == 1, [str(f) for f in watch.findings]
+    finding = ours[0]
+    assert finding.severity == "error"
+    assert finding.evidence["first_grad_norm"] < 1e3 and finding.evidence["growth"] > 1e3
+    assert f"from {lr:.3g}" in finding.fixes[0]
+    assert "init_scale_too_large" not in codes(watch)
+
+
+def test_sane_lr_is_quiet(digits):
+    x_all, y_all = digits
+    model = mlp(4, "relu", "kaiming", out=1)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), clip_norm=None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        idx = torch.randint(0, len(x_all), (64,), generator=g)
+        watch.step(lambda: F.mse_loss(model(x_all[idx]).squeeze(1), y_all[idx].float() / 9))
+    watch.close()
+    assert codes(watch) == []
+
+
+# ----- missing gradients, dead and saturated units ---------------------------------------------
+class CutEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.aux = nn.Linear(64, 8)  # an unused branch
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).detach())  # the .detach() bug
+
+
+def test_encoder_cut_off_from_the_loss_is_missing_gradients(digits):
+    watch = train(CutEncoder(), digits, steps=6)
+    finding = only(watch, "missing_gradients")
+    assert finding.step == 5
+    assert finding.evidence["layers"] == ["encoder.0", "encoder.2", "aux"]
+    assert "encoder.0.weight" in finding.evidence["parameters"] and "head.weight" not in finding.evidence["parameters"]
+
+
+class FunctionalNet(nn.Module):
+    """Activations called as functions, not modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.out = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        with torch.no_grad():
+            self.fc2.bias.fill_(-100.0)  # every unit of relu(fc2) is dead
+            self.fc3.weight.mul_(30.0)  # sigmoid(fc3) saturates
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        h = F.relu(self.fc2(h))
+        h = torch.sigmoid(self.fc3(h + x[:, :32]))
+        return self.out(h)
+
+
+def test_dead_and_saturated_functional_activations_are_named(digits):
+    watch = train(FunctionalNet(), digits, steps=3)
+    dead = only(watch, "dead_relu")
+    assert dead.step == 1 and dead.location["module"] == "relu after fc2" and dead.evidence["dead_share"] == 1.0
+    sat = only(watch, "saturated_activations")
+    assert sat.location["module"] == "sigmoid after fc3" and sat.evidence["saturated_share"] > 0.5
+
+
+def test_dead_relu_module_is_named(digits):
+    model = mlp(4, "relu", "kaiming")
+    with torch.no_grad():
+        model[2].bias.fill_(-50.0)  # the ReLU at index 3 is dead for every input
+        model[4].bias.fill_(0.5)  # the next one sees only its bias: alive
+    watch = train(model, digits, steps=2)
+    dead = only(watch, "dead_relu")
+    assert dead.location["module"] == "3" and dead.evidence["dead_share"] == 1.0
+
+
+def test_saturated_tanh_module(digits):
+    watch = train(mlp(3, "tanh", "xavier", scale=8.0), digits, steps=2)
+    found = [f for f in watch.findings if f.code == "saturated_activations"]
+    assert {f.location["module"] for f in found} >= {"3"}
+
+
+# ----- clipping and loss spikes ---------------------------------------------------------------
+def test_clipping_always_active_is_raised_once(digits):
+    watch = train(mlp(3, "relu", "kaiming"), digits, steps=120, clip=1e-3)
+    finding = only(watch, "clipping_always_active")
+    assert finding.step == 50 and finding.evidence["share_clipped"] == 1.0 and finding.severity == "info"
+    assert "raise clip_norm from 0.001" in finding.fixes[0]
+    quiet = train(mlp(3, "relu", "kaiming"), digits, steps=60, clip=100.0)
+    assert "clipping_always_active" not in codes(quiet, ("info", "warning", "error"))
+
+
+class SpikeSkipper(gw.WatchPlugin):
+    """Stands in for the repair plugin's on_spike='skip': vetoes one step and says why."""
+
+    name = "spike-skipper"
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def veto(self, ctx, record):
+        if ctx.step == self.at:
+            ctx.skipped_by.append("spike")
+            return True
+        return False
+
+
+@pytest.mark.parametrize("skip_it", [False, True])
+def test_loss_spike_survives_a_nan_and_is_not_duplicated(digits, skip_it):
+    x_all, y_all = digits
+    model = mlp(3, "relu", "kaiming", out=1)
+    plugins = [SpikeSkipper(60)] if skip_it else []
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=plugins)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 71):
+        idx = torch.randint(0, len(x_all), (64,), generator=g)
+        x, y = x_all[idx], y_all[idx].float() / 9
+        if step == 30:
+            x = x * math.nan  # a non-finite step: skipped, never in the baseline
+        if step == 60:
+            y = y * 100.0  # a corrupted batch: the loss jumps by orders of magnitude
+        watch.step(lambda: F.mse_loss(model(x).squeeze(1), y))
+    watch.close()
+    assert watch.history[29 - 70].skipped  # step 30
+    spikes = [f for f in watch.findings if f.code == "loss_spike"]
+    if skip_it:
+        assert spikes == []
+    else:
+        assert [f.step for f in spikes] == [60]
+        assert spikes[0].evidence["ratio"] > 100
+
+
+def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_path):
+    model = mlp(3, "relu", "kaiming")
+    with pytest.raises(ValueError, match="sample_every"):
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=0)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=4, run_dir=tmp_path / "run")
+    x, y = digits[0][:64], digits[1][:64]
+    hooked = []
+    for step in range(1, 10):
+        watch.step(lambda: F.cross_entropy(model(x), y))
+        hooked.append(any(m._forward_hooks for m in model.modules()))  # armed for the next step?
+    watch.close()
+    assert hooked == [False, False, True, False, False, False, True, False, False]  # before steps 4 and 8 only
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    run = gw.load_run(tmp_path / "run")
+    assert [a["step"] for a in run.activations] == [1, 4, 8]
+    assert set(run.activations[0]["grad_rms"]) == {"0", "2", "4"}
+    plugin = next(p for p in watch.plugins if isinstance(p, DiagnosisPlugin))
+    assert plugin.sample_every == 4
