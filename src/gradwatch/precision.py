@@ -6,6 +6,14 @@ bfloat16 and needs no scaler. ``"fp16"`` runs it under autocast with float16
 and scales the loss with a :class:`torch.amp.GradScaler` (the user's own, or a
 default one), in the standard order: scale, backward, unscale, measure, clip,
 step or skip, update.
+
+Host syncs: none of its own on a healthy step. ``GradScaler.step`` reads its
+``found_inf`` flag with ``.item()``; the Watch has already decided on the host
+(from the one sync of the step) that every unscaled gradient is finite, which
+implies ``found_inf == 0``, so :meth:`Precision.step` with ``grads_finite=True``
+calls ``optimizer.step()`` directly. The scale update (``GradScaler.update``)
+runs on the device with the ``found_inf`` recorded by ``unscale_``, exactly as
+in a hand-written GradScaler loop: same skipped steps, same scale sequence.
 """
 
 from __future__ import annotations
@@ -42,12 +50,21 @@ class Precision:
             raise ValueError(f"scaler= is only used with precision='fp16', got precision={mode!r}; drop scaler= or set precision='fp16'")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        scaler_device = getattr(scaler, "_device", device_type)
+        if scaler is not None and scaler.is_enabled() and scaler_device != device_type:
+            raise ValueError(
+                f"scaler was made for device {scaler_device!r} but the model is on {device_type!r}; "
+                f"make it with torch.amp.GradScaler({device_type!r})"
+            )
         self.mode = mode
         self.device_type = device_type
         if mode == "fp16" and scaler is None:
             scaler = torch.amp.GradScaler(device_type)
         self.scaler = scaler
         self._unscaled = False
+        #: steps skipped because the scaler found inf/nan gradients (each one halves
+        #: the scale by ``backoff_factor``); counted by gradwatch's precision plugin.
+        self.overflow_skips = 0
 
     @property
     def scaling(self) -> bool:
@@ -82,12 +99,21 @@ class Precision:
             self.scaler.unscale_(optimizer)
             self._unscaled = True
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the update (the scaler still skips it if it saw an inf)."""
-        if self.scaling:
-            self.scaler.step(optimizer)
-        else:
+    def step(self, optimizer: torch.optim.Optimizer, grads_finite: bool = False) -> None:
+        """Apply the update (the scaler still skips it if it saw an inf).
+
+        Args:
+            optimizer: the optimizer.
+            grads_finite: the caller has checked on the host that every unscaled
+                gradient is finite (so the scaler's ``found_inf`` is 0): skip
+                ``GradScaler.step``'s own ``.item()`` sync. Default: False.
+        """
+        if not self.scaling:
             optimizer.step()
+        elif grads_finite and self._unscaled and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.step()  # what GradScaler.step does once found_inf is known to be 0
+        else:
+            self.scaler.step(optimizer)
 
     def update(self) -> None:
         """Update the loss scale after a step (applied or skipped)."""
@@ -96,8 +122,15 @@ class Precision:
         self._unscaled = False
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        """Mode, the scaler's state (scale, growth tracker) and the overflow-skip count."""
+        return {
+            "mode": self.mode,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "overflow_skips": self.overflow_skips,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+        self.overflow_skips = int(state.get("overflow_skips", 0))
