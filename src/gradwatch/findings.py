@@ -35,6 +35,8 @@ CODES: dict[str, str] = {
     "missing_normalization": "a deep stack with no normalization layer, in a regime that will not train",
     # Not in DESIGN.md's table: gradwatch reporting on itself (an internal error, reported once).
     "internal_error": "gradwatch itself failed; training went on without it for this step",
+    # Not in DESIGN.md's table (proposed, issue 6): bf16 weights lose small updates to rounding.
+    "bf16_lost_updates": "updates too small for bfloat16 weights are lost to rounding (w + dw == w)",
 }
 
 
