@@ -73,7 +73,8 @@ class DiagnosisPlugin(WatchPlugin):
 
     def attach(self, watch: Watch) -> None:
         self.watch = watch
-        self.sampler = ActivationSampler(watch.model)
+        # Curve layers are measured layers only: a weight tied to an embedding (a GPT head) is not one.
+        self.sampler = ActivationSampler(watch.model, [n for n in watch.index.names if n != "(root)"])
         self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
         index = watch.index
         layer_of = {pname: index.names[slot] for pname, slot in zip(index.param_names, index.param_layer)}
