@@ -47,6 +47,11 @@ def _make_spike_skip(watch: Watch) -> SpikeSkip | None:
     return SpikeSkip(**given)
 
 
+# The NaN root-cause plugin (which does on_nonfinite="rollback") must run its after_step before
+# LR backoff's, so that a rollback on this step is seen: register it first.
+from .. import nonfinite as _nonfinite  # noqa: E402,F401
+
+
 @register_default_plugin(always=True)
 def _make_lr_backoff(watch: Watch) -> LRBackoff | None:
     factor = watch.options.pop("lr_backoff", "auto")

@@ -9,6 +9,11 @@ param group's ``lr`` by ``factor``, raises an ``lr_too_high`` finding that says
 so (from and to, and which steps), writes an ``lr_backoff`` event to the run
 directory, and starts counting afresh.
 
+With ``on_nonfinite="rollback"`` a rollback is a lost step too. The rollback
+lowers the lr itself on every restore (``rollback_lr_factor``, default 0.5);
+that counts as the window's backoff and the count starts afresh. With
+``rollback_lr_factor=1`` rollbacks only count, and this rule alone lowers the lr.
+
 A learning-rate scheduler that recomputes ``lr`` from its own ``base_lrs``
 (LambdaLR, CosineAnnealingLR, ...) overwrites the change on its next step:
 scale ``scheduler.base_lrs`` yourself when the finding appears, or use a
@@ -111,13 +116,29 @@ class LRBackoff(WatchPlugin):
 
             self.enabled = watch.on_nonfinite == "rollback" or any(isinstance(p, SpikeSkip) for p in watch.plugins)
 
+    def _rollback_event(self, step: int) -> Any:
+        """The rollback keeper's event for ``step`` (``on_nonfinite="rollback"``), if it rolled back."""
+        for plugin in self.watch.plugins:
+            keeper = getattr(plugin, "rollback", None)
+            events = getattr(keeper, "events", None)
+            if events and getattr(events[-1], "step", None) == step:
+                return events[-1]
+        return None
+
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if not (self.enabled and record.skipped):
             return []
+        rolled = self._rollback_event(ctx.step)  # gradwatch.repair registers this plugin after the rollback's
         reason = "+".join(ctx.skipped_by) if ctx.skipped_by else ("non-finite" if not record.finite else "skipped")
+        if rolled is not None:
+            reason = "rollback"
         self.lost.append((ctx.step, reason))
         while self.lost and self.lost[0][0] <= ctx.step - self.window:
             self.lost.popleft()
+        if rolled is not None and getattr(rolled, "factor", 1.0) < 1.0:
+            # The rollback lowered the lr itself (rollback_lr_factor): that is this window's backoff.
+            self.lost.clear()
+            return []
         if len(self.lost) < self.after:
             return []
         return [self._back_off(ctx.step)]
