@@ -443,3 +443,24 @@ def test_run_directory_marks_overflow_steps(tmp_path) -> None:
     assert run.steps["skipped"].tolist() == [False, True, False]
     assert run.step_extras[2]["overflow_skip"] is True and run.step_extras[2]["overflow_skips"] == 1
     assert run.step_extras[2]["nonfinite_layers"] == ["2"]
+
+
+# ----- docs/precision.md: every python block runs and prints what the comments say -----------------
+def _doc_blocks() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "precision.md").read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_docs_code_blocks_run(index: int, tmp_path, capsys) -> None:
+    blocks = _doc_blocks()
+    assert len(blocks) == 3
+    code = blocks[index]
+    exec(compile(code, f"docs/precision.md[{index}]", "exec"), {"RUN_DIR": str(tmp_path / "run"), "__name__": "__doc__"})
+    out = capsys.readouterr().out.splitlines()
+    expected = [line.split("# ", 1)[1].strip() for line in code.splitlines() if line.startswith("print(") and "# " in line]
+    assert [line.strip() for line in out[: len(expected)]] == expected
+    if index == 1:
+        assert out[len(expected)].startswith("fp16 forecast at step 10 (a fp32 run):")

@@ -10,6 +10,7 @@ See docs/precision.md.
 from __future__ import annotations
 
 from .plugin import FORECAST_EVENT, LOST_UPDATE_EVENT, Fp16Forecast, PrecisionPlugin, precision_plugin
+from .summary import forecast_lines, latest_event, lost_update_lines, precision_summary
 from .ranges import (
     FP16_MAX,
     FP16_MIN_NORMAL,
@@ -33,6 +34,10 @@ __all__ = [
     "PrecisionPlugin",
     "ScaleAdvice",
     "exponent_histogram",
+    "forecast_lines",
+    "latest_event",
+    "lost_update_lines",
+    "precision_summary",
     "fp16_shares",
     "lost_update_counts",
     "precision_plugin",
