@@ -1,0 +1,131 @@
+"""Markdown tables of the fault benchmark (what ``python -m benchmarks.faults`` prints)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .scoring import score_outcome
+
+SHORT = {  # column headers of the confusion table
+    "vanishing_gradients": "vanish",
+    "exploding_gradients": "explode",
+    "init_scale_too_large": "init",
+    "lr_too_high": "lr",
+    "degenerate_batch": "batch",
+    "loss_numerics": "loss_num",
+    "nonfinite_forward": "nf_fwd",
+    "nonfinite_backward": "nf_bwd",
+    "fp16_overflow": "fp16_ovf",
+    "fp16_underflow": "fp16_unf",
+    "dead_relu": "dead",
+    "saturated_activations": "satur",
+    "loss_spike": "spike",
+    "missing_gradients": "missing",
+    "clipping_always_active": "clip",
+    "missing_normalization": "no_norm",
+    "internal_error": "internal",
+    "bf16_lost_updates": "bf16",
+}
+
+
+def _md(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{a}/{b} ({100.0 * a / b:.0f}%)" if b else "-"
+
+
+def summary_lines(summary: dict[str, Any], seconds: float, command: str) -> str:
+    fp = summary["false_positives"]
+    ttd = summary["time_to_detect"]
+    op, mod = summary["op_localization"], summary["module_localization"]
+    lines = [
+        f"Command: `{command}` ({seconds:.0f} s wall)",
+        f"Fault scenarios: {summary['scenarios']} in {len(summary['families'])} families "
+        f"({', '.join(summary['families'])}); healthy runs: {summary['healthy_runs']} ({fp['steps']} steps).",
+        f"Detected: {_pct(summary['detected'], summary['scenarios'])}.",
+        f"Localization among detections that state it: op {_pct(*op)}, module {_pct(*mod)}.",
+        f"Time to detect (steps after onset, over detections): median {ttd['median']}, max {ttd['max']}.",
+        f"False positives on healthy runs: {fp['alarms']} warning/error findings in {fp['steps']} steps = "
+        f"{fp['per_1000_steps']:.2f} per 1000 steps ({fp['runs_with_alarm']}/{fp['runs']} runs; "
+        f"codes {fp['codes'] or '-'}); info findings: {fp['info']}.",
+    ]
+    if summary["errors"]:
+        lines.append(f"Harness errors: {', '.join(summary['errors'])}.")
+    return "\n".join(lines)
+
+
+def confusion_table(summary: dict[str, Any]) -> str:
+    conf = summary["confusion"]
+    header = ["expected \\ found"] + [SHORT.get(c, c) for c in conf["cols"]] + ["n"]
+    n_by_row: dict[str, int] = {}
+    for v in summary["verdicts"]:
+        n_by_row[v["expected"]] = n_by_row.get(v["expected"], 0) + 1
+    n_by_row["healthy"] = summary["healthy_runs"]
+    rows = []
+    for r in conf["rows"]:
+        counts = conf["counts"].get(r, {})
+        rows.append([r] + [counts.get(c, "") or "." for c in conf["cols"]] + [n_by_row.get(r, 0)])
+    return _md(rows, header)
+
+
+def per_code_table(summary: dict[str, Any]) -> str:
+    by_code: dict[str, list[dict[str, Any]]] = {}
+    for v in summary["verdicts"]:
+        by_code.setdefault(v["expected"], []).append(v)
+    rows = []
+    for code, (hit, total) in summary["per_code"].items():
+        vs = by_code[code]
+        ops = [v for v in vs if v["detected"] and v["op_correct"] is not None]
+        mods = [v for v in vs if v["detected"] and v["module_correct"] is not None]
+        ttds = sorted(v["time_to_detect"] for v in vs if v["time_to_detect"] is not None)
+        rows.append([
+            code,
+            _pct(hit, total),
+            _pct(sum(bool(v["op_correct"]) for v in ops), len(ops)),
+            _pct(sum(bool(v["module_correct"]) for v in mods), len(mods)),
+            ", ".join(str(t) for t in ttds) or "-",
+        ])
+    return _md(rows, ["code", "detected", "op correct", "module correct", "steps to detect"])
+
+
+def scenario_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for o in outcomes:
+        if not o.get("expected"):
+            continue
+        v = score_outcome(o)
+        found = ", ".join(SHORT.get(c, c) for c in v["found"]) or "-"
+        op = "" if not o.get("expected_op") else f"{o['expected_op']} / {v['found_op'] or '-'}"
+        mod = "" if not o.get("expected_module") else f"{'|'.join(o['expected_module'])} / {v['found_module'] or '-'}"
+        mark = "yes" if v["detected"] else ("ERROR" if o.get("error") else "MISSED")
+        ttd = "" if v["time_to_detect"] is None else str(v["time_to_detect"])
+        rows.append([o["name"], o["family"], SHORT.get(o["expected"], o["expected"]), mark, found, op, mod, ttd,
+                     f"{o['seconds']:.1f}"])
+    return _md(rows, ["scenario", "family", "expected", "detected", "found", "op exp / found",
+                      "module exp / found", "ttd", "s"])
+
+
+def healthy_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for o in outcomes:
+        if o.get("expected"):
+            continue
+        alarms = [f for f in o["findings"] if f["severity"] in ("warning", "error")]
+        info = [f for f in o["findings"] if f["severity"] not in ("warning", "error")]
+        acc = "-" if o.get("accuracy") is None else f"{o['accuracy']:.2f}"
+        rows.append([
+            o["name"], o["family"], o["steps"], f"{o['loss_first']:.3f}", f"{o['loss_last']:.3f}", acc,
+            ", ".join(f"{f['code']}@{f['step']}" for f in alarms) or "none",
+            len(info), "ERROR" if o.get("error") else f"{o['seconds']:.1f}",
+        ])
+    return _md(rows, ["healthy run", "family", "steps", "loss first 10", "loss last 10", "held-out acc",
+                      "warnings/errors", "info", "s"])
+
+
+def _fmt(x: float) -> str:
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.3g}"
