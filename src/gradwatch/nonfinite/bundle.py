@@ -97,7 +97,7 @@ def make_bundle(
         "grad_norm": float(grad_norm),
         "nonfinite_layers": [str(n) for n in (nonfinite_layers or [])],
         "localization": _plain(localization),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion is not a weights_only global
     }
 
 

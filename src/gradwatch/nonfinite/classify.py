@@ -222,7 +222,7 @@ def _init_evidence(facts: StepFacts, loc: Localization | None) -> str | None:
     if ws is not None and ws.ratio >= WEIGHT_SCALE_TOO_LARGE:
         return (f"the weights of {ws.layer} are {ws.ratio:.3g}x their fan-in scale "
                 f"(rms {ws.rms:.3g} vs 1/sqrt({ws.fan_in}) = {1 / math.sqrt(ws.fan_in):.3g})")
-    if loc is not None and loc.phase == "forward" and loc.created and loc.kind == "inf" and not loc.before_model \
+    if loc is not None and loc.phase == "forward" and loc.created and loc.kind in ("inf", "-inf") and not loc.before_model \
             and _op_name(loc) in _LINEAR:
         return f"activations overflowed to inf at {loc.op} in {loc.module} before any update"
     return None

@@ -169,7 +169,7 @@ class Localization:
         phase: ``"forward"`` (inside the model, or in the closure before it ran),
             ``"loss"`` (after the model returned, outside it) or ``"backward"``.
         op: the aten op, e.g. ``"aten.log"``.
-        kind: ``"nan"``, ``"inf"`` or ``"nan+inf"``.
+        kind: ``"nan"``, ``"inf"`` (some +inf), ``"-inf"`` (only -inf) or ``"nan+inf"``.
         created: True if the op made non-finite values from finite inputs (the
             origin); False if it is only the first op that *saw* them (a NaN in
             the batch, an intentional ``-inf`` mask that later leaked).
@@ -419,7 +419,8 @@ class _Checker(TorchDispatchMode):
             if finite_inputs:
                 mags = [torch.nan_to_num(t.detach().abs().float(), nan=0.0, posinf=0.0).max() for t in finite_inputs]
                 max_abs = float(torch.stack(mags).max())
-        kind = "nan+inf" if nan and inf else ("nan" if nan else "inf")
+        neg = int(torch.isneginf(flat).sum()) if inf else 0
+        kind = "nan+inf" if nan and inf else ("nan" if nan else ("-inf" if neg == inf else "inf"))
         op = f"aten.{func.overloadpacket.__name__}"
         where = Localization(
             phase=self.phase, op=op, kind=kind, created=created, nan=nan, inf=inf, numel=bad.numel(),
@@ -590,6 +591,6 @@ def replay_step(
         >>> closure = lambda: torch.log(model(x).pow(2) * 0).mean()  # log(0) = -inf
         >>> where = replay_step(model, closure, capture_rng_state())
         >>> where.phase, where.op, where.kind
-        ('loss', 'aten.log', 'inf')
+        ('loss', 'aten.log', '-inf')
     """
     return replay(model, closure, rng_state, autocast_ctx=autocast_ctx, scaler=scaler, loss_scale=loss_scale).localization

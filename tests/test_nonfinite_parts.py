@@ -1,0 +1,296 @@
+"""The NaN root-cause parts on their own: batch checks, replay, classify, rollback, bundles."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch.nonfinite import (
+    Rollback,
+    StepFacts,
+    capture_rng_state,
+    check_batch,
+    classify,
+    describe_bundle,
+    load_bundle,
+    make_bundle,
+    replay,
+    replay_step,
+    restore_rng_state,
+)
+# importlib: the package re-exports functions named like their modules (classify, replay)
+batch_module = importlib.import_module("gradwatch.nonfinite.batch")
+bundle_module = importlib.import_module("gradwatch.nonfinite.bundle")
+classify_module = importlib.import_module("gradwatch.nonfinite.classify")
+plugin_module = importlib.import_module("gradwatch.nonfinite.plugin")
+replay_module = importlib.import_module("gradwatch.nonfinite.replay")
+rollback_module = importlib.import_module("gradwatch.nonfinite.rollback")
+
+
+@pytest.mark.parametrize(
+    "module", [batch_module, bundle_module, classify_module, plugin_module, replay_module, rollback_module]
+)
+def test_docstring_examples_run(module) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+# ----- batch checks ----------------------------------------------------------------------------------
+def test_check_batch_counts_and_first_index_against_a_hand_count() -> None:
+    x = torch.randn(6, 4, 5)
+    x[2, 1, 3] = float("nan")
+    x[4, 0, 0] = float("inf")
+    x[5, 3, 4] = float("-inf")
+    x[5, 3, 3] = float("nan")
+    report = check_batch([x, torch.zeros(6, dtype=torch.long)])
+    (t,) = report.nonfinite
+    assert (t.nan, t.posinf, t.neginf) == (2, 1, 1)
+    assert t.first_nonfinite == "batch[0][2, 1, 3]"  # row-major order: the first one a loop would meet
+    assert report.n_tensors == 2 and len(report.tensors) == 1  # the int tensor is counted, not checked
+    assert "2 NaN and 1 +inf and 1 -inf values in batch[0]" in report.summary()
+
+
+def test_check_batch_structure_all_zero_constant_rows_and_labels() -> None:
+    feats = torch.randn(5, 3)
+    feats[1] = 2.0
+    feats[3] = 0.0
+    report = check_batch({"a": torch.zeros(2, 3), "b": (feats,), "y": torch.zeros(5), "y2": torch.zeros(5, 1)})
+    by_path = {t.path: t for t in report.tensors}
+    assert by_path["batch['a']"].all_zero and by_path["batch['a']"].whole
+    assert by_path["batch['b'][0]"].constant_rows == [1, 3] and not by_path["batch['b'][0]"].whole
+    assert not by_path["batch['y']"].degenerate and not by_path["batch['y2']"].degenerate  # labels, not features
+    assert report.constant_rows == {0, 1, 3}
+    assert check_batch(torch.full((3, 4), 7.0)).tensors[0].constant
+    assert check_batch(torch.randn(3, 4)).summary() == "the batch looks fine"
+    assert check_batch("not a batch").tensors == []
+    with pytest.raises(TypeError, match="name must be a str"):
+        check_batch(torch.ones(2), name=3)
+
+
+# ----- replay ------------------------------------------------------------------------------------------
+class Dropper(nn.Module):
+    """The loss divides by how many units dropout kept: 0/0 when it keeps none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.drop(torch.ones(3))
+        return self.bn(self.fc(x)).sum() * keep.sum() / (keep > 0).sum()  # MARK-keep
+
+
+def test_replay_restores_rng_and_reproduces_a_dropout_dependent_nan() -> None:
+    model = Dropper()
+    x = torch.randn(8, 4)
+    for seed in range(200):  # find a step on which dropout drops all 3 units (p = 0.343)
+        torch.manual_seed(seed)
+        rng = capture_rng_state()
+        loss = model(x)
+        if math.isnan(float(loss.detach())):
+            break
+    assert math.isnan(float(loss.detach()))
+    after = capture_rng_state()
+    params = [p.detach().clone() for p in model.parameters()]
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 3.0)
+    grad = model.fc.weight.grad
+    running = model.bn.running_mean.clone()
+    outcomes = [replay(model, lambda: model(x), rng) for _ in range(3)]
+    for outcome in outcomes:  # reproduced every time: the RNG state is restored first
+        where = outcome.localization
+        assert where is not None and where.op == "aten.div" and where.module == "(root)"
+        assert where.source.endswith("test_nonfinite_parts.py:" + str(_line("MARK-keep")))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # weights untouched
+    assert model.fc.weight.grad is grad and torch.equal(grad, torch.full_like(grad, 3.0))  # grads put back
+    assert torch.equal(model.bn.running_mean, running)  # buffers restored
+    assert torch.equal(torch.get_rng_state(), after["cpu"])  # the training RNG stream goes on as if no replay
+
+
+def _line(marker: str) -> int:
+    from pathlib import Path
+
+    for i, text in enumerate(Path(__file__).read_text().splitlines(), start=1):
+        if marker in text and "_line(" not in text:
+            return i
+    raise AssertionError(marker)
+
+
+def test_replay_ignores_an_intentional_minus_inf_mask_and_finds_the_real_origin() -> None:
+    lin = nn.Linear(4, 4)
+    x = torch.randn(6, 4)
+
+    def closure() -> torch.Tensor:
+        h = lin(x)
+        scores = (h @ h.T).masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
+        attn = scores.softmax(-1)  # finite: every row keeps its diagonal
+        return torch.log(attn).sum()  # log(0) of the masked entries: the real problem
+
+    where = replay_step(lin, closure, None)
+    assert where.op == "aten.log" and where.created and where.phase == "loss"
+    healthy = replay(lin, lambda: (lin(x) @ lin(x).T).masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).softmax(-1).sum(), None)
+    assert healthy.localization is None and healthy.grads_finite is True and math.isfinite(healthy.loss)
+
+
+def test_replay_reports_the_first_op_that_saw_a_nan_input_when_nothing_created_one() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(5, 3)
+    x[2, 1] = float("nan")
+    outcome = replay(model, lambda: model(x).mean(), None)
+    where = outcome.localization
+    assert where.op == "aten.addmm" and where.module == "0" and not where.created
+    assert where.nonfinite_rows == [2] and outcome.model_output_finite is False
+
+
+def test_fp16_replay_finds_a_range_overflow_that_fp32_does_not() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)
+    x = torch.full((4, 8), 30.0)  # 8 * 300 * 30 = 72000 > 65504: overflows float16, fine in float32
+    closure = lambda: model(x).mean()  # noqa: E731
+    assert replay_step(model, closure, None) is None  # fp32: finite
+    where = replay_step(model, closure, None, autocast_ctx=lambda: torch.autocast("cpu", dtype=torch.float16))
+    assert where is not None and where.module == "0" and where.kind == "inf" and where.dtype == "float16"
+    assert where.op in {"aten.addmm", "aten.mm", "aten.linear"}
+
+
+def test_replay_scales_the_loss_like_the_step_did() -> None:
+    model = nn.Linear(2, 1)
+    x = torch.ones(3, 2)
+    closure = lambda: (model(x) * 1e30).mean()  # noqa: E731  gradients ~1e30: finite in float32
+    assert replay_step(model, closure, None) is None
+    where = replay_step(model, closure, None, loss_scale=1e30)  # scaled: ~1e60 overflows in the backward
+    assert where is not None and where.phase == "backward" and where.kind == "inf"
+
+
+def test_replay_never_raises_for_a_failing_closure_and_validates_its_arguments() -> None:
+    model = nn.Linear(2, 1)
+
+    def broken() -> torch.Tensor:
+        raise KeyError("batch missing")
+
+    outcome = replay(model, broken, None)
+    assert outcome.localization is None and "KeyError" in outcome.error
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        replay_step("model", lambda: None, None)
+    with pytest.raises(TypeError, match="rng_state must be"):
+        replay_step(model, lambda: model(torch.ones(1, 2)).sum(), torch.get_rng_state())
+    with pytest.raises(ValueError, match="loss_scale must be a positive"):
+        replay_step(model, lambda: model(torch.ones(1, 2)).sum(), None, loss_scale=0)
+    with pytest.raises(TypeError, match="restore_rng_state|rng_state"):
+        restore_rng_state([1, 2])
+
+
+def test_capture_and_restore_rng_round_trip() -> None:
+    state = capture_rng_state("cpu")
+    a = torch.randn(5)
+    restore_rng_state(state)
+    assert torch.equal(a, torch.randn(5))
+
+
+# ----- classify (pure) -----------------------------------------------------------------------------------
+def _facts(norms: list[float], **kw) -> StepFacts:
+    return StepFacts(step=len(norms), loss=float("nan"), grad_norm=norms[-1], norms=norms,
+                     skipped=[False] * (len(norms) - 1) + [True], closure_given=True, **kw)
+
+
+def test_classify_uses_the_norm_pattern_for_lr_and_init() -> None:
+    lr = classify(_facts([1.2, 1.0, 4.0, 40.0, 900.0, math.inf], lr=0.5, updates_applied=5), None, None)
+    assert lr.code == "lr_too_high" and "lower lr from 0.5 to 0.05" in lr.fixes
+    assert lr.evidence["norm_pattern"] == "lr_too_high" and lr.evidence["decided_by"] == "norm_pattern"
+    init = classify(_facts([3e5, math.inf], updates_applied=1), None, None)
+    assert init.code == "init_scale_too_large" and "3e+05" in init.message
+    flat = classify(_facts([1.0, 1.1, 0.9, math.nan]), None, None)  # a NaN after a flat norm: not the pattern
+    assert flat.code == "nonfinite_forward" and flat.evidence["decided_by"] == "no_replay"
+
+
+def test_classify_a_nonfinite_first_step_is_init_only_with_evidence() -> None:
+    huge = classify_module.WeightScale(layer="0", ratio=500.0, rms=50.0, fan_in=100)
+    assert classify(_facts([math.nan], weight_scale=huge), None, None).code == "init_scale_too_large"
+    sane = classify_module.WeightScale(layer="0", ratio=0.58, rms=0.058, fan_in=100)
+    assert classify(_facts([math.nan], weight_scale=sane), None, None).code == "nonfinite_forward"
+
+
+def test_weight_scale_matches_the_default_init_formula() -> None:
+    model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 64), nn.Conv1d(4, 8, 3))
+    scale = classify_module.weight_scale(model)
+    assert 0.4 < scale.ratio < 0.75  # U(+-1/sqrt(fan_in)): rms * sqrt(fan_in) = 1/sqrt(3) = 0.577
+    with torch.no_grad():
+        model[2].weight.mul_(40)
+    assert classify_module.weight_scale(model).layer == "2"
+
+
+# ----- rollback --------------------------------------------------------------------------------------------
+def test_rollback_round_trips_and_does_not_alias_the_snapshot() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    keeper = Rollback(model, opt, every=5, lr_factor=0.5)
+    with pytest.raises(RuntimeError, match="before any snapshot"):
+        keeper.restore(1)
+    x = torch.randn(8, 3)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    keeper.snapshot(1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):  # restore twice: the snapshot must not have been changed by training in between
+        model(x).pow(2).sum().backward()
+        opt.step()
+        event = keeper.restore(7)
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert event.restored_step == 1 and event.lr_before == [0.05] and event.lr_after == [0.025]
+    clone = Rollback(model, opt)
+    clone.load_state_dict(keeper.state_dict())
+    assert clone.every == 5 and clone.step == 1 and len(clone.events) == 2
+    assert keeper.due(10) and not keeper.due(11)
+    with pytest.raises(ValueError, match="rollback_every"):
+        Rollback(model, opt, every=0)
+    with pytest.raises(TypeError, match="optimizer must be"):
+        Rollback(model, "adam")
+
+
+# ----- bundles ---------------------------------------------------------------------------------------------
+def test_bundle_in_the_run_dir_loads_weights_only_and_reproduces_the_step(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.Watch(model, opt, run_dir=tmp_path / "run")
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y))
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    rng_before = capture_rng_state()
+    result = watch.step(lambda: F.mse_loss(model(bad), y), batch={"x": bad, "y": y, "note": object()})
+    watch.close()
+    path = tmp_path / "run" / "nonfinite" / "step_000002.pt"
+    assert path.is_file()
+    bundle = torch.load(path, weights_only=True)
+    assert set(bundle) == set(bundle_module.KEYS)
+    assert bundle["step"] == 2 and math.isnan(bundle["loss"])
+    assert torch.equal(torch.nan_to_num(bundle["batch"]["x"]), torch.nan_to_num(bad))
+    assert isinstance(bundle["batch"]["note"], str)
+    assert bundle["finding"] == result.findings[0].to_dict()
+    assert torch.equal(bundle["rng"]["cpu"], rng_before["cpu"])
+    assert bundle["localization"]["op"] == "aten.addmm"
+    assert result.findings[0].evidence["bundle"] == "nonfinite/step_000002.pt"
+    assert gw.load_run(tmp_path / "run").bundles == [path]
+    text = describe_bundle(path)
+    assert "step 2" in text and "degenerate_batch" in text and "batch['x'] float32 (6, 4) (1 non-finite)" in text
+    assert "rng: cpu" in text
+    with pytest.raises(FileNotFoundError, match="no bundle"):
+        load_bundle(tmp_path / "missing.pt")
+    torch.save([1, 2], tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a gradwatch bundle"):
+        load_bundle(tmp_path / "other.pt")
+
+
+def test_make_bundle_is_plain_data() -> None:
+    b = make_bundle(step=1, finding={"code": "x", "evidence": {"v": float("nan")}}, batch=[torch.ones(2)],
+                    rng={"cpu": torch.get_rng_state()}, loss=1.0, grad_norm=2.0, nonfinite_layers=["0"])
+    assert b["format"] == 1 and b["nonfinite_layers"] == ["0"] and b["batch"][0].device.type == "cpu"
