@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from . import norms as _norms
 from .clipping import make_clipper
 from .errors import InternalErrorReporter, NonFiniteError, logger
@@ -66,6 +67,10 @@ class Watch:
         history: number of recent step records kept in memory for the rules. Default: 200.
         plugins: extra :class:`~gradwatch.plugins.WatchPlugin` objects.
         diagnose: run the diagnosis rules. Default: True.
+        write_rank: under torch.distributed, the rank that writes ``run_dir``, or
+            ``"all"`` (each rank writes ``run_dir/rank<k>``). Default: 0. See
+            :mod:`gradwatch.distributed` (DDP and FSDP2 give the same numbers and
+            the same skip decisions on every rank).
         **options: options of gradwatch's own plugins (each plugin factory
             ``watch.options.pop``-s its own keys; an unknown key is a TypeError).
 
@@ -107,6 +112,8 @@ class Watch:
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
             raise ValueError(f"norm_type must be a positive number or float('inf'), got {norm_type!r}")
         self.options = dict(options)
+        # torch.distributed: None in a single process (see gradwatch.distributed)
+        self._dist = _distributed.DistSync.detect(self.options.pop("write_rank", 0))
         self.update_ratio_every = _check_positive_int("update_ratio_every", update_ratio_every)
         self.history_size = _check_positive_int("history", history)
         self.norm_type = float(norm_type)
@@ -116,7 +123,7 @@ class Watch:
         self.model = model
         self.optimizer = optimizer
 
-        self.index = LayerIndex(model)
+        self.index = LayerIndex(_distributed.unwrap_model(model))  # names as in the eager, unwrapped model
         if not self.index.params:
             raise ValueError(
                 "model has no trainable parameters (none with requires_grad=True); "
@@ -148,6 +155,8 @@ class Watch:
             )
         # Everything is validated: only now touch the disk.
         flush_every = _check_positive_int("flush_every", flush_every)
+        if run_dir is not None and self._dist is not None:  # only write_rank writes (default: rank 0)
+            run_dir = self._dist.run_dir(run_dir) if self._dist.writes else None
         self.writer = RunWriter(run_dir, flush_every=flush_every) if run_dir is not None else None
         self.run_dir = self.writer.path if self.writer is not None else None
         for plugin in self.plugins:
@@ -238,6 +247,70 @@ class Watch:
             return self._plain_step(ctx, loss, started)
         return record
 
+    def observe(self, loss: torch.Tensor | float | None = None, batch: Any = None) -> StepResult:
+        """Measure the gradients already in ``.grad`` for a loop that takes the optimizer step itself.
+
+        For Lightning, the Hugging Face Trainer or your own loop: call it after
+        backward (and after unscaling, under fp16), before ``optimizer.step()``.
+        It records the per-layer norms *before* clipping, clips in place when
+        ``clip_norm`` is set, decides whether the step must be skipped (the same
+        decision on every rank under torch.distributed), records and diagnoses.
+        It never calls ``optimizer.step()`` or ``zero_grad()``: on a step to skip
+        it sets every gradient to None, so the ``optimizer.step()`` that follows
+        leaves the weights and the optimizer state unchanged (torch optimizers
+        pass over parameters without a gradient). ``update_ratio`` is not
+        measured on this path (the update happens after the call).
+
+        Args:
+            loss: the step's loss (tensor or float), for the record and the
+                rules; None when unknown. Default: None.
+            batch: the step's input batch, kept for diagnosis. Default: None.
+
+        Returns:
+            a :class:`~gradwatch.records.StepResult`; ``result.skipped`` says
+            that the gradients were dropped.
+
+        Raises:
+            ValueError: the Watch was built with ``precision="fp16"`` (the caller
+                owns loss scaling here: build it with ``precision="fp32"``).
+            NonFiniteError: a non-finite step with ``on_nonfinite="raise"``.
+
+        Example:
+            >>> model = nn.Linear(3, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> watch = Watch(model, opt, clip_norm=None)
+            >>> loss = model(torch.randn(8, 3)).pow(2).mean(); loss.backward()
+            >>> result = watch.observe(loss)       # measure, record, diagnose
+            >>> opt.step(); opt.zero_grad()        # the loop's own step
+            >>> result.skipped, result.grad_norm > 0
+            (False, True)
+        """
+        if self._closed:
+            raise RuntimeError("this Watch is closed; make a new gradwatch.Watch to keep measuring")
+        if self.precision.scaling:
+            raise ValueError(
+                "watch.observe() measures gradients whose loss scaling the caller owns; "
+                "build this Watch with precision='fp32' (or 'bf16') and unscale before calling observe()"
+            )
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            loss = torch.tensor(float(loss), dtype=torch.float64)
+        elif loss is not None:
+            self._check_loss(loss, "the loss passed to watch.observe() is")
+        started = time.perf_counter()
+        self._step += 1
+        ctx = StepContext(step=self._step, closure=None, batch=batch)
+        if loss is None:
+            ctx.scratch["loss_unknown"] = True
+            loss = torch.zeros((), dtype=torch.float64)
+        ctx.loss = loss
+        self._call_plugins("before_forward", ctx)
+        try:
+            return self._measure_and_update(ctx, loss, started, apply=False)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # an error inside gradwatch: report once, let the loop step as it would
+            self.errors.report("watch.observe", exc)
+            return StepResult(step=ctx.step, loss=math.nan, grad_norm=math.nan, clipped=False, skipped=False, findings=[])
+
     def close(self) -> None:
         """Remove hooks, close plugins and flush the run directory. Idempotent."""
         if self._closed:
@@ -302,6 +375,7 @@ class Watch:
             "update_ratio_every": self.update_ratio_every,
             "torch": torch.__version__,
             "device": str(self.device),
+            **(self._dist.meta() if self._dist is not None else {}),
         }
 
     @staticmethod
@@ -329,23 +403,26 @@ class Watch:
                 out.append(value)
         return out
 
-    def _measure_and_update(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
+    def _measure_and_update(self, ctx: StepContext, loss: torch.Tensor, started: float, apply: bool = True) -> StepResult:
         index = self.index
         if index.tracking:  # first step: the depth order is now known
             index.finish_order_tracking()
             self._plan = None
             if self.writer is not None:
                 self.writer.write_layers(self.layer_table)
-        self.precision.unscale_(self.optimizer)
+        if apply:  # observe(): the caller unscaled (if it scales at all)
+            self.precision.unscale_(self.optimizer)
         self._call_plugins("after_backward", ctx)
 
         with torch.no_grad():
             n_layers = len(index)
             grads = [p.grad for p in index.params]
-            if self._plan is None:
-                self._plan = _norms.MeasurePlan(index.params, index.param_layer, n_layers, self.device)
-            groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
-            powers = self._reduce_powers(powers)
+            if self._dist is not None:  # torch.distributed: global numbers from local shards, one collective
+                groups, powers, weight_powers, loss = self._reduce_powers(grads, loss)
+            else:
+                if self._plan is None:
+                    self._plan = _norms.MeasurePlan(index.params, index.param_layer, n_layers, self.device)
+                groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
             layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
             threshold = self.clipper.threshold()
             if threshold is not None:
@@ -368,9 +445,10 @@ class Watch:
         scale_value = float(host[3]) if scale is not None else math.nan
         layer_values = host[width : width + n_layers]
         weight_values = host[width + n_layers :]
-        loss_finite = math.isfinite(loss_value)
-        finite = loss_finite and math.isfinite(total_value)
-        finite = self._agree_finite(finite)
+        if ctx.scratch.get("loss_unknown"):  # observe() without a loss
+            loss_value = math.nan
+        loss_finite = math.isfinite(loss_value) or bool(ctx.scratch.get("loss_unknown"))
+        finite = loss_finite and math.isfinite(total_value)  # under torch.distributed: the same on every rank
 
         nonfinite_layers = [] if finite else [index.names[i] for i in np.flatnonzero(~np.isfinite(layer_values))]
         missing = [index.names[i] for i in sorted({index.param_layer[j] for j, g in enumerate(grads) if g is None})] if any(g is None for g in grads) else []
@@ -391,19 +469,23 @@ class Watch:
             missing_layers=missing,
         )
         vetoes = self._call_plugins("veto", ctx, record) if finite else []
-        skip = (not finite) or bool(vetoes)
+        skip = (not finite) or (self._agree_veto(bool(vetoes)) if finite else bool(vetoes))
         record.skipped = skip
 
-        measure_update = finite and not skip and ctx.step % self.update_ratio_every == 0
+        measure_update = apply and finite and not skip and ctx.step % self.update_ratio_every == 0
         before = self._snapshot_weights() if measure_update else None
-        if skip:
+        if not apply:  # observe(): the caller steps; a skipped step must leave weights and optimizer state as they are
+            if skip:
+                self._drop_grads()
+        elif skip:
             self.precision.update()
         else:
-            self.precision.step(self.optimizer)
+            self.precision.step(self.optimizer, grads_finite=True)  # finite: the scaler's found_inf is 0, no 2nd sync
             self.precision.update()
             if before is not None:
                 record.update_ratio = self._update_ratio(before, weight_values)
-        self.optimizer.zero_grad(set_to_none=True)
+        if apply:
+            self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.clipper.observe(total_value)
 
@@ -435,7 +517,10 @@ class Watch:
             loss_scale=record.loss_scale,
             record=record,
         )
-        if not finite and self.on_nonfinite == "raise":
+        # fp16: a scaled-gradient overflow (finite loss) is the loss scaler's normal business (skip and
+        # back off), not an error to raise, until the scale falls below 1 (see docs/precision.md).
+        scaler_overflow = self.precision.scaling and loss_finite and record.loss_scale is not None and record.loss_scale >= 1.0
+        if not finite and self.on_nonfinite == "raise" and not scaler_overflow:
             finding = next((f for f in findings if f.severity == "error"), findings[0] if findings else None)
             where = f"; non-finite gradients in {', '.join(nonfinite_layers[:5])}" if nonfinite_layers else ""
             raise NonFiniteError(
@@ -446,25 +531,47 @@ class Watch:
             )
         return result
 
-    def _reduce_powers(self, powers: torch.Tensor) -> torch.Tensor:
-        """Hook for distributed runs: sum (max) per-layer powers across ranks. Identity here."""
-        return powers
+    def _reduce_powers(
+        self, grads: list[torch.Tensor | None], loss: torch.Tensor
+    ) -> tuple[_norms.TensorGroups, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """torch.distributed: (local grad groups, global per-layer powers, weight powers, mean loss).
 
-    def _agree_finite(self, finite: bool) -> bool:
-        """Hook for distributed runs: every rank skips if any rank saw a non-finite value."""
-        return finite
+        One collective, no host sync; see :class:`gradwatch.distributed.DistSync`.
+        """
+        return self._dist.measure(self.index, grads, loss, self.norm_type, self.device)
+
+    def _agree_veto(self, vetoed: bool) -> bool:
+        """torch.distributed: skip on every rank if a plugin vetoed on any rank.
+
+        Costs a collective and a host sync only when some plugin overrides ``veto``.
+        """
+        if self._dist is None or not any(type(p).veto is not WatchPlugin.veto for p in self.plugins):
+            return vetoed
+        return self._dist.agree(vetoed)
+
+    def _drop_grads(self) -> None:
+        """Set every gradient to None: the caller's ``optimizer.step()`` then changes nothing."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        for p in self.index.params:
+            p.grad = None
 
     def _snapshot_weights(self) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [p.detach().clone() for p in self.index.params]
+            params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
+            return [p.detach().clone() for p in params]
 
     def _update_ratio(self, before: list[torch.Tensor], weight_norms: np.ndarray) -> np.ndarray:
         """Per layer ||w_after - w_before|| / ||w_before|| (one extra small transfer)."""
         with torch.no_grad():
-            params = list(self.index.params)
+            params = list(self.index.params) if self._dist is None else self._dist.local_params(self.index.params)
             torch._foreach_sub_(before, params)  # before := before - after = -dw
-            groups = _norms.group_tensors(before, self.index.param_layer)
-            delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt().cpu().numpy()
+            if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
+                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt().cpu().numpy()
+            else:
+                groups = _norms.group_tensors(before, self.index.param_layer)
+                delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt().cpu().numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(weight_norms > 0, delta / weight_norms, np.nan)
 

@@ -1,0 +1,424 @@
+"""gradwatch under torch.distributed: 2 CPU processes, gloo, DDP and FSDP2.
+
+One spawn runs every scenario (process start-up dominates the cost); each rank
+saves what it measured and the tests below compare it with independent
+references computed here in one process: plain-torch per-layer norms of the
+same model on the concatenated batch, and ``torch.nn.utils.clip_grad_norm_`` on
+the same DTensor gradients (computed inside the workers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
+    pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS"),
+]
+
+VOCAB, D, HEADS, SEQ, PER_RANK = 32, 16, 2, 8, 4
+STEPS = 3
+CLIP = 0.05  # below the typical norm, so clipping engages
+LR = 0.05
+WORLD = 2
+UNUSED_STEPS = 6  # the missing_gradients rule waits 5 steps
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.ln2 = nn.LayerNorm(D)
+        self.fc = nn.Linear(D, 4 * D)
+        self.out = nn.Linear(4 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, HEADS, C // HEADS).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A 2-block pre-LN decoder; ``unused`` is a layer that never runs (DDP find_unused_parameters)."""
+
+    def __init__(self, with_unused: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(SEQ, D)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB)
+        self.unused = nn.Linear(D, D) if with_unused else None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def make_model(with_unused: bool = False) -> TinyGPT:
+    torch.manual_seed(0)  # the same initial weights on every rank and in the reference
+    return TinyGPT(with_unused)
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    idx = torch.randint(0, VOCAB, (WORLD * PER_RANK, SEQ + 1), generator=g)
+    return idx[:, :-1], idx[:, 1:]
+
+
+def rank_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = global_batch(step)
+    return x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK]
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+
+
+def layer_of(param_name: str) -> str:
+    return param_name.rpartition(".")[0]
+
+
+# ----- the workers ---------------------------------------------------------------------
+def _digest(model: nn.Module) -> torch.Tensor:
+    """Sum of every full parameter (DTensors gathered): equal on all ranks iff in sync."""
+    from gradwatch.distributed import is_dtensor
+
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        full = p.full_tensor() if is_dtensor(p) else p
+        total += full.detach().double().sum()
+    return total
+
+
+def _records(watch) -> list[dict]:
+    return [
+        {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped,
+         "layers": dict(zip(r.layer_names, r.layer_grad_norms.tolist())),
+         "weights": dict(zip(r.layer_names, r.layer_weight_norms.tolist())),
+         "missing": list(r.missing_layers)}
+        for r in watch.history
+    ]
+
+
+def _ddp_scenarios(rank: int, out: Path) -> dict:
+    import gradwatch as gw
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res: dict = {}
+    # 1. per-layer norms over 3 clipped SGD steps
+    model = DDP(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run")
+    for step in range(STEPS):
+        x, y = rank_batch(step, rank)
+        watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+    res["ddp_records"] = _records(watch)
+    res["ddp_layers"] = watch.layers
+    res["ddp_run_dir"] = str(watch.run_dir) if watch.run_dir is not None else None
+    # 2. a NaN loss on rank 1 only (gradients stay finite: DDP cannot spread it)
+    before = _digest(model)
+    x, y = rank_batch(0, rank)
+    poison = float("nan") if rank == 1 else 0.0
+    r1 = watch.step(lambda: lm_loss(model, x, y) + poison, batch=(x, y))
+    # 3. a NaN activation on rank 1 only (DDP's all-reduce spreads it into every gradient)
+    hook = model.module.blocks[1].register_forward_hook(lambda m, a, o: o * float("nan")) if rank == 1 else None
+    r2 = watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+    if hook is not None:
+        hook.remove()
+    after_nan = _digest(model)
+    r3 = watch.step(lambda: lm_loss(model, x, y), batch=(x, y))  # healthy again
+    res["ddp_nan"] = {"loss_only": r1.skipped, "activation": r2.skipped, "healthy_after": r3.skipped,
+                      "unchanged": bool(torch.equal(before, after_nan)), "digest_after": float(_digest(model)),
+                      "internal_errors": sorted(where for where, _ in watch.errors.seen)}
+    watch.close()
+    res["ddp_findings"] = [f.to_dict() for f in watch.findings]
+
+    # 4. unused parameters under find_unused_parameters=True
+    model = DDP(make_model(with_unused=True), find_unused_parameters=True)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    watch = gw.Watch(model, opt, clip_norm=None)
+    results = []
+    for step in range(UNUSED_STEPS):
+        x, y = rank_batch(step % STEPS, rank)
+        results.append(watch.step(lambda: lm_loss(model, x, y)))
+    res["unused"] = {"missing": [r.record.missing_layers for r in results], "skipped": [r.skipped for r in results],
+                     "codes": [f.code for f in watch.findings], "internal_errors": sorted(where for where, _ in watch.errors.seen),
+                     "layers": watch.layers}
+    watch.close()
+    return res
+
+
+def _fsdp_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _fsdp_scenarios(rank: int, out: Path) -> dict:
+    import gradwatch as gw
+    from gradwatch.distributed import local_tensor
+
+    res: dict = {}
+    # 1. 3 clipped steps, per-layer norms against the single-process reference
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "fsdp_run")
+    for step in range(STEPS):
+        x, y = rank_batch(step, rank)
+        watch.step(lambda: lm_loss(model, x, y))
+    res["fsdp_records"] = _records(watch)
+    res["fsdp_run_dir"] = str(watch.run_dir) if watch.run_dir is not None else None
+    res["fsdp_sharded"] = watch._dist.sharded
+    watch.close()
+
+    # 2. global norm and clipping against clip_grad_norm_ on the same DTensor gradients
+    for norm_type in (2.0, math.inf):
+        model = _fsdp_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        watch = gw.Watch(model, opt, clip_norm=CLIP, norm_type=norm_type)
+        params = list(model.parameters())
+        x, y = rank_batch(0, rank)
+        lm_loss(model, x, y).backward()
+        saved = [p.grad.detach().clone() for p in params]
+        result = watch.observe()
+        ours = [local_tensor(p.grad).clone() for p in params]
+        for p, g in zip(params, saved):
+            p.grad = g
+        total = torch.nn.utils.clip_grad_norm_(params, CLIP, norm_type=norm_type)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        theirs = [local_tensor(p.grad) for p in params]
+        res[f"clip_{norm_type}"] = {
+            "ours": result.grad_norm, "torch": float(total),
+            "max_diff": max(float((a - b).abs().max()) for a, b in zip(ours, theirs)),
+            "max_grad": max(float(b.abs().max()) for b in theirs),
+        }
+        watch.close()
+
+    # 3. NaN on rank 1 only: in the loss alone, then in an activation
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    watch = gw.Watch(model, opt, clip_norm=CLIP)
+    x, y = rank_batch(0, rank)
+    watch.step(lambda: lm_loss(model, x, y))
+    before = _digest(model)
+    poison = float("nan") if rank == 1 else 0.0
+    r1 = watch.step(lambda: lm_loss(model, x, y) + poison)
+    hook = model.blocks[0].register_forward_hook(lambda m, a, o: o * float("nan")) if rank == 1 else None
+    r2 = watch.step(lambda: lm_loss(model, x, y))
+    if hook is not None:
+        hook.remove()
+    after_nan = _digest(model)
+    r3 = watch.step(lambda: lm_loss(model, x, y))
+    res["fsdp_nan"] = {"loss_only": r1.skipped, "activation": r2.skipped, "healthy_after": r3.skipped,
+                       "unchanged": bool(torch.equal(before, after_nan)), "digest_after": float(_digest(model)),
+                       "nonfinite_layers": r2.record.nonfinite_layers, "internal_errors": sorted(where for where, _ in watch.errors.seen)}
+    watch.close()
+    return res
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    out_path = Path(out)
+    try:
+        res = _ddp_scenarios(rank, out_path)
+        res.update(_fsdp_scenarios(rank, out_path))
+    except BaseException as exc:  # noqa: BLE001 - hand the failure to the parent
+        import traceback
+
+        res = {"error": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+    (out_path / f"rank{rank}.json").write_text(json.dumps(res))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 150  # a deadlock must fail the test, not hang it
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("distributed workers did not finish in 150 s (deadlock?)")
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    for res in results:
+        res["out"] = out
+    return results
+
+
+# ----- the single-process reference ----------------------------------------------------
+def reference_run(clip: float = CLIP) -> list[dict]:
+    """Plain torch on the concatenated batch: per-layer pre-clip norms, clip_grad_norm_, SGD."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    out = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        loss = lm_loss(model, x, y)
+        loss.backward()
+        sq: dict[str, float] = {}
+        for name, p in model.named_parameters():
+            sq[layer_of(name)] = sq.get(layer_of(name), 0.0) + float(p.grad.double().pow(2).sum())
+        total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        opt.step()
+        opt.zero_grad()
+        out.append({"loss": float(loss.detach()), "total": total, "layers": {k: math.sqrt(v) for k, v in sq.items()}})
+    return out
+
+
+def assert_matches_reference(records: list[dict], reference: list[dict]) -> None:
+    assert len(records) == len(reference)
+    for rec, ref in zip(records, reference):
+        assert set(rec["layers"]) == set(ref["layers"])
+        for name, value in ref["layers"].items():
+            assert rec["layers"][name] == pytest.approx(value, rel=1e-5), (rec["step"], name)
+        assert rec["grad_norm"] == pytest.approx(ref["total"], rel=1e-5)
+        assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-5)  # the mean over ranks
+        assert not rec["skipped"]
+
+
+# ----- DDP -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_per_layer_norms_equal_single_process_and_every_rank(ranks):
+    reference = reference_run()
+    assert ranks[0]["ddp_layers"][:3] == ["tok", "pos", "blocks.0.ln1"]  # unwrapped names, depth order
+    for res in ranks:
+        assert_matches_reference(res["ddp_records"], reference)
+    assert ranks[0]["ddp_records"] == ranks[1]["ddp_records"]  # bit-identical on both ranks
+
+
+@pytest.mark.slow
+def test_ddp_only_rank0_writes_the_run_directory(ranks):
+    out = ranks[0]["out"]
+    assert ranks[0]["ddp_run_dir"] is not None and ranks[1]["ddp_run_dir"] is None
+    meta = json.loads((out / "ddp_run" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["rank"] == 0
+    steps = [json.loads(line) for line in (out / "ddp_run" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # one line per step: written once
+    assert [s["skipped"] for s in steps] == [False, False, False, True, True, False]
+    assert not list(out.glob("ddp_run/rank*"))
+
+
+@pytest.mark.slow
+def test_ddp_nan_on_rank1_only_makes_both_ranks_skip(ranks):
+    for res in ranks:
+        nan = res["ddp_nan"]
+        assert nan["loss_only"] and nan["activation"], nan
+        assert nan["unchanged"] and not nan["healthy_after"]
+        assert not [w for w in nan["internal_errors"] if w.startswith("watch.")], nan["internal_errors"]
+    assert ranks[0]["ddp_nan"]["digest_after"] == ranks[1]["ddp_nan"]["digest_after"]  # still in sync
+    out = ranks[0]["out"]
+    written = [json.loads(line) for line in (out / "ddp_run" / "findings.jsonl").read_text().splitlines()] \
+        if (out / "ddp_run" / "findings.jsonl").exists() else []
+    keys = [(f["code"], f["step"]) for f in written]
+    assert len(keys) == len(set(keys))  # each finding written once, by rank 0 only
+    assert [(f["code"], f["step"]) for f in ranks[0]["ddp_findings"]] == keys
+
+
+@pytest.mark.slow
+def test_ddp_unused_parameters_are_missing_gradients_not_a_crash(ranks):
+    for res in ranks:
+        unused = res["unused"]
+        assert not [w for w in unused["internal_errors"] if w.startswith("watch.")], unused["internal_errors"]
+        assert unused["skipped"] == [False] * UNUSED_STEPS
+        assert all(m == ["unused"] for m in unused["missing"]), unused["missing"]
+        assert unused["layers"][-1] == "unused"  # never ran forward: last in depth order
+    try:  # the missing_gradients rule belongs to the diagnosis package (issue 3)
+        from gradwatch.diagnosis import rules
+    except ImportError:
+        rules = None
+    if rules is not None and hasattr(rules, "MissingGradRule"):
+        for res in ranks:
+            assert res["unused"]["codes"].count("missing_gradients") == 1, res["unused"]["codes"]
+
+
+# ----- FSDP2 ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp2_per_layer_norms_equal_single_process(ranks):
+    reference = reference_run()
+    for res in ranks:
+        assert res["fsdp_sharded"]
+        assert_matches_reference(res["fsdp_records"], reference)
+        # weight norms are of the full tensors too (summed over shards)
+        model = make_model()
+        for name, value in res["fsdp_records"][0]["weights"].items():
+            module = model.get_submodule(name)
+            expect = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in module.parameters(recurse=False)))
+            assert value == pytest.approx(expect, rel=1e-5)
+    assert ranks[0]["fsdp_run_dir"] is not None and ranks[1]["fsdp_run_dir"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_type", ["2.0", "inf"])
+def test_fsdp2_global_norm_and_clipping_match_clip_grad_norm(ranks, norm_type):
+    for res in ranks:
+        clip = res[f"clip_{norm_type}"]
+        assert clip["ours"] == pytest.approx(clip["torch"], rel=1e-6)
+        assert clip["ours"] > CLIP  # clipping engaged
+        assert clip["max_diff"] <= 1e-6 * clip["max_grad"]
+
+
+@pytest.mark.slow
+def test_fsdp2_nan_on_rank1_only_makes_both_ranks_skip(ranks):
+    for res in ranks:
+        nan = res["fsdp_nan"]
+        assert nan["loss_only"] and nan["activation"], nan
+        assert nan["unchanged"] and not nan["healthy_after"]
+        assert nan["nonfinite_layers"]  # the same list on both ranks
+        assert not [w for w in nan["internal_errors"] if w.startswith("watch.")], nan["internal_errors"]
+    assert ranks[0]["fsdp_nan"]["nonfinite_layers"] == ranks[1]["fsdp_nan"]["nonfinite_layers"]
+    assert ranks[0]["fsdp_nan"]["digest_after"] == ranks[1]["fsdp_nan"]["digest_after"]
+
+
+# ----- single process: the distributed helpers stay out of the way --------------------
+def test_no_process_group_means_no_distributed_sync(tmp_path):
+    import gradwatch as gw
+    from gradwatch.distributed import DistSync, is_distributed, unwrap_model
+
+    assert not is_distributed()
+    model = nn.Linear(3, 2)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run", write_rank=1)
+    assert watch._dist is None and watch.run_dir is not None  # write_rank only matters under torch.distributed
+    watch.close()
+    with pytest.raises(ValueError, match="write_rank"):
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), write_rank=-1)
+    with pytest.raises(ValueError, match="write_rank"):
+        DistSync.detect(write_rank="rank0")
+    inner = nn.Linear(2, 2)
+    assert unwrap_model(torch.nn.DataParallel(inner)) is inner
