@@ -69,25 +69,31 @@ def _expected_scales(init: float, growth: float, backoff: float, interval: int, 
     return out
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [(2.0**10, 2.0, 0.5, 3), (100.0, 4.0, 0.25, 2)], ids=["pow2", "custom"])
 @pytest.mark.parametrize("make_opt", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     lambda p: torch.optim.Adam(p, lr=1e-3),
 ], ids=["sgd_momentum", "adam"])
-def test_fp16_same_decisions_as_a_hand_written_gradscaler_loop(make_opt) -> None:
+def test_fp16_same_decisions_as_a_hand_written_gradscaler_loop(make_opt, config, device: str) -> None:
     n_steps, inf_steps = 16, {3, 4, 11}
-    kwargs = dict(init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=3)
-    x, y = _data()
+    init, growth, backoff, interval = config
+    kwargs = dict(init_scale=init, growth_factor=growth, backoff_factor=backoff, growth_interval=interval)
+    x, y = (t.to(device) for t in _data())
 
     # The reference: torch's documented GradScaler loop, written by hand.
-    ref = _mlp()
+    ref = _mlp().to(device)
     ref_opt = make_opt(ref.parameters())
-    ref_scaler = torch.amp.GradScaler("cpu", **kwargs)
+    ref_scaler = torch.amp.GradScaler(device, **kwargs)
     ref_inject = _InjectInf(ref[2].weight, inf_steps)
     ref_scales, ref_skipped = [], []
     for step in range(1, n_steps + 1):
         ref_inject.step = step
         before = [p.detach().clone() for p in ref.parameters()]
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             loss = nn.functional.mse_loss(ref(x).float(), y)
         ref_scales.append(ref_scaler.get_scale())
         ref_scaler.scale(loss).backward()
@@ -97,17 +103,17 @@ def test_fp16_same_decisions_as_a_hand_written_gradscaler_loop(make_opt) -> None
         ref_opt.zero_grad(set_to_none=True)
         ref_skipped.append(all(torch.equal(b, p) for b, p in zip(before, ref.parameters())))
 
-    model = _mlp()
+    model = _mlp().to(device)
     opt = make_opt(model.parameters())
     inject = _InjectInf(model[2].weight, inf_steps)
-    watch = gw.Watch(model, opt, clip_norm=None, precision="fp16", scaler=torch.amp.GradScaler("cpu", **kwargs))
+    watch = gw.Watch(model, opt, clip_norm=None, precision="fp16", scaler=torch.amp.GradScaler(device, **kwargs))
     results = []
     for step in range(1, n_steps + 1):
         inject.step = step
         results.append(watch.step(lambda: nn.functional.mse_loss(model(x).float(), y)))
     watch.close()
 
-    expected = _expected_scales(2.0**10, 2.0, 0.5, 3, inf_steps, n_steps)
+    expected = _expected_scales(init, growth, backoff, interval, inf_steps, n_steps)
     assert ref_scales == expected  # the hand-written loop follows the rule (sanity of the reference)
     assert [r.loss_scale for r in results] == expected
     assert [r.step for r in results if r.skipped] == sorted(inf_steps)
@@ -167,12 +173,13 @@ def test_healthy_fp16_step_skips_gradscalers_item_sync(monkeypatch: pytest.Monke
 
 
 # ----- 1. unscaled, comparable norms ----------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision,rtol", [("fp16", 2e-2), ("bf16", 6e-2)])
-def test_recorded_norms_are_unscaled_and_agree_with_fp32(precision: str, rtol: float) -> None:
-    x, y = _data(64)
+def test_recorded_norms_are_unscaled_and_agree_with_fp32(precision: str, rtol: float, device: str) -> None:
+    x, y = (t.to(device) for t in _data(64))
     runs = {}
     for mode in ("fp32", precision):
-        model = _mlp()
+        model = _mlp().to(device)
         watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), clip_norm=None, precision=mode)
         runs[mode] = [watch.step(lambda: nn.functional.mse_loss(model(x).float(), y)).record for _ in range(4)]
         watch.close()
@@ -464,3 +471,49 @@ def test_docs_code_blocks_run(index: int, tmp_path, capsys) -> None:
     assert [line.strip() for line in out[: len(expected)]] == expected
     if index == 1:
         assert out[len(expected)].startswith("fp16 forecast at step 10 (a fp32 run):")
+
+
+def test_fp16_scaler_overflow_does_not_raise_until_the_scale_falls_below_one() -> None:
+    x, y = _data()
+    model = _mlp()
+    with torch.no_grad():
+        model[4].weight.mul_(1e2)  # overflows at 65536, fits once the scaler has backed off
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.0), precision="fp16", on_nonfinite="raise")
+    results = [watch.step(lambda: nn.functional.mse_loss(model(x).float(), y)) for _ in range(12)]
+    assert results[0].skipped and not results[-1].skipped  # calibration: skipped, not raised
+    watch.close()
+    # a gradient that is inf at any scale: the scaler backs off below 1, then the Watch raises
+    model = _mlp()
+    _InjectInf(model[0].weight, {0})  # its step attribute stays 0: always inject
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", on_nonfinite="raise",
+                     scaler=torch.amp.GradScaler("cpu", init_scale=4.0))
+    with pytest.raises(gw.NonFiniteError):
+        for _ in range(10):
+            watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))
+    assert watch.steps_taken == 4 and watch.precision.overflow_skips == 4  # scales 4, 2, 1, then 0.5 raises
+    watch.close()
+
+
+def test_healthy_unsampled_fp16_step_adds_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", diagnose=False,
+                     update_ratio_every=1000, precision_every=50)
+    precision_plugin(watch).diagnose = True  # only the precision plugin's diagnosis, none of the others
+    x, y = _data()
+    watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))  # step 1: sampled
+    calls = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            calls["n"] += 1
+            return originals[name](self, *args, **kwargs)
+        return wrapper
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    result = watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))
+    monkeypatch.undo()
+    assert not result.skipped and result.loss_scale == 65536.0
+    assert calls["n"] == 2  # the core's packed.cpu() and .numpy(): one transfer, nothing from fp16 or the plugin
+    watch.close()
