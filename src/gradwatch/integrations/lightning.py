@@ -1,0 +1,211 @@
+"""gradwatch in a Lightning Trainer: ``GradwatchCallback``.
+
+Needs ``pip install gradwatch[lightning]``. Usage::
+
+    from gradwatch.integrations.lightning import GradwatchCallback
+    trainer = lightning.Trainer(callbacks=[GradwatchCallback(run_dir="runs/exp1")],
+                                gradient_clip_val=1.0, precision="bf16-mixed")
+
+Where it hooks in (Lightning 2.x, automatic optimization):
+
+- ``on_train_start``: builds a :class:`gradwatch.Watch` on the LightningModule
+  and its optimizer (the process group of a DDP/FSDP strategy exists by then).
+- ``on_before_backward``: keeps the loss (summed over accumulated batches).
+- ``on_before_optimizer_step``: runs after Lightning's unscale (fp16) and
+  before Lightning's own gradient clipping, so the per-layer norms are those
+  before clipping; calls :meth:`Watch.observe`, logs ``gradwatch/*`` metrics
+  through the LightningModule's loggers and writes the run directory. On a
+  non-finite step every gradient is set to None: ``optimizer.step()`` then
+  changes nothing.
+- ``on_train_batch_end``: after a skipped step, rewinds the step-interval LR
+  schedulers that Lightning stepped anyway (no schedule drift).
+- ``state_dict`` / ``load_state_dict``: the Watch's state goes into checkpoints.
+
+Lightning's ``global_step`` still counts a skipped step (it counts optimizer
+calls); ``watch.history`` marks it ``skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            "gradwatch.integrations.lightning needs Lightning: pip install 'gradwatch[lightning]'"
+        ) from exc
+
+from ..watch import Watch
+from . import SchedulerRewind, severity_level
+
+__all__ = ["GradwatchCallback"]
+
+_log = logging.getLogger("gradwatch")
+_ON_NONFINITE = ("skip", "raise")
+
+
+class GradwatchCallback(Callback):
+    """Per-layer gradient telemetry, diagnosis and skip-on-non-finite for a Lightning Trainer.
+
+    Args:
+        run_dir: run directory (written by rank 0 under DDP/FSDP); None keeps
+            everything in memory. Default: None.
+        clip_norm: clip the global norm to this value inside gradwatch; None
+            leaves clipping to ``Trainer(gradient_clip_val=...)``. Default: None.
+        on_nonfinite: ``"skip"`` (drop the step's gradients, rewind the LR
+            scheduler) or ``"raise"`` (:class:`gradwatch.NonFiniteError` stops
+            training). Default: ``"skip"``.
+        log_layers: also log one ``gradwatch/grad_norm/<layer>`` metric per
+            layer. Default: False (a metric per layer can be many).
+        **watch_options: other :class:`gradwatch.Watch` keywords
+            (``norm_type``, ``diagnose``, ``write_rank``, ...).
+
+    Attributes:
+        watch: the :class:`gradwatch.Watch` (None before training starts).
+
+    Example:
+        >>> cb = GradwatchCallback(run_dir=None, log_layers=True)
+        >>> cb.watch is None
+        True
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        clip_norm: float | None = None,
+        on_nonfinite: str = "skip",
+        log_layers: bool = False,
+        **watch_options: Any,
+    ) -> None:
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {_ON_NONFINITE} in the Lightning callback, got {on_nonfinite!r}"
+            )
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
+        if not isinstance(log_layers, bool):
+            raise TypeError(f"log_layers must be True or False, got {log_layers!r}")
+        for reserved in ("precision", "scaler"):
+            if reserved in watch_options:
+                raise ValueError(
+                    f"{reserved}= is Lightning's job here: set Trainer(precision=...); gradwatch measures after its unscale"
+                )
+        self.run_dir = run_dir
+        self.clip_norm = clip_norm
+        self.on_nonfinite = on_nonfinite
+        self.log_layers = log_layers
+        self.watch_options = watch_options
+        self.watch: Watch | None = None
+        self._loss: torch.Tensor | None = None
+        self._batch: Any = None
+        self._rewind = SchedulerRewind()
+        self._pending_state: dict[str, Any] | None = None
+        self.last_result = None
+
+    # ----- set-up / tear-down ----------------------------------------------------------
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.watch is not None:
+            return
+        if not trainer.optimizers:
+            raise ValueError("GradwatchCallback needs an optimizer: configure_optimizers() returned none")
+        self.watch = Watch(
+            pl_module,
+            trainer.optimizers[0],
+            clip_norm=self.clip_norm,
+            on_nonfinite=self.on_nonfinite,
+            run_dir=self.run_dir,
+            **self.watch_options,
+        )
+        if self._pending_state is not None:
+            self.watch.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.watch is not None:
+            self.watch.close()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self.watch is not None:
+            self.watch.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"watch": self.watch.state_dict()} if self.watch is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("watch")
+        if state is None:
+            return
+        if self.watch is not None:
+            self.watch.load_state_dict(state)
+        else:
+            self._pending_state = state
+
+    # ----- every step ------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        # Lightning passes the loss divided by accumulate_grad_batches: the sum is the mean loss.
+        try:
+            value = loss.detach().float()
+            self._loss = value if self._loss is None else self._loss + value
+        except Exception:  # never break the loop for a number we only record
+            self._loss = None
+
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        watch = self.watch
+        if watch is None or watch._closed or optimizer is not watch.optimizer:
+            return
+        loss, self._loss = self._loss, None
+        result = watch.observe(loss, batch=self._batch)  # internal errors are reported inside, never raised
+        self.last_result = result
+        if result.skipped:
+            configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step"]
+            self._rewind.save([c.scheduler for c in configs], optimizer)
+        try:
+            self._log(trainer, pl_module, result)
+        except Exception as exc:
+            watch.errors.report("lightning logging", exc)
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._rewind.pending:  # Lightning stepped the schedulers after a skipped update: undo it
+            try:
+                self._rewind.restore()
+            except Exception as exc:
+                if self.watch is not None:
+                    self.watch.errors.report("lightning scheduler rewind", exc)
+
+    # ----- logging ---------------------------------------------------------------------
+    def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Any) -> None:
+        metrics = {
+            "gradwatch/grad_norm": float(result.grad_norm),
+            "gradwatch/skipped": float(result.skipped),
+            "gradwatch/clipped": float(result.clipped),
+        }
+        if self.log_layers and result.record is not None:
+            for name, value in result.layer_grad_norms.items():
+                metrics[f"gradwatch/grad_norm/{name}"] = float(value)
+        for finding in result.findings:
+            metrics[f"gradwatch/finding/{finding.code}"] = severity_level(finding.severity)
+        if trainer.loggers:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        for finding in result.findings:
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                add_text = getattr(experiment, "add_text", None)
+                if callable(add_text) and trainer.is_global_zero:  # TensorBoard
+                    add_text(f"gradwatch/{finding.code}", str(finding), trainer.global_step)
