@@ -149,3 +149,13 @@ def test_compact_histogram_keeps_the_occupied_range() -> None:
     assert data["counts"] == [[0, 0, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0]]
     assert data["zeros"] == [1, 0] and data["nonfinite"] == [0, 0]
     assert np.sum(data["counts"]) == 3
+
+
+@pytest.mark.parametrize("name", ["gradwatch.amp.ranges", "gradwatch.amp.plugin", "gradwatch.amp.summary", "gradwatch.precision"])
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0
