@@ -298,3 +298,28 @@ def test_make_bundle_is_plain_data() -> None:
     b = make_bundle(step=1, finding={"code": "x", "evidence": {"v": float("nan")}}, batch=[torch.ones(2)],
                     rng={"cpu": torch.get_rng_state()}, loss=1.0, grad_norm=2.0, nonfinite_layers=["0"])
     assert b["format"] == 1 and b["nonfinite_layers"] == ["0"] and b["batch"][0].device.type == "cpu"
+
+
+# ----- docs/nonfinite.md ------------------------------------------------------------------------------------
+def _doc_blocks(lang: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "nonfinite.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_code_blocks_run_and_print_what_the_doc_says(tmp_path, capsys) -> None:
+    python = _doc_blocks("python")
+    assert len(python) == 2
+    example = tmp_path / "example.py"
+    example.write_text(python[0], encoding="utf-8")
+    code = compile(python[0], str(example), "exec")
+    exec(code, {"__name__": "docs_example"})  # noqa: S102 - the doc's own example
+    printed = capsys.readouterr().out.strip().splitlines()
+    documented = _doc_blocks("text")[0].strip().splitlines()
+    assert len(printed) == len(documented)
+    for got, want in zip(printed, documented):  # the same text, up to where the example file lives
+        assert got.replace(str(example), "example.py").replace(example.name, "example.py") == want
+    exec(compile(python[1], "replay_example.py", "exec"), {"__name__": "docs_example"})  # noqa: S102
+    assert "aten.addmm (inf) in module 0" in capsys.readouterr().out
