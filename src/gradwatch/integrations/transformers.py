@@ -1,0 +1,192 @@
+"""gradwatch in a Hugging Face ``transformers.Trainer``: ``GradwatchCallback``.
+
+Needs ``pip install gradwatch[transformers]``. Usage::
+
+    from gradwatch.integrations.transformers import GradwatchCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[GradwatchCallback(run_dir="runs/exp1")])
+
+Where it hooks in (transformers 4.4x / 5.x):
+
+- ``on_train_begin``: builds a :class:`gradwatch.Watch` on the Trainer's model
+  and optimizer. The Trainer clips *before* its ``on_pre_optimizer_step``
+  event, which would hide the pre-clip per-layer norms, so with
+  ``clip_norm="auto"`` (default) gradwatch takes the clipping over: it clips to
+  ``args.max_grad_norm`` itself and sets ``args.max_grad_norm = 0`` for the run
+  (restored at ``on_train_end``). The Trainer's logged ``grad_norm`` stays the
+  pre-clip norm.
+- a forward hook on the model keeps ``outputs.loss`` of each training
+  micro-batch (the mean over micro-batches, or their sum when the Trainer
+  passes ``num_items_in_batch``, i.e. partial losses).
+- ``on_pre_optimizer_step``: gradients are unscaled by then (the Trainer's
+  norm computation unscales under fp16); calls :meth:`Watch.observe`. On a
+  non-finite step every gradient is set to None (``optimizer.step()`` changes
+  nothing) and the LR scheduler's state is saved.
+- ``on_step_end``: after a skipped step, the scheduler step the Trainer took
+  anyway is rewound (no schedule drift).
+- ``on_log``: adds ``gradwatch/*`` numbers to the logs dict (seen by reporting
+  callbacks that come after this one); findings are also appended to
+  ``state.log_history`` as ``{"gradwatch_finding": code, ...}`` entries, the
+  run directory and the ``gradwatch`` Python logger.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "gradwatch.integrations.transformers needs transformers: pip install 'gradwatch[transformers]'"
+    ) from exc
+
+from ..watch import Watch
+from . import SchedulerRewind
+
+__all__ = ["GradwatchCallback"]
+
+_ON_NONFINITE = ("skip", "raise")
+
+
+class GradwatchCallback(TrainerCallback):
+    """Per-layer gradient telemetry, diagnosis and skip-on-non-finite for a ``transformers.Trainer``.
+
+    Args:
+        run_dir: run directory (written by rank 0 under torch.distributed);
+            None keeps everything in memory. Default: None.
+        clip_norm: ``"auto"`` (clip to ``args.max_grad_norm`` inside gradwatch,
+            so the recorded norms are pre-clip), a float, or None (leave the
+            Trainer's own clipping alone; the recorded norms are then post-clip).
+            Default: ``"auto"``.
+        on_nonfinite: ``"skip"`` or ``"raise"``. Default: ``"skip"``.
+        **watch_options: other :class:`gradwatch.Watch` keywords
+            (``norm_type``, ``diagnose``, ``write_rank``, ...).
+
+    Attributes:
+        watch: the :class:`gradwatch.Watch` (None before training starts).
+
+    Example:
+        >>> cb = GradwatchCallback(run_dir=None)
+        >>> cb.watch is None
+        True
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        clip_norm: float | str | None = "auto",
+        on_nonfinite: str = "skip",
+        **watch_options: Any,
+    ) -> None:
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {_ON_NONFINITE} in the transformers callback, got {on_nonfinite!r}"
+            )
+        if isinstance(clip_norm, str) and clip_norm != "auto":
+            raise ValueError(f"clip_norm must be 'auto', a positive float or None, got {clip_norm!r}")
+        if clip_norm is not None and not isinstance(clip_norm, str):
+            if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (
+                math.isfinite(clip_norm) and clip_norm > 0
+            ):
+                raise ValueError(f"clip_norm must be 'auto', a positive float or None, got {clip_norm!r}")
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
+        for reserved in ("precision", "scaler"):
+            if reserved in watch_options:
+                raise ValueError(
+                    f"{reserved}= is the Trainer's job here: set TrainingArguments(bf16=/fp16=); "
+                    "gradwatch measures after its unscale"
+                )
+        self.run_dir = run_dir
+        self.clip_norm = clip_norm
+        self.on_nonfinite = on_nonfinite
+        self.watch_options = watch_options
+        self.watch: Watch | None = None
+        self.last_result = None
+        self._rewind = SchedulerRewind()
+        self._saved_max_grad_norm: float | None = None
+        self._hook: Any = None
+        self._losses: list[torch.Tensor] = []
+        self._partial = False
+        self.skipped_steps = 0
+
+    # ----- set-up / tear-down ----------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        if self.watch is not None:
+            return
+        if model is None or optimizer is None:
+            raise ValueError("GradwatchCallback needs the Trainer's model and optimizer (transformers >= 4.40)")
+        clip = self.clip_norm
+        if clip == "auto":
+            clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+            if clip is not None:  # take the clipping over: the Trainer clips before any callback sees the grads
+                self._saved_max_grad_norm = args.max_grad_norm
+                args.max_grad_norm = 0.0
+        self.watch = Watch(model, optimizer, clip_norm=clip, on_nonfinite=self.on_nonfinite, run_dir=self.run_dir, **self.watch_options)
+        self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._saved_max_grad_norm is not None:
+            args.max_grad_norm = self._saved_max_grad_norm
+            self._saved_max_grad_norm = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.watch is not None:
+            self.watch.close()
+
+    # ----- every step ------------------------------------------------------------------
+    def _keep_loss(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if not module.training:
+            return
+        try:
+            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self._losses.append(loss.detach().float().reshape(()))
+                self._partial = kwargs.get("num_items_in_batch") is not None
+        except Exception:  # a number we only record must never break the forward pass
+            pass
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._losses = []
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any
+    ) -> None:
+        watch = self.watch
+        if watch is None or watch._closed:
+            return
+        losses, self._losses = self._losses, []
+        loss = None
+        if losses:
+            stacked = torch.stack(losses)
+            loss = stacked.sum() if self._partial else stacked.mean()
+        result = watch.observe(loss)  # internal errors are reported inside, never raised
+        self.last_result = result
+        if result.skipped:
+            self.skipped_steps += 1
+            self._rewind.save([lr_scheduler], optimizer)
+        for finding in result.findings:
+            entry = {"gradwatch_finding": finding.code, "severity": finding.severity,
+                     "message": finding.message, "step": state.global_step + 1}
+            state.log_history.append(entry)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._rewind.pending:  # the Trainer stepped the scheduler after a skipped update: undo it
+            try:
+                self._rewind.restore()
+            except Exception as exc:
+                if self.watch is not None:
+                    self.watch.errors.report("transformers scheduler rewind", exc)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is None or self.watch is None or not self.watch.history:
+            return
+        record = self.watch.history[-1]
+        logs["gradwatch/grad_norm"] = float(record.grad_norm)
+        logs["gradwatch/skipped_steps"] = float(self.skipped_steps)
+        logs["gradwatch/findings"] = float(len(self.watch.findings))
