@@ -196,9 +196,7 @@ class PrecisionPlugin(WatchPlugin):
             ctx.scratch["amp_hist"] = ranges.exponent_histogram(grads, index.param_layer, len(index), self.watch.device)
             if self._bf16_check():
                 ctx.scratch["amp_before"] = [p.detach().clone() for p in index.params]
-                ctx.scratch["amp_intended"] = [
-                    (g != 0) if (g is not None and p.dtype == torch.bfloat16) else None for p, g in zip(index.params, grads)
-                ]
+                ctx.scratch["amp_intended"] = [(g != 0) if g is not None else None for g in grads]
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list[Finding]:
         findings: list[Finding] = []

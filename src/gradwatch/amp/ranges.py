@@ -287,7 +287,9 @@ def lost_update_counts(
         slots: the layer of each weight.
         n_layers: number of layers.
         intended: per weight, an optional boolean mask of elements meant to
-            change (used for bf16 weights; None means ``dw != 0``).
+            change, e.g. ``grad != 0``. For bf16 weights it defines the intended
+            updates (None: every element); for fp32 weights it widens ``dw != 0``
+            (an update that float32 already lost is lost in bf16 as well).
 
     Returns:
         an int64 tensor of shape (2, n_layers): row 0 lost, row 1 intended. No host sync.
@@ -308,6 +310,8 @@ def lost_update_counts(
         else:
             dw = w1 - w0
             want = dw != 0
+            if mask is not None:  # an update float32 itself already lost (dw == 0) is lost in bf16 too
+                want = want | mask
             w16 = w0.to(torch.bfloat16)
             lost = want & ((w16.to(dw.dtype) + dw).to(torch.bfloat16) == w16)
         out[0, slot] += lost.sum()
