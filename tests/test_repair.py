@@ -206,11 +206,14 @@ def test_lr_backoff_counts_afresh_after_each_backoff_and_scales_every_group():
 
 
 def test_lr_backoff_default_is_on_only_with_a_repair_mode():
-    _, opt = _nan_steps_run({2, 3, 4})
+    lost = {2, 3, 5, 7, 8}
+    _, opt = _nan_steps_run(lost)
     assert opt.param_groups[0]["lr"] == 0.1  # plain on_nonfinite="skip": no lr change behind the user's back
-    _, opt = _nan_steps_run({2, 3, 4}, on_spike="skip")
+    _, opt = _nan_steps_run(lost - {8}, on_spike="skip")
+    assert opt.param_groups[0]["lr"] == 0.1  # k = 5 by default
+    _, opt = _nan_steps_run(lost, on_spike="skip")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    _, opt = _nan_steps_run({2, 3, 4}, on_spike="skip", lr_backoff=None)
+    _, opt = _nan_steps_run(lost, on_spike="skip", lr_backoff=None)
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -254,7 +257,7 @@ def test_rollback_backoff_counts_as_the_window_backoff():
 
 
 def test_rollbacks_count_towards_k_when_they_keep_the_lr():
-    watch, opt = _rollback_run(rollback_lr_factor=1.0)
+    watch, opt = _rollback_run(rollback_lr_factor=1.0, lr_backoff_after=3)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # 3 rolled-back steps in 50: one backoff
     found = [f for f in watch.findings if f.code == "lr_too_high"]
     assert len(found) == 1 and found[0].step == 9

@@ -55,7 +55,7 @@ from .. import nonfinite as _nonfinite  # noqa: E402,F401
 @register_default_plugin(always=True)
 def _make_lr_backoff(watch: Watch) -> LRBackoff | None:
     factor = watch.options.pop("lr_backoff", "auto")
-    after = watch.options.pop("lr_backoff_after", 3)
+    after = watch.options.pop("lr_backoff_after", 5)
     window = watch.options.pop("lr_backoff_window", 50)
     if factor is None or factor is False:
         return None

@@ -78,9 +78,10 @@ class LRBackoff(WatchPlugin):
 
     Args:
         factor: multiply the lr by this, in (0, 1). Default: 0.5.
-        after: number of lost steps that triggers a backoff. Default: 3.
-        window: the lost steps must fall within this many steps. Default: 50 (three
-            lost steps in 50 happen by chance to 2% of windows at a 1% bad-batch rate).
+        after: number of lost steps that triggers a backoff. Default: 5 (at a 1%
+            rate of bad batches, 5 within 50 steps happen to ~1 window in 7000; an
+            instability driven by the lr loses that many in a few steps).
+        window: the lost steps must fall within this many steps. Default: 50.
 
     Example:
         >>> import torch, gradwatch as gw
@@ -96,7 +97,7 @@ class LRBackoff(WatchPlugin):
 
     name = "lr_backoff"
 
-    def __init__(self, factor: float = 0.5, after: int = 3, window: int = 50) -> None:
+    def __init__(self, factor: float = 0.5, after: int = 5, window: int = 50) -> None:
         self.factor = _check_factor(factor)
         self.after = _check_int("lr_backoff_after", after, 1)
         self.window = _check_int("lr_backoff_window", window, 1)
