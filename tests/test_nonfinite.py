@@ -98,7 +98,7 @@ def test_log0_in_a_hand_written_loss_is_loss_numerics_at_aten_log() -> None:
     assert finding.location["phase"] == "loss"
     assert finding.location["source"].endswith(line_of("MARK-log0"))
     assert finding.location["function"] == "bce_by_hand"
-    assert finding.evidence["localization"]["kind"] == "inf"
+    assert finding.evidence["localization"]["kind"] == "-inf"
     assert finding.evidence["replay"]["model_output_finite"] is True
     assert any("log_softmax" in fix for fix in finding.fixes)
     assert any(line_of("MARK-log0") in fix for fix in finding.fixes)
@@ -523,13 +523,22 @@ def test_a_healthy_run_of_200_steps_never_replays(monkeypatch: pytest.MonkeyPatc
     watch.close()
 
 
-def test_max_replays_caps_the_replays_of_a_run_that_is_nan_every_step() -> None:
+def test_a_run_stuck_on_nan_gets_one_finding_per_cause_and_a_capped_number_of_replays(tmp_path) -> None:
     model = nn.Sequential(LogFeatures(), nn.Linear(8, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), max_replays=2)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), max_replays=2, max_bundles=3,
+                     run_dir=tmp_path / "run")
     x, y = -torch.rand(4, 8), torch.randn(4, 1)
-    results = [watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y)) for _ in range(4)]
-    assert plugin_of(watch).replays == 2
-    assert [r.findings[0].evidence["decided_by"] for r in results] == ["replay", "replay", "no_replay", "no_replay"]
+    results = [watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y)) for _ in range(5)]
+    plugin = plugin_of(watch)
+    assert all(r.skipped for r in results) and plugin.replays == 2
+    ours = [[f.evidence["decided_by"] for f in r.findings if f.code == "nonfinite_forward"] for r in results]
+    assert ours == [["replay"], [], ["no_replay"], [], []]  # a new finding only when the cause (as known) changes
+    assert plugin.repeats == 3
+    assert len(list((tmp_path / "run" / "nonfinite").glob("*.pt"))) == 3  # a bundle per step, up to max_bundles
+    ok = torch.rand(4, 8) + 0.5
+    assert not watch.step(lambda: F.mse_loss(model(ok), y), batch=(ok, y)).skipped
+    again = watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y))  # after a good step: a new episode
+    assert [f.code for f in again.findings] == ["nonfinite_forward"]
     watch.close()
 
 

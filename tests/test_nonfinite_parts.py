@@ -323,3 +323,36 @@ def test_docs_code_blocks_run_and_print_what_the_doc_says(tmp_path, capsys) -> N
         assert got.replace(str(example), "example.py").replace(example.name, "example.py") == want
     exec(compile(python[1], "replay_example.py", "exec"), {"__name__": "docs_example"})  # noqa: S102
     assert "aten.addmm (inf) in module 0" in capsys.readouterr().out
+
+
+class Counter(nn.Module):
+    """A forward that replaces its buffer instead of updating it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return self.lin(x)
+
+
+def test_replay_puts_back_a_buffer_the_forward_replaced() -> None:
+    model = Counter()
+    original = model.calls
+    outcome = replay(model, lambda: torch.log(model(torch.ones(3, 2)) * 0).sum(), None)
+    assert outcome.localization.op == "aten.log"
+    assert model.calls is original and float(model.calls) == 0.0
+
+
+def test_skip_mode_reports_buffers_the_failing_forward_poisoned() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    x[2, 1] = float("nan")
+    finding = watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y)).findings[0]
+    assert finding.code == "degenerate_batch"
+    assert "1.running_mean" in finding.evidence["nonfinite_buffers"]
+    assert any("on_nonfinite='rollback' restores them" in fix for fix in finding.fixes)
+    watch.close()

@@ -80,6 +80,8 @@ class NonFinitePlugin(WatchPlugin):
 
     Attributes:
         replays: number of replays run so far (0 on a healthy run).
+        repeats: non-finite steps not reported again because the step before had the
+            same cause (a run stuck on NaN gets one finding per cause, not per step).
         rollback: the :class:`~.rollback.Rollback` keeper (rollback mode), else None.
 
     Example:
@@ -112,6 +114,9 @@ class NonFinitePlugin(WatchPlugin):
         self._rng: dict[str, Any] | None = None
         self._first_norm: float | None = None
         self._updates = 0
+        self._last_bad_step = -1
+        self._episode_key: tuple[Any, ...] | None = None
+        self.repeats = 0  # non-finite steps not reported again (same cause as the step before)
 
     def attach(self, watch: Watch) -> None:
         super().attach(watch)
@@ -183,7 +188,24 @@ class NonFinitePlugin(WatchPlugin):
         self._maybe_roll_back(ctx.step, finding)
         if name is not None:
             self._save_bundle(name, ctx, record, finding, outcome)
-        return [finding]
+        return [finding] if self._new_episode(ctx.step, finding) else []
+
+    def _new_episode(self, step: int, finding: Finding) -> bool:
+        """False for a repeat: the step right after a non-finite one, with the same code and place.
+
+        A run stuck on NaN (every step skipped) gets one finding per cause, not one per
+        step; every skipped step is still in steps.jsonl and has its bundle. A rollback
+        starts a new episode (the weights changed).
+        """
+        keys = ("op", "module", "node", "source", "tensor", "layers")
+        key = (finding.code, tuple((k, str(finding.location.get(k))) for k in keys))
+        repeat = (self._last_bad_step == step - 1 and key == self._episode_key
+                  and finding.evidence.get("action") != "rollback")
+        self._last_bad_step = step
+        self._episode_key = key
+        if repeat:
+            self.repeats += 1
+        return not repeat
 
     def _check_batch(self, batch: Any) -> BatchReport | None:
         if batch is None:
@@ -208,8 +230,12 @@ class NonFinitePlugin(WatchPlugin):
         precision = watch.precision
         autocast = precision.autocast if precision.mode != "fp32" else None
         scale = record.loss_scale if precision.scaling and record.loss_scale and math.isfinite(record.loss_scale) else None
-        with (no_sync() if distributed else contextlib.nullcontext()):
-            return replay(_unwrap(model), ctx.closure, self._rng, autocast_ctx=autocast, loss_scale=scale)
+        try:
+            with (no_sync() if distributed else contextlib.nullcontext()):
+                return replay(_unwrap(model), ctx.closure, self._rng, autocast_ctx=autocast, loss_scale=scale)
+        except Exception as exc:  # the replay machinery itself failed: classify without it
+            self.watch.errors.report("nonfinite.replay", exc)
+            return None
 
     def _lr(self) -> float | None:
         try:

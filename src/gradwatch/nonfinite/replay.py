@@ -297,8 +297,11 @@ class _ModuleTracker:
     def __enter__(self) -> "_ModuleTracker":
         for name, module in self.model.named_modules():
             path = name or "(root)"
-            self.handles.append(module.register_forward_pre_hook(self._pre(path)))
-            self.handles.append(module.register_forward_hook(self._post(path, module is self.model), always_call=True))
+            try:
+                self.handles.append(module.register_forward_pre_hook(self._pre(path)))
+                self.handles.append(module.register_forward_hook(self._post(path, module is self.model), always_call=True))
+            except (RuntimeError, AttributeError, TypeError):  # a module that takes no hooks (scripted)
+                continue
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -464,7 +467,8 @@ def _preserved(model: nn.Module, rng_devices: list[str]) -> Iterator[None]:
     """Set aside gradients, clone buffers and the RNG state; put everything back afterwards."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(module, name, b, b.detach().clone())  # a forward may replace a buffer rather than update it
+               for module in model.modules() for name, b in module._buffers.items() if b is not None]
     rng_after = capture_rng_state()
     for device_type in rng_devices:
         module = _accelerator_module(device_type)
@@ -478,7 +482,8 @@ def _preserved(model: nn.Module, rng_devices: list[str]) -> Iterator[None]:
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.grad = g
-            for b, saved in buffers:
+            for module, name, b, saved in buffers:
+                module._buffers[name] = b
                 b.copy_(saved)
         restore_rng_state(rng_after)
 
