@@ -199,9 +199,10 @@ class DepthCurveRule:
             )
             fixes = [
                 f"re-initialize {_span(names[:-1])} at fan-in scale: kaiming_normal_(weight, nonlinearity='relu') (or xavier_normal_ for tanh)",
-                "clip_norm=1.0 keeps the steps bounded meanwhile",
                 "add LayerNorm after each hidden layer",
             ]
+            if inp.record.clip_threshold is None:
+                fixes.insert(1, "clip_norm=1.0 keeps the steps bounded meanwhile")
         return Finding(code, "warning", inp.step, message, evidence=evidence, location=location, fixes=fixes)
 
 
@@ -339,6 +340,13 @@ class ClippingRule:
         norms = np.array([r.grad_norm for r in recent])
         threshold = inp.record.clip_threshold
         suggest = float(np.quantile(norms, 0.9))
+        median = float(np.median(norms))
+        if median > 10 * threshold:  # far above: raising the threshold would hide a problem, not tune a knob
+            fixes = ["the gradients are far above the threshold: fix their cause (see the other findings: init, "
+                     "learning rate, normalization) rather than raising clip_norm"]
+        else:
+            fixes = [f"raise clip_norm from {threshold:g} to about {suggest:.2g} (the 90th percentile of recent norms)",
+                     "or lower the learning rate if the norms are large because training is unstable"]
         return [Finding(
             "clipping_always_active", "info", inp.step,
             f"The clip threshold {threshold:g} engaged on {share:.0%} of the last {len(recent)} steps (median pre-clip "
@@ -346,8 +354,7 @@ class ClippingRule:
             evidence={"share_clipped": share, "steps": len(recent), "clip_norm": threshold,
                       "median_grad_norm": float(np.median(norms)), "p90_grad_norm": suggest},
             location={},
-            fixes=[f"raise clip_norm from {threshold:g} to about {suggest:.2g} (the 90th percentile of recent norms)",
-                   "or lower the learning rate if the norms are large because training is unstable"],
+            fixes=fixes,
         )]
 
 
