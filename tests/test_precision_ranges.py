@@ -159,3 +159,18 @@ def test_docstring_examples_run(name: str) -> None:
     module = importlib.import_module(name)
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+def test_bit_path_equals_frexp_path() -> None:
+    # float32 bins read from the bits must equal the frexp definition (subnormals: see _bin_index_fp32).
+    from gradwatch.amp.ranges import _bin_index, _bin_index_fp32
+
+    values = torch.cat([
+        _values_across_binades(50_000, -126.0, 127.0, seed=3),
+        torch.tensor([0.0, -0.0, 1.0, -2.0, 2.0**-126, 2.0**127, 3.4e38, float("inf"), -float("inf"), float("nan")]),
+    ])
+    fast = _bin_index_fp32(values).long()
+    reference = _bin_index(values.double())  # float64 goes through frexp
+    assert torch.equal(fast, reference)
+    sub = torch.tensor([1e-45, 2.0**-127, 1e-40])  # float32 subnormals: all in the bin of 2^-126
+    assert _bin_index_fp32(sub).tolist() == [-126 - ranges.EXP_LO] * 3

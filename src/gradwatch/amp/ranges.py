@@ -23,7 +23,8 @@ power-of-two scale (``|g| S <= 2^-25`` flushes, ties to even included). The
 subnormal and overflow boundaries are exact up to values within one float16 ulp
 of the boundary (an element exactly equal to 2^-14 counts as subnormal; one in
 [65520, 65536] counts as finite). A scale that is not a power of two is rounded
-down to one (a conservative choice for underflow).
+down to one (a conservative choice for underflow). float32 subnormals (below
+2^-126) share the bin of 2^-126: float16 flushes them at any scale up to 2^100.
 """
 
 from __future__ import annotations
@@ -55,10 +56,28 @@ NONFINITE_SLOT = N_BINS + 1  # column of inf / nan elements
 _CHUNK = 1 << 22  # elements per pass, bounds the transient memory of the int64 bin index
 
 
+def _bin_index_fp32(flat: torch.Tensor) -> torch.Tensor:
+    """:func:`_bin_index` for contiguous float32, read from the bits (about 2x faster than frexp).
+
+    A normal float32 ``1.m * 2^(E-127)`` lies in ``(2^(E-127), 2^(E-126)]`` unless
+    its mantissa bits are zero (an exact power of two, one bin down). float32
+    subnormals (below 2^-126) all go to the bin of 2^-126: float16 flushes them
+    at every scale up to 2^100.
+    """
+    bits = flat.view(torch.int32)
+    biased = (bits >> 23) & 0xFF
+    power_of_two = (bits & 0x7FFFFF) == 0
+    index = biased - (126 + EXP_LO) - power_of_two.to(torch.int32)
+    index = torch.where(biased == 0, torch.where(power_of_two, ZERO_SLOT, -126 - EXP_LO), index)
+    return torch.where(biased == 255, NONFINITE_SLOT, index)
+
+
 def _bin_index(flat: torch.Tensor) -> torch.Tensor:
-    """Histogram column of every element of a 1-D floating tensor (int64)."""
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # frexp needs fp32/fp64; fp16 and bf16 values are exact in fp32
+    """Histogram column of every element of a 1-D floating tensor."""
+    if flat.dtype != torch.float64:
+        flat = flat.float()  # fp16 and bf16 values are exact in fp32
+        if flat.is_contiguous():
+            return _bin_index_fp32(flat)
     mantissa, exponent = torch.frexp(flat)  # |x| = |m| 2^e, |m| in [0.5, 1)
     exponent = exponent.to(torch.int64) - (mantissa.abs() == 0.5).to(torch.int64)  # exact powers go one bin down
     index = exponent.clamp_(EXP_LO, EXP_HI) - EXP_LO
