@@ -547,3 +547,16 @@ def test_the_plugin_is_on_with_diagnose_false() -> None:
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), diagnose=False)
     assert plugin_of(watch) is not None
     watch.close()
+
+
+def test_observe_without_a_loss_blames_no_phase_it_cannot_see() -> None:
+    model = nn.Sequential(SqrtFeatures(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.Watch(model, opt, clip_norm=None)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    F.mse_loss(model(x), y).backward()
+    result = watch.observe(None, batch=(x, y))
+    (finding,) = [f for f in result.findings if f.severity == "error"]
+    assert finding.code == "nonfinite_backward" and "no loss was given" in finding.message
+    assert finding.location["layers"] == ["0.fc"]
+    watch.close()

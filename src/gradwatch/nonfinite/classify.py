@@ -102,6 +102,7 @@ class StepFacts:
     lr: float | None = None
     weight_scale: WeightScale | None = None
     bundle: str | None = None
+    loss_known: bool = True  # False for watch.observe() without a loss
 
     @property
     def loss_finite(self) -> bool:
@@ -366,6 +367,13 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
         not_reproduced = (f" (the replay failed: {outcome.error})" if outcome.error else
                           " (the replay of the step was finite: a non-deterministic op, or a closure that reads changing data)")
     layers = ", ".join(facts.nonfinite_layers[:5]) or "unknown layers"
+    if not facts.loss_known:
+        return done("nonfinite_backward", "no_replay",
+                    f"Step {n}: the gradients of {layers} were non-finite; no loss was given, so gradwatch cannot "
+                    f"tell whether the forward pass or the backward made them{not_reproduced}; pass the loss to "
+                    "watch.observe(loss), or a closure to watch.step(), to learn more.",
+                    ["look for sqrt, norm, division or log of values that can reach 0 in the forward of " + layers,
+                     "check the batch for NaN/inf (pass batch= to have it checked)"])
     if facts.loss_finite:
         return done("nonfinite_backward", "no_replay",
                     f"Step {n}: the loss was finite ({facts.loss:.4g}) but the gradients of {layers} were not, "

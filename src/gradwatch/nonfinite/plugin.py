@@ -182,6 +182,7 @@ class NonFinitePlugin(WatchPlugin):
             lr=self._lr(),
             weight_scale=weight_scale(watch.model) if self._updates == 0 else None,
             bundle=f"nonfinite/{name}" if name else None,
+            loss_known=not ctx.scratch.get("loss_unknown", False),
         )
         finding = classify(facts, batch, outcome)
         self._note_buffers(finding)
