@@ -101,13 +101,18 @@ def write_synthetic_run(path: Path, steps: int, layers: int, *, findings: int = 
             record["update_ratio"] = [1e-3] * layers
         writer.append_step(record, {"grad_norms": norms, "weight_norms": np.ones(layers)})
         if activations and s % 5 == 0:
-            writer.append("activations", {"step": s, "layers": {f"act{i}": {"dead": 0.1 * i, "saturated": 0.05}
-                                                                for i in range(3)}})
+            # the diagnosis sampler's format (gradwatch.diagnosis.sampler.ActivationSample.to_json)
+            writer.append("activations", {"step": s, "grad_rms": {n: 0.5 ** (layers - j) for j, n in enumerate(names)},
+                                          "activations": {f"relu after blocks.{i}.fc": {"kind": "relu", "dead": 0.1 * i}
+                                                          for i in range(3)} | {"sigmoid": {"kind": "sigmoid", "saturated": 0.7}}})
     for k in range(findings):
         writer.append_finding(Finding("loss_spike", "warning", 1 + k * max(1, steps // max(1, findings)), f"spike {k}"))
     if bundle:
-        writer.save_bundle("step_000007.pt", {"step": 7, "batch": torch.zeros(2, 3),
-                                              "location": {"module": HOSTILE, "op": "aten.log"}})
+        writer.save_bundle("step_000007.pt", {"format": 1, "step": 7, "batch": (torch.zeros(2, 3), torch.ones(2)),
+                                              "rng": {"cpu": torch.zeros(8, dtype=torch.uint8)},
+                                              "nonfinite_layers": ["blocks.0.fc"],
+                                              "localization": {"module": HOSTILE, "op": "aten.log", "phase": "forward"},
+                                              "finding": {"code": "loss_numerics", "severity": "error", "message": "log(0)"}})
     writer.close()
     return path
 
@@ -195,6 +200,10 @@ def test_effective_gain_recovers_per_layer_factor_with_gaps() -> None:
     np.testing.assert_allclose(data.effective_gain(rms), sigmas, rtol=1e-9)
     noisy = 0.5 ** (11 - depth)[None, :] * np.exp(rng.normal(0, 0.1, (200, 12)))
     assert abs(np.median(data.effective_gain(noisy)) - 0.5) < 0.02
+    # the same fit as the diagnosis rules' gradwatch.diagnosis.curve.fit_depth_curve, row by row
+    curve = pytest.importorskip("gradwatch.diagnosis.curve")
+    reference = [curve.fit_depth_curve(row).gain for row in noisy[:20]]
+    np.testing.assert_allclose(data.effective_gain(noisy[:20]), reference, rtol=1e-9)
     one_layer = np.full((1, 12), np.nan)
     one_layer[0, 3] = 1.0
     assert np.isnan(data.effective_gain(one_layer)[0])
@@ -208,6 +217,18 @@ def test_heatmap_is_geometric_mean_per_bucket() -> None:
     assert hm.step_edges.tolist() == [1, 3, 5]
     big = data.heatmap(np.full((2_000, 700), 10.0), np.arange(2_000), max_cols=600, max_rows=400)
     assert big.z.shape == (400, 600) and np.all(big.z == 1.0)  # 700 layers into 400 rows, 2,000 steps into 600 columns
+
+
+def test_chunked_whole_run_computations_match_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    m = np.exp(rng.normal(size=(3_000, 7)))
+    m[5, 3], m[2_000:2_010] = np.nan, 0.0
+    one_pass = (data.heatmap(m, np.arange(3_000), max_cols=60).z, data.effective_gain(m))
+    monkeypatch.setattr(data, "CHUNK_ROWS", 77)
+    chunked = (data.heatmap(m, np.arange(3_000), max_cols=60).z, data.effective_gain(m))
+    np.testing.assert_allclose(chunked[0], one_pass[0])
+    np.testing.assert_allclose(chunked[1], one_pass[1])
+    assert np.isnan(chunked[1][2_000:2_010]).all()
 
 
 def test_checkpoints_flags_and_last_values() -> None:
@@ -241,6 +262,7 @@ def test_activation_stats_reads_both_layouts_and_ignores_junk() -> None:
 EXPECTED_FIGURES = {"fig-depth", "fig-heatmap", "fig-grad-norm", "fig-loss", "fig-gain", "fig-update-ratio"}
 
 
+@pytest.mark.slow
 def test_report_of_a_watch_run_is_self_contained_with_every_figure(tmp_path: Path) -> None:
     watch = make_watch_run(tmp_path / "run", steps=30, nan_step=12)
     out = gw.report(tmp_path / "run")
@@ -253,8 +275,8 @@ def test_report_of_a_watch_run_is_self_contained_with_every_figure(tmp_path: Pat
         root = ET.fromstring(svg)  # well-formed SVG
         assert root.tag.endswith("svg")
         assert len(svg) > 5000, fig_id  # a drawn chart, not an empty canvas
-    # Streams this run does not have are said to be absent, not drawn empty.
-    assert 'id="fig-activations-absent"' in page and 'id="fig-loss-scale-absent"' in page
+    # Streams this run does not have are said to be absent, not drawn empty (fp32: no loss scale).
+    assert 'id="fig-loss-scale-absent"' in page and "fig-loss-scale" not in svgs
     text = " ".join(parse(page).text)
     # The layer table lists every measured layer in depth order with its type and last RMS.
     table = " ".join(parse(page.split('<section id="layers">')[1].split("</section>")[0]).text)
@@ -302,12 +324,13 @@ def test_every_optional_stream_shown_when_present(tmp_path: Path) -> None:
                               activations=True, bundle=True)
     page = gw.report(run).read_text(encoding="utf-8")
     svgs = figure_svgs(page)
-    assert EXPECTED_FIGURES | {"fig-activations", "fig-loss-scale"} <= set(svgs)
+    assert EXPECTED_FIGURES | {"fig-activations", "fig-loss-scale", "fig-act-grad"} <= set(svgs)
     assert "absent" not in re.sub(r"\.absent\{[^}]*\}", "", page.split("<body>")[1].split('id="bundles"')[0])
     text = "".join(parse(page).text)
     assert "step_000007.pt" in text and "aten.log" in text and HOSTILE in text  # bundle location, escaped
     assert HOSTILE not in page
-    assert "tensor (2, 3) torch.float32" in text
+    assert "tuple of 2: [tensor (2, 3) torch.float32, tensor (2,) torch.float32]" in text
+    assert "loss_numerics" in text and "log(0)" in text and "aten.log" in text
     assert text.count("spike ") >= 3
 
 
@@ -324,9 +347,10 @@ def test_absent_streams_and_empty_runs_are_handled(tmp_path: Path) -> None:
     writer.write_meta({"model": "M"})
     writer.close()
     page = gw.report(empty, output=tmp_path / "out" / "empty.html").read_text(encoding="utf-8")
-    assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 8
+    assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 9
 
 
+@pytest.mark.slow
 def test_compare_overlays_two_runs_in_the_same_charts(tmp_path: Path) -> None:
     make_watch_run(tmp_path / "sigmoid", activation="sigmoid", steps=20)
     make_watch_run(tmp_path / "relu", activation="relu", steps=20)

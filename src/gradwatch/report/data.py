@@ -29,6 +29,8 @@ MAX_LINE_POINTS = 2000
 MAX_HEATMAP_COLS = 600
 #: Layer rows of the heatmap; deeper models average neighbouring layers.
 MAX_HEATMAP_ROWS = 400
+#: Rows (steps) processed at a time by the whole-run computations, to bound memory.
+CHUNK_ROWS = 8192
 
 
 def checkpoint_rows(steps: np.ndarray, usable: np.ndarray, count: int = 6) -> np.ndarray:
@@ -160,11 +162,22 @@ def heatmap(matrix: np.ndarray, steps: np.ndarray, max_cols: int = MAX_HEATMAP_C
         >>> h.z.shape, h.z[:, 0].tolist()
         ((3, 10), [0.0, 1.0, 2.0])
     """
-    logs = log10_positive(matrix)  # (S, L)
-    n_steps, n_layers = logs.shape
+    matrix = np.asarray(matrix)
+    n_steps, n_layers = matrix.shape
     cols = bucket_edges(n_steps, max_cols)
     rows = bucket_edges(n_layers, max_rows)
-    z = bucket_mean(logs, cols, axis=0) if n_steps else np.zeros((0, n_layers))  # (C, L)
+    z = np.zeros((0, n_layers))
+    if n_steps:
+        # Buckets of steps in chunks of about CHUNK_ROWS rows: memory stays bounded on long runs.
+        parts, start = [], 0
+        while start < len(cols) - 1:
+            stop = start + 1
+            while stop < len(cols) - 1 and cols[stop + 1] - cols[start] <= CHUNK_ROWS:
+                stop += 1
+            logs = log10_positive(matrix[cols[start]:cols[stop]])  # (rows of these buckets, L)
+            parts.append(bucket_mean(logs, cols[start:stop + 1] - cols[start], axis=0))
+            start = stop
+        z = np.concatenate(parts, axis=0)  # (C, L)
     if n_layers and n_steps:
         z = bucket_mean(z, rows, axis=1)  # (C, R)
     steps = np.asarray(steps)
@@ -190,8 +203,13 @@ def effective_gain(rms: np.ndarray) -> np.ndarray:
         >>> np.round(effective_gain(rms), 6).tolist()
         [0.5, 2.0]
     """
-    logs = np.log(np.where(np.isfinite(rms) & (rms > 0), rms, np.nan))  # (S, L)
-    mask = np.isfinite(logs)
+    rms = np.asarray(rms, dtype=np.float64)
+    if rms.shape[0] > CHUNK_ROWS:  # bounded memory on long runs: the fit is row by row anyway
+        return np.concatenate([effective_gain(rms[i:i + CHUNK_ROWS]) for i in range(0, rms.shape[0], CHUNK_ROWS)])
+    ok = np.isfinite(rms) & (rms > 0)
+    logs = np.full(rms.shape, np.nan)
+    logs[ok] = np.log(rms[ok])  # (S, L)
+    mask = ok
     depth = np.arange(logs.shape[1], dtype=np.float64)[None, :]
     w = mask.astype(np.float64)
     y = np.where(mask, logs, 0.0)
@@ -290,9 +308,11 @@ def _stat_value(stats: dict[str, Any], names: Sequence[str]) -> float:
 def activation_stats(records: list[dict[str, Any]]) -> ActivationStats | None:
     """Read ``activations.jsonl`` records into arrays (None when nothing was sampled).
 
-    Accepts one object per sampled step with a ``step`` and per-module stats,
-    either as ``{"layers": {name: {"dead": f, "saturated": f}}}`` or as a list
-    ``{"layers": [{"name": name, "dead": f, ...}]}``; unknown keys are ignored.
+    Accepts one object per sampled step with a ``step`` and per-site stats
+    under ``activations`` (what the diagnosis sampler writes:
+    ``{"activations": {site: {"kind": "relu", "dead": f}}}``), ``layers`` or
+    ``modules``, as a dict by name or a list of ``{"name": ..., ...}``;
+    unknown keys are ignored.
 
     Example:
         >>> s = activation_stats([{"step": 5, "layers": {"relu1": {"dead": 0.9}}}])
@@ -304,7 +324,7 @@ def activation_stats(records: list[dict[str, Any]]) -> ActivationStats | None:
     for record in records:
         if not isinstance(record, dict):
             continue
-        entries = record.get("layers", record.get("modules"))
+        entries = record.get("activations", record.get("layers", record.get("modules")))
         per: dict[str, dict[str, Any]] = {}
         if isinstance(entries, dict):
             per = {str(k): v for k, v in entries.items() if isinstance(v, dict)}
@@ -348,3 +368,45 @@ def clip_threshold(meta: dict[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) and value > 0 else None
+
+
+@dataclass
+class SampledCurve:
+    """Activation-gradient RMS ``||dL/dh||/sqrt(numel)`` per layer on sampled steps (samples x layers)."""
+
+    layers: list[str]
+    steps: np.ndarray
+    rms: np.ndarray
+
+
+def activation_grad_curve(records: list[dict[str, Any]], layer_order: Sequence[str] = ()) -> SampledCurve | None:
+    """The ``grad_rms`` maps of ``activations.jsonl`` as a matrix, layers in depth order.
+
+    Layers named in ``layer_order`` come first, in that order; others follow as met.
+
+    Example:
+        >>> c = activation_grad_curve([{"step": 1, "grad_rms": {"fc2": 1.0, "fc1": 0.1}}], ["fc1", "fc2"])
+        >>> c.layers, c.rms.tolist()
+        (['fc1', 'fc2'], [[0.1, 1.0]])
+    """
+    rows = [(r.get("step"), r["grad_rms"]) for r in records
+            if isinstance(r, dict) and isinstance(r.get("grad_rms"), dict) and r["grad_rms"]]
+    if not rows:
+        return None
+    seen = {str(name) for _, values in rows for name in values}
+    names = [n for n in layer_order if n in seen]
+    names += sorted(seen - set(names))
+    column = {name: j for j, name in enumerate(names)}
+    table = np.full((len(rows), len(names)), np.nan)
+    steps = np.zeros(len(rows), dtype=np.int64)
+    for i, (step, values) in enumerate(rows):
+        try:
+            steps[i] = int(step)
+        except (TypeError, ValueError):
+            steps[i] = i
+        for name, value in values.items():
+            try:
+                table[i, column[str(name)]] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return SampledCurve(layers=names, steps=steps, rms=table)

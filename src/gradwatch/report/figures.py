@@ -278,6 +278,35 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
         return _svg(fig)
 
 
+def fig_act_grad(views: Sequence[RunView]) -> str | None:
+    """Activation-gradient RMS (dL/dh on each layer's output) by depth, on the sampled steps."""
+    if not any(v.act_grad is not None for v in views):
+        return None
+    with _style():
+        fig = _new(3.8)
+        ax = fig.add_subplot()
+        cmaps = ("viridis", "Oranges")
+        names: list[str] = []
+        for i, view in enumerate(views):
+            curve = view.act_grad
+            if curve is None:
+                continue
+            usable = (np.isfinite(curve.rms) & (curve.rms > 0)).any(axis=1)
+            rows = data.checkpoint_rows(curve.steps, usable, 6 if len(views) == 1 else 3)
+            colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, row in zip(colors, rows):
+                ax.plot(np.arange(len(curve.layers)), _positive(curve.rms[row]), RUN_STYLES[i], color=color,
+                        marker="o", markersize=2.5, linewidth=1.2, label=f"{_runs_label(views, i)}step {int(curve.steps[row])}")
+            if len(curve.layers) > len(names):
+                names = curve.layers
+        ax.set_yscale("log")
+        ax.set_ylabel("RMS of dL/dh (activation gradient)")
+        ax.set_xlabel("layer output, in depth order")
+        _depth_ticks(ax, names)
+        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        return _svg(fig)
+
+
 def fig_activations(views: Sequence[RunView]) -> str | None:
     """Dead and saturated fractions per sampled layer: latest sample and mean over samples."""
     stats = [v.activations for v in views]
@@ -349,6 +378,9 @@ FIGURES = (
     ("fig-gain", "Effective per-layer gain", fig_gain,
      "exp(-slope) of log gradient RMS against depth, per step: the typical factor by which backpropagation "
      "scales a gradient per layer. Below 1: vanishing; above 1: exploding."),
+    ("fig-act-grad", "Activation gradients by depth (sampled steps)", fig_act_grad,
+     "RMS of the gradient with respect to each layer's output (dL/dh) on the sampled steps: the weight "
+     "gradients above can hide vanishing that this curve shows."),
     ("fig-update-ratio", "Update-to-weight ratio", fig_update_ratio,
      "||w_after - w_before|| / ||w_before|| per layer on the steps where it was measured."),
     ("fig-activations", "Activation statistics", fig_activations,

@@ -164,6 +164,24 @@ def _findings(view: RunView) -> str:
     return table + "".join(_finding_html(f) for f in shown) + note
 
 
+#: Bundle keys whose (small) dict content is shown in full: where the step went non-finite.
+_BUNDLE_DETAIL_KEYS = ("localization", "location", "finding")
+
+
+def _brief(value: Any) -> Any:
+    """A bundle value summarized: tensors by shape and dtype, containers by size."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"tensor {tuple(value.shape)} {value.dtype}"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(str(_brief(v)) for v in list(value)[:4])
+        return f"{type(value).__name__} of {len(value)}: [{inner}{', ...' if len(value) > 4 else ''}]"
+    if isinstance(value, dict):
+        return f"dict of {len(value)}: {', '.join(str(k) for k in list(value)[:8])}"
+    return value
+
+
 def _bundle_summary(path: Path) -> str:
     try:
         import torch
@@ -175,14 +193,14 @@ def _bundle_summary(path: Path) -> str:
         return f"<code>{esc(type(payload).__name__)}</code>"
     parts = []
     for key, value in payload.items():
-        if hasattr(value, "shape") and hasattr(value, "dtype"):
-            shown = f"tensor {tuple(value.shape)} {value.dtype}"
-        elif isinstance(value, (dict, list, tuple)) and key not in ("location", "finding", "nonfinite", "where"):
-            shown = f"{type(value).__name__} of {len(value)}"
+        if key in _BUNDLE_DETAIL_KEYS and isinstance(value, dict):
+            if key == "finding":
+                value = {k: value.get(k) for k in ("code", "severity", "message") if k in value}
+            detail = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(_brief(v))}</td></tr>" for k, v in value.items())
+            parts.append(f"<tr><th>{esc(key)}</th><td><table>{detail}</table></td></tr>")
         else:
-            shown = value
-        parts.append((key, shown))
-    return _kv_table(parts)
+            parts.append(f"<tr><th>{esc(key)}</th><td>{fmt(_brief(value))}</td></tr>")
+    return f"<table>{''.join(parts)}</table>"
 
 
 def _bundles(view: RunView) -> str:

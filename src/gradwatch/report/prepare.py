@@ -44,6 +44,7 @@ class RunView:
     findings: list[Finding]
     activations: data.ActivationStats | None
     events: list[dict[str, Any]]
+    act_grad: data.SampledCurve | None = None
     bundles: list[Path] = field(default_factory=list)
 
     @property
@@ -93,5 +94,6 @@ def prepare(run: Run, label: str | None = None, checkpoints: int = 6) -> RunView
         findings=list(run.findings),
         activations=data.activation_stats(run.activations),
         events=list(run.events),
+        act_grad=data.activation_grad_curve(run.activations, run.layer_names),
         bundles=run.bundles,
     )
