@@ -147,7 +147,8 @@ class CNN(nn.Module):
         h = self.features(x)  # (B, C, 8, 8)
         if self.side is not None:
             with torch.no_grad():  # the bug: a trainable branch computed under no_grad
-                h = h + 0.1 * self.side(x)
+                side = self.side(x)
+            h = h + 0.1 * side
         return self.head(h.mean((2, 3)))
 
 
@@ -236,25 +237,28 @@ class SeqRNN(nn.Module):
 
 
 # ----- resnet -------------------------------------------------------------------------
-class WhereLog(nn.Module):
-    """``where(h > 0, log(h), 0)``: finite forward, but log's backward at h == 0 is 0/0 = NaN.
+class LogIntensity(nn.Module):
+    """Log-intensity features ``where(h > 0, log(h), 0)`` of ``h = gain * x`` (a learnable per-pixel gain).
 
-    The masked branch still runs, and its gradient (masked to 0) is divided by
-    h = 0 in LogBackward: the classic ``torch.where`` NaN-gradient trap.
+    The forward is finite (blank pixels give 0), but the masked branch still
+    runs: log's backward divides its (zero) incoming gradient by h = 0, 0/0 =
+    NaN, and the gain's gradient becomes NaN - the ``torch.where`` NaN-gradient trap.
     """
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.gain
         return torch.where(h > 0, torch.log(h), torch.zeros_like(h))
 
 
 class Residual(nn.Module):
-    def __init__(self, width: int, norm: bool, act: str = "relu", detach: bool = False, extra: nn.Module | None = None) -> None:
+    def __init__(self, width: int, norm: bool, act: str = "relu", detach: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.LayerNorm(width)] if norm else []
-        layers += [nn.Linear(width, width), ACTIVATIONS[act]()]
-        if extra is not None:
-            layers.append(extra)
-        layers.append(nn.Linear(width, width))
+        layers += [nn.Linear(width, width), ACTIVATIONS[act](), nn.Linear(width, width)]
         self.branch = nn.Sequential(*layers)
         self.detach = detach
 
@@ -264,21 +268,19 @@ class Residual(nn.Module):
 
 
 class ResMLP(nn.Module):
-    """``stem`` Linear, ``blocks`` residual blocks, final LayerNorm (when ``norm``), Linear ``head``."""
+    """Optional input module ``pre``, ``stem`` Linear, ``blocks`` residual blocks, final LayerNorm (when ``norm``), ``head``."""
 
     def __init__(self, blocks: int = 4, width: int = 32, norm: bool = True, detach_block: int | None = None,
-                 extra_block: int | None = None, extra: Callable[[], nn.Module] | None = None) -> None:
+                 pre: nn.Module | None = None) -> None:
         super().__init__()
+        self.pre = pre
         self.stem = nn.Linear(64, width)
-        self.blocks = nn.ModuleList(
-            Residual(width, norm, detach=(i == detach_block), extra=extra() if (extra is not None and i == extra_block) else None)
-            for i in range(blocks)
-        )
+        self.blocks = nn.ModuleList(Residual(width, norm, detach=(i == detach_block)) for i in range(blocks))
         self.norm = nn.LayerNorm(width) if norm else nn.Identity()
         self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
+        h = self.stem(self.pre(x) if self.pre is not None else x)
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h))

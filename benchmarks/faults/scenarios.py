@@ -135,9 +135,8 @@ def sgd(model: nn.Module, lr: float, momentum: float = 0.0) -> torch.optim.Optim
 # ----- batch corruptions ----------------------------------------------------------------
 def _nan_features(b: Any) -> Any:
     x = b[0].clone()
-    x[3, 7] = float("nan")
-    x[5, 20] = float("nan")
-    x[9, 41] = float("nan")
+    flat = x.view(-1)  # three NaN values, wherever the batch's layout puts them
+    flat[[3 * 64 + 7, 5 * 64 + 20, 9 * 64 + 41]] = float("nan")
     return (x,) + tuple(b[1:])
 
 
@@ -265,9 +264,13 @@ def b_mlp_init_large() -> Setup:
     return digits_task(m, adam(m, 1e-3))
 
 
+def _mse_onehot(model: nn.Module, b: Any) -> torch.Tensor:
+    return F.mse_loss(model(b[0]), F.one_hot(b[1], 10).float())
+
+
 def b_mlp_lr_sgd() -> Setup:
-    m = _mlp(4, "relu", "kaiming")
-    return digits_task(m, sgd(m, 3.0), clip_norm=None)
+    m = _mlp(4, "tanh", "xavier")
+    return digits_task(m, sgd(m, 2.0), clip_norm=None, loss=_mse_onehot)
 
 
 def b_mlp_dead_relu() -> Setup:
@@ -293,7 +296,7 @@ def b_mlp_clip_tiny() -> Setup:
 
 def b_mlp_spike() -> Setup:
     m = _mlp(4, "relu", "kaiming")
-    return digits_task(m, adam(m), inject=_at(80, _scale(40.0)))
+    return digits_task(m, adam(m), inject=_at(80, _scale(1000.0)))
 
 
 def b_mlp_nan_features() -> Setup:
@@ -331,10 +334,14 @@ def b_mlp_fp16_overflow() -> Setup:
     return digits_task(m, adam(m), inject=_from(30, _scale(1e5)), precision="fp16")
 
 
-def b_mlp_fp16_underflow() -> Setup:
+def b_mlp_fp16_underflow(factor: float = 1e-4) -> Setup:
     m = _mlp(4, "relu", "kaiming")
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1_000_000)
-    return digits_task(m, adam(m), loss=_times(_ce, 1e-6), precision="fp16", scaler=scaler)
+    return digits_task(m, adam(m), loss=_times(_ce, factor), precision="fp16", scaler=scaler)
+
+
+def b_mlp_fp16_flushed() -> Setup:
+    return b_mlp_fp16_underflow(1e-7)
 
 
 # cnn
@@ -349,8 +356,8 @@ def b_cnn_init_large() -> Setup:
 
 
 def b_cnn_lr_sgd() -> Setup:
-    m = archs.init_linear_(archs.CNN(depth=3, bn=False), "kaiming")
-    return digits_task(m, sgd(m, 2.0), image=True, clip_norm=None)
+    m = archs.init_linear_(archs.CNN(depth=3, bn=False, act="gelu"), "kaiming")
+    return digits_task(m, sgd(m, 10.0, 0.9), image=True, clip_norm=None)
 
 
 def b_cnn_dead_relu_bn() -> Setup:
@@ -376,8 +383,8 @@ def b_cnn_missing_side() -> Setup:
 
 
 def b_cnn_label_spike() -> Setup:
-    m = archs.CNN(depth=3, bn=True)
-    return digits_task(m, adam(m, 1e-2), image=True, inject=_at(100, _wrong_labels))
+    m = archs.CNN(depth=3, channels=16, bn=True)
+    return digits_task(m, adam(m, 1e-2), image=True, inject=_at(200, _wrong_labels))
 
 
 def b_cnn_probe_plain_deep() -> Setup:
@@ -434,7 +441,7 @@ def b_lstm_padding_only() -> Setup:
 
 def b_lstm_saturated_proj() -> Setup:
     m = archs.SeqRNN("lstm", proj_tanh=True)
-    _scale_weights_(m.proj, 25.0)
+    _scale_weights_(m.proj, 300.0)
     return seq_task(m, adam(m, 1e-3), one_hot=True)
 
 
@@ -456,7 +463,7 @@ def b_res_explode_nonorm() -> Setup:
 
 
 def b_res_where_log() -> Setup:
-    m = archs.ResMLP(blocks=4, norm=True, extra_block=1, extra=archs.WhereLog)
+    m = archs.ResMLP(blocks=4, norm=True, pre=archs.LogIntensity())
     return digits_task(m, adam(m))
 
 
@@ -512,7 +519,7 @@ def h_cnn_bn() -> Setup:
 
 
 def h_cnn_plain() -> Setup:
-    m = archs.CNN(depth=3, bn=False)
+    m = archs.init_linear_(archs.CNN(depth=3, channels=16, bn=False), "kaiming")
     return digits_task(m, adam(m, 3e-3), image=True)
 
 
@@ -564,8 +571,8 @@ SCENARIOS: list[Scenario] = [
       b_mlp_explode_linear, steps=60),
     S("mlp_relu_init_x6", "mlp", "8 x Linear(32)+ReLU, Kaiming x6, Adam, clip 1.0",
       "weights 6x their Kaiming scale", "init_scale_too_large", b_mlp_init_large, steps=40, quick=True),
-    S("mlp_sgd_lr3", "mlp", "4 x Linear(32)+ReLU, Kaiming, SGD lr=3, no clipping",
-      "learning rate far above the stable one", "lr_too_high", b_mlp_lr_sgd, steps=80),
+    S("mlp_mse_sgd_lr2", "mlp", "4 x Linear(32)+tanh, Xavier, MSE on one-hot targets, SGD lr=2, no clipping",
+      "learning rate far above the stable one: the error grows geometrically", "lr_too_high", b_mlp_lr_sgd, steps=80),
     S("mlp_dead_relu_bias", "mlp", "6 x Linear(32)+ReLU, Kaiming, Adam",
       "third hidden layer's bias set to -10: its ReLU outputs 0 for every input", "dead_relu", b_mlp_dead_relu,
       steps=60, expected_module=("4", "5")),
@@ -577,8 +584,8 @@ SCENARIOS: list[Scenario] = [
       steps=40, expected_module=("aux",), quick=True),
     S("mlp_clip_0.01", "mlp", "4 x Linear(32)+ReLU, Adam, clip_norm=0.01",
       "a clip threshold far below the typical gradient norm", "clipping_always_active", b_mlp_clip_tiny, steps=80),
-    S("mlp_batch_x40_step80", "mlp", "4 x Linear(32)+ReLU, Adam",
-      "one batch at step 80 with features x40 (unnormalized data)", "loss_spike", b_mlp_spike, steps=110, onset=80),
+    S("mlp_batch_x1000_step80", "mlp", "4 x Linear(32)+ReLU, Adam",
+      "one batch at step 80 with features x1000 (raw, unnormalized units)", "loss_spike", b_mlp_spike, steps=110, onset=80),
     S("mlp_nan_features_step60", "mlp", "4 x Linear(32)+ReLU, Adam",
       "three NaN pixels in the batch of step 60", "degenerate_batch", b_mlp_nan_features, steps=80, onset=60,
       quick=True),
@@ -601,15 +608,18 @@ SCENARIOS: list[Scenario] = [
     S("mlp_fp16_raw_inputs", "mlp", "4 x Linear(32)+ReLU, fp16 autocast + GradScaler",
       "inputs in raw units (x1e5) from step 30: activations above fp16's 65504", "fp16_overflow",
       b_mlp_fp16_overflow, steps=70, onset=30, expected_module=("0",)),
-    S("mlp_fp16_tiny_loss", "mlp", "4 x Linear(32)+ReLU, fp16, GradScaler(init_scale=1, no growth)",
-      "loss x1e-6 with no loss scaling: gradients below fp16's 2^-24 flush to zero", "fp16_underflow",
+    S("mlp_fp16_small_loss", "mlp", "4 x Linear(32)+ReLU, fp16, GradScaler(init_scale=1, no growth)",
+      "loss x1e-4 with no loss scaling: many gradients fall below fp16's normal range 2^-14", "fp16_underflow",
       b_mlp_fp16_underflow, steps=60),
+    S("mlp_fp16_tiny_loss", "mlp", "4 x Linear(32)+ReLU, fp16, GradScaler(init_scale=1, no growth)",
+      "loss x1e-7 with no loss scaling: every gradient flushes to zero in fp16 (nothing learns)", "fp16_underflow",
+      b_mlp_fp16_flushed, steps=60),
     # ----- cnn: with and without BatchNorm, on 8x8 digit images
     S("cnn_sigmoid_10_nobn", "cnn", "10 x Conv3x3(8)+sigmoid, no BatchNorm",
       "ten sigmoid conv layers without normalization", "vanishing_gradients", b_cnn_vanish_sigmoid, steps=60),
     S("cnn_init_x8_nobn", "cnn", "4 x Conv3x3(8)+ReLU, Kaiming x8, no BatchNorm",
       "conv weights 8x their Kaiming scale", "init_scale_too_large", b_cnn_init_large, steps=40),
-    S("cnn_sgd_lr2_nobn", "cnn", "3 x Conv3x3(8)+ReLU, SGD lr=2, no clipping",
+    S("cnn_sgd_lr10_nobn", "cnn", "3 x Conv3x3(8)+GELU, Kaiming, SGD lr=10 momentum 0.9, no clipping",
       "learning rate far above the stable one", "lr_too_high", b_cnn_lr_sgd, steps=80),
     S("cnn_bn_dead_relu", "cnn", "3 x Conv3x3(8)+BatchNorm+ReLU",
       "second BatchNorm's shift set to -10: its ReLU outputs 0 everywhere", "dead_relu", b_cnn_dead_relu_bn,
@@ -623,8 +633,8 @@ SCENARIOS: list[Scenario] = [
     S("cnn_bn_no_grad_branch", "cnn", "conv+BN stack + a side conv computed under torch.no_grad",
       "a trainable branch run under no_grad never receives a gradient", "missing_gradients", b_cnn_missing_side,
       steps=40, expected_module=("side",)),
-    S("cnn_bn_wrong_labels_step100", "cnn", "3 x Conv3x3(8)+BatchNorm+ReLU, Adam",
-      "one batch with every label wrong at step 100", "loss_spike", b_cnn_label_spike, steps=130, onset=100),
+    S("cnn_bn_wrong_labels_step200", "cnn", "3 x Conv3x3(16)+BatchNorm+ReLU, Adam",
+      "one batch with every label wrong at step 200", "loss_spike", b_cnn_label_spike, steps=230, onset=200),
     S("cnn_plain_20_probe", "cnn", "20 x Conv3x3(8)+ReLU, default init, no BatchNorm",
       "a deep plain CNN that the pre-flight probe should flag", "missing_normalization", b_cnn_probe_plain_deep,
       steps=30),
@@ -655,8 +665,8 @@ SCENARIOS: list[Scenario] = [
     S("lstm_padding_only_batch", "rnn", "LSTM(32), token CE averaged over non-padding positions",
       "a batch made only of padding at step 60: sum / count = 0/0", "loss_numerics", b_lstm_padding_only, steps=80,
       onset=60, expected_op="aten.div"),
-    S("lstm_tanh_proj_x25", "rnn", "LSTM(32) + Linear+tanh projection x25",
-      "projection weights 25x: tanh outputs pinned at +-1", "saturated_activations", b_lstm_saturated_proj,
+    S("lstm_tanh_proj_x300", "rnn", "LSTM(32) + Linear+tanh projection x300",
+      "projection weights 300x default: most tanh outputs pinned at +-1", "saturated_activations", b_lstm_saturated_proj,
       steps=60, expected_module=("proj.1", "proj.0")),
     S("lstm_detached_encoder", "rnn", "2 stacked LSTMs, encoder output detached",
       "encoder(x)[0].detach(): the encoder never receives a gradient", "missing_gradients", b_lstm_detached_encoder,
@@ -667,9 +677,9 @@ SCENARIOS: list[Scenario] = [
     S("resmlp_16_nonorm", "resnet", "16 residual MLP blocks, Kaiming, no normalization",
       "each un-normalized residual block doubles the signal variance: gradients grow ~2^16 toward the input",
       "exploding_gradients", b_res_explode_nonorm, steps=60),
-    S("resmlp_where_log", "resnet", "4 residual blocks (LN), one with where(h > 0, log(h), 0)",
-      "torch.where NaN gradient: log's backward divides 0 by h = 0", "nonfinite_backward", b_res_where_log,
-      steps=20, expected_op="aten.div", expected_module=("blocks.1.branch.3",), expected_node="LogBackward0"),
+    S("resmlp_where_log", "resnet", "log-intensity input where(g*x > 0, log(g*x), 0) + 4 residual blocks (LN)",
+      "torch.where NaN gradient: log's backward divides 0 by g*x = 0 at blank pixels", "nonfinite_backward",
+      b_res_where_log, steps=20, expected_op="aten.div", expected_module=("pre",), expected_node="LogBackward0"),
     S("resmlp_detached_block", "resnet", "4 residual blocks (LN), block 2's branch detached",
       "x + branch(x).detach(): block 2 never receives a gradient", "missing_gradients", b_res_detached_block,
       steps=40, expected_module=("blocks.2",)),
@@ -689,7 +699,7 @@ SCENARIOS: list[Scenario] = [
     S("healthy_mlp_fp16", "mlp", "4 x Linear(32)+ReLU, fp16 autocast + GradScaler", "", None, h_mlp_fp16,
       steps=HEALTHY_STEPS),
     S("healthy_cnn_bn_4", "cnn", "4 x Conv3x3(8)+BatchNorm+ReLU, Adam", "", None, h_cnn_bn, steps=HEALTHY_STEPS),
-    S("healthy_cnn_plain_3", "cnn", "3 x Conv3x3(8)+ReLU, no BatchNorm, Adam", "", None, h_cnn_plain,
+    S("healthy_cnn_plain_3", "cnn", "3 x Conv3x3(16)+ReLU, Kaiming, no BatchNorm, Adam", "", None, h_cnn_plain,
       steps=HEALTHY_STEPS),
     S("healthy_gpt_preln", "gpt", "2-block pre-LN GPT (d=32), Adam", "", None, h_gpt_preln, steps=HEALTHY_STEPS,
       quick=True),
