@@ -56,6 +56,12 @@ NONFINITE_SLOT = N_BINS + 1  # column of inf / nan elements
 _CHUNK = 1 << 22  # elements per pass, bounds the transient memory of the int64 bin index
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise: counts are per rank."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _bin_index_fp32(flat: torch.Tensor) -> torch.Tensor:
     """:func:`_bin_index` for contiguous float32, read from the bits (about 2x faster than frexp).
 
@@ -115,7 +121,7 @@ def exponent_histogram(
     for tensor, slot in zip(tensors, slots):
         if tensor is None or tensor.numel() == 0:
             continue
-        flat = tensor.detach().reshape(-1)
+        flat = _local(tensor.detach()).reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
             counts = torch.bincount(_bin_index(flat[start : start + _CHUNK]), minlength=N_BINS + 2)
             hist[slot].add_(counts.to(device))
@@ -322,7 +328,8 @@ def lost_update_counts(
     out = torch.zeros(2, n_layers, dtype=torch.int64, device=device)
     masks = intended if intended is not None else [None] * len(before)
     for w0, w1, slot, mask in zip(before, after, slots, masks):
-        w0, w1 = w0.detach(), w1.detach()
+        w0, w1 = _local(w0.detach()), _local(w1.detach())
+        mask = _local(mask) if mask is not None else None
         if w0.dtype == torch.bfloat16:
             want = mask if mask is not None else torch.ones_like(w0, dtype=torch.bool)
             lost = want & (w1 == w0)
