@@ -153,7 +153,7 @@ def test_nonfinite_features_mid_run_skip_the_step_and_training_goes_on(bad: floa
     assert finding.code == "degenerate_batch"
     assert finding.location["first_nonfinite"] == "batch[0][3, 7]"
     word = "NaN" if math.isnan(bad) else "inf"
-    assert f"3 {word} values at batch[0][3, 7]" in finding.fixes[0]
+    assert f"3 {word} values at batch[0][3, 7] (first)" in finding.fixes[0]
     assert finding.location["op"] == "aten.addmm" and finding.location["module"] == "0"  # the first op that saw it
     assert finding.evidence["localization"]["created"] is False
     assert losses[-1] < 0.3 * losses[0]  # training went on and converged
@@ -533,6 +533,7 @@ def test_a_run_stuck_on_nan_gets_one_finding_per_cause_and_a_capped_number_of_re
     assert all(r.skipped for r in results) and plugin.replays == 2
     ours = [[f.evidence["decided_by"] for f in r.findings if f.code == "nonfinite_forward"] for r in results]
     assert ours == [["replay"], [], ["no_replay"], [], []]  # a new finding only when the cause (as known) changes
+    assert "max_replays=2" in results[2].findings[0].message
     assert plugin.repeats == 3
     assert len(list((tmp_path / "run" / "nonfinite").glob("*.pt"))) == 3  # a bundle per step, up to max_bundles
     ok = torch.rand(4, 8) + 0.5

@@ -103,6 +103,7 @@ class StepFacts:
     weight_scale: WeightScale | None = None
     bundle: str | None = None
     loss_known: bool = True  # False for watch.observe() without a loss
+    replay_note: str | None = None  # why no replay ran although a closure was given
 
     @property
     def loss_finite(self) -> bool:
@@ -138,12 +139,12 @@ def _forward_cause_and_fixes(loc: Localization) -> tuple[str, list[str]]:
     """Why a forward/loss op went non-finite, and what to change (concrete, with the line)."""
     op, at = _op_name(loc), _at(loc)
     if op in _LOG:
-        return ("log of 0 is -inf (log of a negative number is NaN)", [
+        return ("log of a negative number is NaN" if loc.kind == "nan" else "log of 0 is -inf", [
             "use torch.log_softmax / F.cross_entropy instead of log(softmax(x))",
             f"clamp the argument{at}: torch.log(p.clamp_min(1e-12))",
         ])
     if op in _DIV:
-        return ("a division by zero", [
+        return ("0/0 is NaN" if loc.kind == "nan" else "a division by zero", [
             f"add eps to the denominator{at}, e.g. x / (d + 1e-8)",
             "guard an empty count: total / count.clamp_min(1) (a mean over an empty selection divides by 0)",
         ])
@@ -299,11 +300,13 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
         location = {**location, "tensor": t.path, "first_nonfinite": t.first_nonfinite}
         kinds = "NaN" if t.nan else "inf"
         count = t.nan if t.nan else t.posinf + t.neginf
+        fixes = [f"drop or repair batches with {kinds} features; {count} {kinds} value{'s' if count > 1 else ''} "
+                 f"at {t.first_nonfinite}" + (" (first)" if count > 1 else ""),
+                 "find where the data pipeline makes them (check the source files and any normalization that divides)"]
+        if t.nan:
+            fixes.append("if NaN marks missing values, impute them at load time (torch.nan_to_num or a mask feature)")
         return done("degenerate_batch", "batch_nonfinite",
-                    f"Step {n} was skipped because its input batch is itself non-finite: {t.describe()}.",
-                    [f"drop or repair batches with {kinds} features; {count} {kinds} values at {t.first_nonfinite}",
-                     "find where the data pipeline makes them (check the source files and any normalization that divides)",
-                     "if NaN marks missing values, impute them at load time (torch.nan_to_num or a mask feature)"])
+                    f"Step {n} was skipped because its input batch is itself non-finite: {t.describe()}.", fixes)
     if batch is not None and _implicated(batch, loc, reproduced):
         t = batch.degenerate[0]
         location = {**location, "tensor": t.path}
@@ -362,7 +365,7 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
         return done("nonfinite_forward", "replay", f"Step {n}: {loc.describe()} in the forward pass: {cause}.", fixes)
 
     # 4. no localization
-    not_reproduced = ""
+    not_reproduced = f" ({facts.replay_note})" if facts.replay_note and outcome is None else ""
     if outcome is not None:
         not_reproduced = (f" (the replay failed: {outcome.error})" if outcome.error else
                           " (the replay of the step was finite: a non-deterministic op, or a closure that reads changing data)")

@@ -117,6 +117,7 @@ class NonFinitePlugin(WatchPlugin):
         self._last_bad_step = -1
         self._episode_key: tuple[Any, ...] | None = None
         self.repeats = 0  # non-finite steps not reported again (same cause as the step before)
+        self._replay_note: str | None = None
 
     def attach(self, watch: Watch) -> None:
         super().attach(watch)
@@ -183,6 +184,7 @@ class NonFinitePlugin(WatchPlugin):
             weight_scale=weight_scale(watch.model) if self._updates == 0 else None,
             bundle=f"nonfinite/{name}" if name else None,
             loss_known=not ctx.scratch.get("loss_unknown", False),
+            replay_note=self._replay_note if ctx.closure is not None and outcome is None else None,
         )
         finding = classify(facts, batch, outcome)
         self._note_buffers(finding)
@@ -218,7 +220,11 @@ class NonFinitePlugin(WatchPlugin):
             return None
 
     def _replay(self, ctx: StepContext, record: StepRecord) -> ReplayOutcome | None:
-        if ctx.closure is None or self.replays >= self.max_replays:
+        self._replay_note = None
+        if ctx.closure is None:
+            return None
+        if self.replays >= self.max_replays:
+            self._replay_note = f"not replayed: the run used its max_replays={self.max_replays} replays"
             return None
         watch = self.watch
         model = watch.model
@@ -226,6 +232,7 @@ class NonFinitePlugin(WatchPlugin):
             and torch.distributed.get_world_size() > 1
         no_sync = getattr(model, "no_sync", None)
         if distributed and no_sync is None:
+            self._replay_note = "not replayed: a replay under this distributed wrapper could deadlock the ranks"
             return None  # FSDP: a replay that stops early on one rank would leave the others in a collective
         self.replays += 1
         precision = watch.precision
@@ -236,6 +243,7 @@ class NonFinitePlugin(WatchPlugin):
                 return replay(_unwrap(model), ctx.closure, self._rng, autocast_ctx=autocast, loss_scale=scale)
         except Exception as exc:  # the replay machinery itself failed: classify without it
             self.watch.errors.report("nonfinite.replay", exc)
+            self._replay_note = f"the replay failed: {type(exc).__name__}"
             return None
 
     def _lr(self) -> float | None:
