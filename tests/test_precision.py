@@ -523,3 +523,19 @@ def test_healthy_unsampled_fp16_step_adds_no_host_sync(monkeypatch: pytest.Monke
     assert not result.skipped and result.loss_scale == 65536.0
     assert calls["n"] == 2  # the core's packed.cpu() and .numpy(): one transfer, nothing from fp16 or the plugin
     watch.close()
+
+
+def test_natural_overflow_follows_theorys_gradscaler_sequence() -> None:
+    # THEORY.md: max |grad| = 1 overflows at 65536 (65536 > 65504) but not at 32768, so with the
+    # default growth/backoff the skipped steps are 1, I+2, 2I+3, ... (1, 2002, 4003 for I = 2000).
+    # Here dL/d(out) = 1 exactly and passes through float16 in the backward; I = 20 keeps it short.
+    interval = 20
+    model = nn.Linear(4, 1)
+    x = torch.tensor([[0.5, 0.25, -0.5, 0.125]])  # |x| < 1: the weight gradient 32768 * x stays in range
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.0), precision="fp16", clip_norm=None,
+                     scaler=torch.amp.GradScaler("cpu", growth_interval=interval))
+    results = [watch.step(lambda: model(x).float().sum()) for _ in range(3 * (interval + 1))]
+    watch.close()
+    assert [r.step for r in results if r.skipped] == [1, interval + 2, 2 * interval + 3]
+    assert {r.loss_scale for r in results} == {65536.0, 32768.0}
+    assert watch.precision.overflow_skips == 3
