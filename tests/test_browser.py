@@ -120,6 +120,8 @@ def _distinct_colors(image: Any) -> int:
 @pytest.fixture
 def browser(tmp_path: Path) -> Any:
     if CHROMIUM is None:
+        if os.environ.get("GRADWATCH_REQUIRE_BROWSER") == "1":
+            pytest.fail("GRADWATCH_REQUIRE_BROWSER=1 but no chromium on PATH")
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
     chromium = Chromium(CHROMIUM, tmp_path / "profile")
     try:

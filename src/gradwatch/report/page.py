@@ -133,7 +133,7 @@ def _finding_html(finding: Any) -> str:
         f"<b>{esc(finding.code)}</b> at step {fmt(finding.step)}"
         f'<p class="message">{esc(finding.message)}</p>'
         + (f"<div>location: {location}</div>" if location else "")
-        + (f"<details open><summary>evidence</summary>{evidence}</details>" if evidence else "")
+        + (f"<div>evidence:{evidence}</div>" if evidence else "")
         + (f"<div>fixes:<ol>{fixes}</ol></div>" if fixes else "")
         + "</div>"
     )
@@ -153,15 +153,23 @@ def _findings(view: RunView) -> str:
     )
     table = ("<table><tr><th>severity</th><th>code</th><th>count</th><th>first step</th><th>last step</th></tr>"
              f"{rows}</table>")
-    # First occurrence of every code, then the rest in order, up to the cap.
-    firsts = [fs[0] for fs in codes.values()]
-    chosen = {id(f) for f in firsts}
-    rest = [f for f in view.findings if id(f) not in chosen]
-    shown = sorted(firsts + rest[: max(0, MAX_FINDINGS - len(firsts))], key=lambda f: f.step)
-    more = len(view.findings) - len(shown)
+    # Per code: its first finding in full, the others folded under <details> (no script needed),
+    # up to MAX_FINDINGS in all.
+    groups = sorted(codes.values(), key=lambda fs: (order.get(fs[0].severity, 3), fs[0].step))
+    budget = start = max(0, MAX_FINDINGS - len(groups))
+    parts = []
+    for fs in groups:
+        parts.append(_finding_html(fs[0]))
+        rest = fs[1:1 + budget]
+        budget -= len(rest)
+        if rest:
+            parts.append(f"<details><summary>{len(rest)} more {esc(fs[0].code)} finding{'s' if len(rest) > 1 else ''}"
+                         f"</summary>{''.join(_finding_html(f) for f in rest)}</details>")
+    shown = len(groups) + start - budget
+    more = len(view.findings) - shown
     note = (f'<p class="absent">{more} more findings are not listed here; all are in findings.jsonl '
             f"(<code>gradwatch doctor {esc(view.path)}</code>).</p>") if more > 0 else ""
-    return table + "".join(_finding_html(f) for f in shown) + note
+    return table + "".join(parts) + note
 
 
 #: Bundle keys whose (small) dict content is shown in full: where the step went non-finite.
