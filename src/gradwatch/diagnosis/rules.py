@@ -14,6 +14,7 @@ are the single source.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from ..findings import Finding
 from .curve import DepthFit, fit_depth_curve, window_log_median
-from .patterns import HUGE_FIRST_NORM, norm_pattern
-from .robust import median_mad, robust_zscore
+from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
+from .robust import robust_zscore
 from .sampler import ActivationSample
 
 # vanishing / exploding: the fitted gradient ratio over the whole stack, and how straight the line is.
@@ -259,6 +260,8 @@ class LrRule:
             return []
         if not record.finite:
             return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
+        if record.grad_norm < DIVERGED_GROWTH * self.first and not self.episode.active:
+            return []  # norm_pattern needs a finite norm DIVERGED_GROWTH times the first one
         window = [r for r in list(inp.history)[-30:]]
         norms = [self.first] + [r.grad_norm for r in window]
         skipped = [False] + [bool(r.skipped) for r in window]
@@ -326,23 +329,27 @@ class ClippingRule:
 
     def __init__(self) -> None:
         self.episode = Episode(quiet=CLIP_MIN_STEPS)
+        self.flags: deque[bool] = deque(maxlen=CLIP_MIN_STEPS)  # clipped? on recent finite steps
+        self.norms: deque[float] = deque(maxlen=CLIP_MIN_STEPS)
 
     def check(self, inp: RuleInput) -> list[Finding]:
-        if inp.record.clip_threshold is None:
+        if inp.record.clip_threshold is None or not inp.record.finite:
             return []
-        recent = [r for r in list(inp.history)[-CLIP_MIN_STEPS:] if r.finite]
-        if len(recent) < CLIP_MIN_STEPS:
+        self.flags.append(bool(inp.record.clipped))
+        self.norms.append(float(inp.record.grad_norm))
+        if len(self.flags) < CLIP_MIN_STEPS:
             return []
-        share = sum(1 for r in recent if r.clipped) / len(recent)
+        share = sum(self.flags) / len(self.flags)
         hit = share >= CLIP_SHARE
         if not self.episode.update(hit) or not hit:
             return []
-        norms = np.array([r.grad_norm for r in recent])
+        recent = self.flags
+        norms = np.array(self.norms)
         threshold = inp.record.clip_threshold
         suggest = float(np.quantile(norms, 0.9))
         median = float(np.median(norms))
-        if median > 10 * threshold:  # far above: raising the threshold would hide a problem, not tune a knob
-            fixes = ["the gradients are far above the threshold: fix their cause (see the other findings: init, "
+        if median > HUGE_FIRST_NORM:  # huge gradients: raising the threshold would hide a problem, not tune a knob
+            fixes = ["the gradients are huge: fix their cause (see the other findings: init, "
                      "learning rate, normalization) rather than raising clip_norm"]
         else:
             fixes = [f"raise clip_norm from {threshold:g} to about {suggest:.2g} (the 90th percentile of recent norms)",
@@ -378,8 +385,13 @@ class LossSpikeRule:
         if len(finite) < SPIKE_MIN_HISTORY:
             self.episode.update(False)
             return []
-        median, _ = median_mad(finite)
-        if median > 0 and min(finite) > 0:
+        ordered = sorted(finite)
+        half = len(ordered) // 2
+        median = ordered[half] if len(ordered) % 2 else 0.5 * (ordered[half - 1] + ordered[half])
+        if median > 0 and value < SPIKE_RATIO * median:  # the common case: no spike, no MAD needed
+            self.episode.update(False)
+            return []
+        if median > 0 and ordered[0] > 0:
             ratio = value / median
             z = robust_zscore(np.log(finite), math.log(value)) if value > 0 else -math.inf
             hit = ratio >= SPIKE_RATIO and z >= SPIKE_LOG_Z
