@@ -356,3 +356,18 @@ def test_skip_mode_reports_buffers_the_failing_forward_poisoned() -> None:
     assert "1.running_mean" in finding.evidence["nonfinite_buffers"]
     assert any("on_nonfinite='rollback' restores them" in fix for fix in finding.fixes)
     watch.close()
+
+
+def test_gradwatch_doctor_lists_the_bundles_this_plugin_writes(tmp_path, capsys) -> None:
+    from gradwatch.cli import main
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), run_dir=tmp_path / "run")
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y))
+    watch.step(lambda: torch.log(model(x) * 0).mean(), batch=(x, y))  # log(0) in the loss
+    watch.close()
+    assert main(["doctor", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "step_000002.pt:" in line)
+    assert "step 2" in line and "loss_numerics" in line and "aten.log" in line
