@@ -211,7 +211,9 @@ def test_fp16_unscaled_loses_small_gradients_and_loss_scaling_recovers_them() ->
     np.testing.assert_allclose(norms["fp16_scaled"], ref, rtol=3e-2)  # scaling recovers every layer
     (finding,) = findings["fp16_unscaled"]
     assert finding.severity == "warning" and finding.evidence["loss_scale"] == 1.0
-    assert "0" in finding.evidence["all_zero_layers"] or "0" in finding.evidence["layers"]
+    # fp16 left layers 0 and 2 all zero: a float32 replay measured what was lost
+    assert finding.evidence["all_zero_layers"] == ["0", "2"] and finding.evidence["measured_from"] == "fp32_replay"
+    assert finding.evidence["layers"]["0"]["flushed"] > 0.9 and finding.location == {"module": "0"}
     assert finding.evidence["recommended_scale"] > 1.0
     # the scaled run still has layer 0 partly subnormal at 65536: the finding names the scale it needs
     scaled = findings["fp16_scaled"]
@@ -539,3 +541,22 @@ def test_natural_overflow_follows_theorys_gradscaler_sequence() -> None:
     assert [r.step for r in results if r.skipped] == [1, interval + 2, 2 * interval + 3]
     assert {r.loss_scale for r in results} == {65536.0, 32768.0}
     assert watch.precision.overflow_skips == 3
+
+
+def test_complete_flush_is_found_by_a_float32_replay_and_leaves_the_weights_alone() -> None:
+    # loss x 1e-7 and no loss scaling: fp16 flushes every gradient element of every layer to zero
+    x, y = _data()
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", clip_norm=None,
+                     scaler=torch.amp.GradScaler("cpu", enabled=False))
+    result = watch.step(lambda: nn.functional.mse_loss(model(x), y.half()).float() * 1e-7)
+    watch.close()
+    assert np.all(result.record.layer_grad_norms == 0)  # nothing survived fp16
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # so nothing moved
+    (finding,) = [f for f in result.findings if f.code == "fp16_underflow"]
+    assert finding.evidence["measured_from"] == "fp32_replay"
+    assert finding.evidence["all_zero_layers"] == watch.layers
+    assert min(v["flushed"] for v in finding.evidence["layers"].values()) > 0.5
+    advice = finding.evidence["recommended_scale"]
+    assert advice >= 2.0**10 and "GradScaler(init_scale=" in finding.fixes[0]

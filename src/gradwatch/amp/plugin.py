@@ -180,7 +180,7 @@ class PrecisionPlugin(WatchPlugin):
     def before_forward(self, ctx: StepContext) -> None:
         # fp16 with a closure: keep the RNG state from before the step (a ~5 KB copy, no device
         # work) so that an overflow finding can replay the step with autocast off.
-        if self.diagnose and ctx.closure is not None and self.watch.precision.scaling:
+        if self.diagnose and ctx.closure is not None and self.watch.precision.mode == "fp16":
             try:
                 from ..nonfinite.replay import capture_rng_state
             except ImportError:  # pragma: no cover - the NaN root-cause package is part of gradwatch
@@ -218,7 +218,7 @@ class PrecisionPlugin(WatchPlugin):
         before = ctx.scratch.pop("amp_before", None)
         intended = ctx.scratch.pop("amp_intended", None)
         if hist is not None and record.finite:
-            findings.extend(self._forecast(ctx.step, record, hist))
+            findings.extend(self._forecast(ctx, record, hist))
         if before is not None and not record.skipped:
             findings.extend(self._lost_updates(ctx.step, before, intended))
         return findings
@@ -319,16 +319,34 @@ class PrecisionPlugin(WatchPlugin):
         )
 
     # ----- fp16 underflow and forecast ---------------------------------------------------
-    def _forecast(self, step: int, record: "StepRecord", hist: torch.Tensor) -> list[Finding]:
+    def _forecast(self, ctx: StepContext, record: "StepRecord", hist: torch.Tensor) -> list[Finding]:
+        step = ctx.step
         counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
         precision = self.watch.precision
         current = record.loss_scale if (precision.scaling and record.loss_scale) else 1.0
+        forecast = self._make_forecast(step, counts, current)
+        self.last_forecast = forecast
+        if self.watch.writer is not None:
+            self.watch.writer.append("events", forecast.to_event())
+        if precision.mode != "fp16":
+            return []  # fp32/bf16: the forecast is data (doctor, report), not a problem of this run
+        # fp16: what fp16 flushed is exact zeros by now. A layer whose gradient is entirely zero may
+        # have been flushed whole: measure the true (float32) gradients once with a replay.
+        all_zero = [forecast.layers[i] for i in np.flatnonzero(forecast.zero_share == 1.0)]
+        if set(all_zero) - self._underflow_reported and ctx.closure is not None:
+            true_counts = fp32_gradient_histogram(self.watch, ctx.closure, ctx.scratch.get("amp_rng"))
+            if true_counts is not None:
+                replayed = self._make_forecast(step, true_counts, current)
+                return self._underflow_finding(step, replayed, all_zero, source="fp32_replay")
+        return self._underflow_finding(step, forecast, all_zero, source="fp16_gradients")
+
+    def _make_forecast(self, step: int, counts: np.ndarray, current: float) -> Fp16Forecast:
         numel = counts.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             zero_share = counts[:, ranges.ZERO_SLOT] / numel
-        forecast = Fp16Forecast(
+        return Fp16Forecast(
             step=step,
-            precision=precision.mode,
+            precision=self.watch.precision.mode,
             layers=list(self.watch.index.names),
             current_scale=float(current),
             reference_scale=float(self.forecast_scale),
@@ -338,24 +356,17 @@ class PrecisionPlugin(WatchPlugin):
             advice=ranges.recommend_scale(counts, self.underflow_share),
             histogram=ranges.compact_histogram(counts),
         )
-        self.last_forecast = forecast
-        if self.watch.writer is not None:
-            self.watch.writer.append("events", forecast.to_event())
-        if precision.mode != "fp16":
-            return []  # fp32/bf16: the forecast is data (doctor, report), not a problem of this run
-        return self._underflow_finding(step, forecast)
 
-    def _underflow_finding(self, step: int, forecast: Fp16Forecast) -> list[Finding]:
+    def _underflow_finding(self, step: int, forecast: Fp16Forecast, all_zero: list[str], source: str) -> list[Finding]:
         shares = forecast.at_current
         below = shares.below_normal
         hit = [i for i in np.flatnonzero(np.nan_to_num(below) >= self.underflow_share)]
         new = [forecast.layers[i] for i in hit if forecast.layers[i] not in self._underflow_reported]
+        if source == "fp32_replay":  # all-zero layers the replay did not explain are not asked about again
+            self._underflow_reported.update(all_zero)
         if not new:
             return []
         self._underflow_reported.update(new)
-        # In an fp16 run the elements fp16 flushed are exact zeros by now: a layer whose gradient is
-        # entirely zero next to underflowing layers has most likely been flushed whole.
-        all_zero = [forecast.layers[i] for i in np.flatnonzero(forecast.zero_share == 1.0)]
         worst = max(hit, key=lambda i: below[i])
         name = forecast.layers[worst]
         advice = forecast.advice
@@ -368,13 +379,22 @@ class PrecisionPlugin(WatchPlugin):
             }
             for i in hit
         }
+        if source == "fp32_replay":
+            note = "; fp16 left the layer all zero" if name in all_zero else ""
+            lead = (
+                f"At loss scale {forecast.current_scale:g}, {_pct(below[worst])} of layer {name}'s "
+                f"float32 gradient elements (measured by a float32 replay{note})"
+            )
+        else:
+            lead = f"At loss scale {forecast.current_scale:g}, {_pct(below[worst])} of layer {name}'s non-zero gradient elements"
+        zero_note = ""
+        if source != "fp32_replay" and all_zero:
+            zero_note = f" (layer(s) {', '.join(all_zero[:3])} have all-zero gradients: probably flushed whole)"
         message = (
-            f"At loss scale {forecast.current_scale:g}, {_pct(below[worst])} of layer {name}'s non-zero gradient "
-            f"elements lie below float16's normal range 2^-14 ({_pct(shares.flushed[worst])} flushed to zero, "
+            f"{lead} lie below float16's normal range 2^-14 ({_pct(shares.flushed[worst])} flushed to zero, "
             f"{_pct(shares.subnormal[worst])} subnormal)"
             + (f", and {len(hit) - 1} more layer(s)" if len(hit) > 1 else "")
-            + f"; a loss scale of {_pow2(advice.per_layer[worst])} brings them into range"
-            + (f" (layer(s) {', '.join(all_zero[:3])} have all-zero gradients: probably flushed whole)." if all_zero else ".")
+            + f"; a loss scale of {_pow2(advice.per_layer[worst])} brings them into range{zero_note}."
         )
         if advice.fits:
             fixes = [
@@ -386,7 +406,10 @@ class PrecisionPlugin(WatchPlugin):
                 "train in bf16: the gradients span more than float16's range "
                 f"(they need a scale of {advice.needed:g}, but {advice.max_safe:g} already risks overflow)",
             ]
-        fixes.append("fix the vanishing gradient itself (initialization, normalization, residual connections)")
+        fixes.append(
+            "or make the gradients larger where they start small: a loss weighted far below 1, or a vanishing "
+            "gradient (initialization, normalization, residual connections)"
+        )
         return [
             Finding(
                 "fp16_underflow",
@@ -397,6 +420,7 @@ class PrecisionPlugin(WatchPlugin):
                     "loss_scale": forecast.current_scale,
                     "layers": per_layer,
                     "all_zero_layers": all_zero,
+                    "measured_from": source,
                     "recommended_scale": advice.recommended,
                     "max_safe_scale": advice.max_safe,
                     "fits": advice.fits,
@@ -568,6 +592,43 @@ def diagnose_overflow(
         }
     return {"kind": "range", "module": None, "what": None, "magnitude": None,
             "describe": "the step is finite in float32 (a float16 range overflow inside an op)"}
+
+
+def fp32_gradient_histogram(watch: "Watch", closure: Any, rng_state: dict[str, Any] | None) -> np.ndarray | None:
+    """Replay one step in float32 (autocast off, no loss scale) and histogram its true gradients.
+
+    For an fp16 run whose gradients fp16 flushed to zero: the replay
+    (:func:`gradwatch.nonfinite.replay.replay`) recomputes them in float32;
+    parameter hooks copy each gradient as it arrives. Weights, gradients and
+    buffers are left as they were. Returns the per-layer exponent histogram
+    (host numpy, see :func:`~gradwatch.amp.ranges.exponent_histogram`), or None if
+    the replay failed or produced no gradient.
+    """
+    try:
+        from ..nonfinite.replay import replay
+    except ImportError:  # pragma: no cover
+        return None
+    index = watch.index
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(i: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach().float()
+            captured[i] = captured[i] + g if i in captured else g.clone()
+
+        return hook
+
+    handles = [p.register_hook(keep(i)) for i, p in enumerate(index.params)]
+    try:
+        outcome = replay(watch.model, closure, rng_state, autocast_ctx=None, loss_scale=None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if outcome.error is not None or outcome.localization is not None or not captured:
+        return None
+    grads = [captured.get(i) for i in range(len(index.params))]
+    with torch.no_grad():
+        return ranges.exponent_histogram(grads, index.param_layer, len(index), watch.device).cpu().numpy()
 
 
 def precision_plugin(watch: "Watch") -> PrecisionPlugin | None:
