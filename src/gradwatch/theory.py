@@ -129,6 +129,13 @@ def gaussian_moments(phi: Callable[[torch.Tensor], torch.Tensor], q: float, node
     return float((w * y.detach() ** 2).sum()), float((w * dy**2).sum())
 
 
+def _second_moment(phi: Callable[[torch.Tensor], torch.Tensor], q: float, nodes: int) -> float:
+    """E[φ(√q z)²] alone (no derivative): the length map's expectation."""
+    z, w = _hermite(nodes)
+    with torch.no_grad():
+        return float((w * phi(math.sqrt(q) * z) ** 2).sum())
+
+
 def _moments(name: str, phi: Any, q: float, negative_slope: float, nodes: int) -> tuple[float, float]:
     if name in ("linear", "identity"):
         return q, 1.0
@@ -146,7 +153,7 @@ def fixed_point(
     negative_slope: float = 0.01,
     nodes: int = DEFAULT_NODES,
     q0: float = 1.0,
-    max_iter: int = 2_000,
+    max_iter: int = 200,
     rtol: float = 1e-12,
 ) -> float:
     """The fixed point q* of the length map ``q = σw² E[φ(√q z)²] + σb²`` (``inf`` if it diverges).
@@ -164,20 +171,40 @@ def fixed_point(
         if rate < 1.0:
             return sigma_b2 / (1.0 - rate)
         return 0.0 if sigma_b2 == 0.0 and rate == 1.0 else math.inf
+    def length_map(q: float) -> float:
+        return sigma_w2 * _second_moment(phi, q, nodes) + sigma_b2
+
     q = float(q0)
     for _ in range(max_iter):
-        new = sigma_w2 * _moments(name, phi, q, negative_slope, nodes)[0] + sigma_b2
+        new = length_map(q)
         if not math.isfinite(new) or new > 1e12:
             return math.inf
         if abs(new - q) <= rtol * max(abs(q), 1e-300):
             return new
         q = new
-    # Not converged: with σb² = 0 the map can creep toward q* = 0 only polynomially
-    # (tanh at σw² <= 1). It is 0 when the map is still contracting near 0.
-    tiny = 1e-10
-    if sigma_b2 == 0.0 and q < 1e-2 and sigma_w2 * _moments(name, phi, tiny, negative_slope, nodes)[0] <= tiny:
-        return 0.0
-    return q
+    # Slow convergence (near criticality): solve map(q) = q by bisection on a bracket
+    # around the current iterate, the stable root being where map(q) - q turns negative.
+    def excess(x: float) -> float:
+        return length_map(x) - x
+
+    lo, hi = q, q
+    while excess(lo) <= 0.0 and lo > 1e-14:
+        lo /= 4.0
+    if excess(lo) <= 0.0:  # contracting all the way to 0 (σb² = 0): q* = 0
+        return 0.0 if sigma_b2 == 0.0 else lo
+    while excess(hi) >= 0.0:
+        hi *= 4.0
+        if hi > 1e12:
+            return math.inf
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if excess(mid) > 0.0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= rtol * hi:
+            break
+    return 0.5 * (lo + hi)
 
 
 def chi1(activation: Activation, sigma_w2: float, sigma_b2: float = 0.0, *, negative_slope: float = 0.01, nodes: int = DEFAULT_NODES) -> float:
