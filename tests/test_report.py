@@ -105,6 +105,13 @@ def write_synthetic_run(path: Path, steps: int, layers: int, *, findings: int = 
             writer.append("activations", {"step": s, "grad_rms": {n: 0.5 ** (layers - j) for j, n in enumerate(names)},
                                           "activations": {f"relu after blocks.{i}.fc": {"kind": "relu", "dead": 0.1 * i}
                                                           for i in range(3)} | {"sigmoid": {"kind": "sigmoid", "saturated": 0.7}}})
+    if loss_scale:  # the precision plugin's forecast event (format in docs/precision.md)
+        writer.append("events", {"event": "fp16_forecast", "step": steps, "precision": "fp16", "layers": names,
+                                 "current": {"scale": 32768.0, "flushed": [0.5] + [0.0] * (layers - 1),
+                                             "subnormal": [0.1] * layers, "overflow": [0.0] * layers},
+                                 "reference": {"scale": 65536.0, "flushed": [0.25] + [0.0] * (layers - 1),
+                                               "subnormal": [0.1] * layers, "overflow": [0.0] * layers},
+                                 "recommended_scale": 262144.0, "max_safe_scale": 1048576.0, "fits": True})
     for k in range(findings):
         writer.append_finding(Finding("loss_spike", "warning", 1 + k * max(1, steps // max(1, findings)), f"spike {k}"))
     if bundle:
@@ -324,11 +331,12 @@ def test_every_optional_stream_shown_when_present(tmp_path: Path) -> None:
                               activations=True, bundle=True)
     page = gw.report(run).read_text(encoding="utf-8")
     svgs = figure_svgs(page)
-    assert EXPECTED_FIGURES | {"fig-activations", "fig-loss-scale", "fig-act-grad"} <= set(svgs)
+    assert EXPECTED_FIGURES | {"fig-activations", "fig-loss-scale", "fig-act-grad", "fig-fp16-forecast"} <= set(svgs)
     assert "absent" not in re.sub(r"\.absent\{[^}]*\}", "", page.split("<body>")[1].split('id="bundles"')[0])
     text = "".join(parse(page).text)
     assert "step_000007.pt" in text and "aten.log" in text and HOSTILE in text  # bundle location, escaped
     assert HOSTILE not in page
+    assert "fp16 forecast at step 200" in text and "would lose 50% of its non-zero gradient elements" in text
     assert "tuple of 2: [tensor (2, 3) torch.float32, tensor (2,) torch.float32]" in text
     assert "loss_numerics" in text and "log(0)" in text and "aten.log" in text
     assert text.count("spike ") >= 3
@@ -347,7 +355,7 @@ def test_absent_streams_and_empty_runs_are_handled(tmp_path: Path) -> None:
     writer.write_meta({"model": "M"})
     writer.close()
     page = gw.report(empty, output=tmp_path / "out" / "empty.html").read_text(encoding="utf-8")
-    assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 9
+    assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 10
 
 
 @pytest.mark.slow

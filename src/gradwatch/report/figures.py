@@ -362,6 +362,55 @@ def fig_loss_scale(views: Sequence[RunView]) -> str | None:
         return _svg(fig)
 
 
+def _latest_forecast(view: RunView) -> dict[str, Any] | None:
+    found = [e for e in view.events if isinstance(e, dict) and e.get("event") == "fp16_forecast"
+             and isinstance(e.get("layers"), list) and e["layers"]]
+    return found[-1] if found else None
+
+
+def _shares(block: Any, key: str, n: int) -> np.ndarray:
+    values = (block or {}).get(key) if isinstance(block, dict) else None
+    out = np.full(n, np.nan)
+    for i, v in enumerate((values or [])[:n]):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
+    """Per layer, the share of gradient elements float16 would flush to zero, at the run's
+    loss scale and at the reference scale (the precision plugin's latest ``fp16_forecast``)."""
+    events = [_latest_forecast(v) for v in views]
+    if not any(events):
+        return None
+    with _style():
+        fig = _new(3.4)
+        ax = fig.add_subplot()
+        names: list[str] = []
+        for i, (view, event) in enumerate(zip(views, events)):
+            if event is None:
+                continue
+            layers = [str(n) for n in event["layers"]]
+            x = np.arange(len(layers))
+            for key, marker, alpha in (("current", "o", 1.0), ("reference", "s", 0.55)):
+                block = event.get(key)
+                if not isinstance(block, dict) or block.get("scale") is None:
+                    continue
+                ax.plot(x, _shares(block, "flushed", len(layers)), RUN_STYLES[i], color=RUN_COLORS[i], marker=marker,
+                        markersize=3, alpha=alpha,
+                        label=f"{_runs_label(views, i)}flushed at scale {float(block['scale']):g} (step {event.get('step')})")
+            if len(layers) > len(names):
+                names = layers
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("share flushed to zero in fp16")
+        ax.set_xlabel("layer, in depth order")
+        _depth_ticks(ax, names)
+        ax.legend(fontsize=7, loc="best")
+        return _svg(fig)
+
+
 #: (figure id, title, function, caption) in page order.
 FIGURES = (
     ("fig-depth", "Gradient magnitude by layer depth", fig_depth,
@@ -387,4 +436,7 @@ FIGURES = (
      "Share of units that are dead (output zero for every example) or saturated (in a flat tail), per sampled layer."),
     ("fig-loss-scale", "Loss scale (fp16)", fig_loss_scale,
      "The dynamic loss scale; the scaler halves it when scaled gradients overflow and skips that step."),
+    ("fig-fp16-forecast", "fp16 forecast", fig_fp16_forecast,
+     "Per layer, the share of non-zero gradient elements that float16 would flush to zero at the run's loss "
+     "scale and at the reference scale (latest sampled forecast; see docs/precision.md)."),
 )

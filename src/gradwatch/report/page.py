@@ -46,7 +46,8 @@ code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:
 .sev-error{background:#c62828}.sev-warning{background:#ef6c00}.sev-info{background:#757575}
 .finding{border:1px solid #e3e3e3;border-left:4px solid #999;padding:6px 10px;margin:8px 0}
 .finding.error{border-left-color:#c62828}.finding.warning{border-left-color:#ef6c00}
-.absent{color:#777;font-style:italic}.summary td{border:none;padding:1px 12px 1px 0}
+.absent{color:#777;font-style:italic}pre.precision{font-size:12px;background:#f6f6f6;padding:6px;white-space:pre-wrap}
+code.file{white-space:nowrap;word-break:normal}.summary td{border:none;padding:1px 12px 1px 0}
 .run-a{color:#1f77b4;font-weight:600}.run-b{color:#d62728;font-weight:600}
 nav a{margin-right:10px;font-size:12.5px}
 """
@@ -120,7 +121,21 @@ def _summary(view: RunView) -> str:
         ("median effective gain", float(np.nanmedian(view.gain)) if np.isfinite(view.gain).any() else float("nan")),
         ("findings", f"{by_sev['error']} error, {by_sev['warning']} warning, {by_sev['info']} info"),
     ]
-    return _kv_table(items, "summary")
+    table = _kv_table(items, "summary")
+    lines = _precision_lines(view)
+    return table + (f'<pre class="precision">{esc(chr(10).join(lines))}</pre>' if lines else "")
+
+
+def _precision_lines(view: RunView) -> list[str]:
+    """The precision plugin's own text for its latest fp16 forecast / bf16 events (empty if none)."""
+    try:
+        from ..amp import precision_summary
+    except ImportError:
+        return []
+    try:
+        return [str(line) for line in precision_summary(view.events)]
+    except Exception:  # a malformed event must not cost the whole report
+        return []
 
 
 def _finding_html(finding: Any) -> str:
@@ -218,7 +233,7 @@ def _bundles(view: RunView) -> str:
     for i, path in enumerate(view.bundles):
         content = _bundle_summary(path) if i < MAX_BUNDLES_OPENED else '<span class="absent">not opened</span>'
         size = path.stat().st_size if path.exists() else 0
-        rows.append(f"<tr><td><code>{esc(path.name)}</code></td><td class=\"num\">{size / 1024:.1f} KiB</td><td>{content}</td></tr>")
+        rows.append(f"<tr><td><code class=\"file\">{esc(path.name)}</code></td><td class=\"num\">{size / 1024:.1f} KiB</td><td>{content}</td></tr>")
     return ("<p>Load one with <code>torch.load(path, weights_only=True)</code> to replay the step.</p>"
             "<table><tr><th>bundle</th><th>size</th><th>contents</th></tr>" + "".join(rows) + "</table>")
 
