@@ -360,6 +360,44 @@ def test_norm_of_a_zero_vector_in_a_siamese_distance() -> None:
     watch.close()
 
 
+class PaddedRMS(nn.Module):
+    """Per-position RMS of the features, with padded positions zeroed by the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) * mask[:, None]  # (B, 16), padded rows all zero
+        return h.pow(2).mean(-1).pow(0.5)  # MARK-rms
+
+
+class PaddedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rms = PaddedRMS()
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rms(x, mask).unsqueeze(-1))
+
+
+def test_fractional_power_at_zero_on_padded_positions_is_nonfinite_backward() -> None:
+    model = PaddedNet()
+    watch = gw.Watch(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    x, y = torch.randn(6, 8), torch.randn(6, 1)
+    full = torch.ones(6)
+    assert not watch.step(lambda: F.mse_loss(model(x, full), y), batch=(x, full, y)).skipped
+    padded = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    result = watch.step(lambda: F.mse_loss(model(x, padded), y), batch=(x, padded, y))
+    (finding,) = result.findings
+    assert finding.code == "nonfinite_backward"
+    assert finding.location["node"] == "PowBackward0" and finding.location["module"] == "rms"
+    assert finding.location["source"].endswith(line_of("MARK-rms"))
+    assert finding.evidence["localization"]["nonfinite_rows"] == [2, 4]
+    watch.close()
+
+
 # ----- init_scale_too_large / lr_too_high ------------------------------------------------------------
 def test_lr_far_too_high_is_lr_too_high_not_init() -> None:
     torch.manual_seed(1)
@@ -391,6 +429,23 @@ def test_huge_init_is_init_scale_too_large() -> None:
     assert ours[0].code == "init_scale_too_large"
     assert ours[0].evidence["weight_scale"]["ratio"] > 1e5
     assert any("kaiming_normal_" in fix for fix in ours[0].fixes)
+    watch.close()
+
+
+def test_huge_first_norm_then_nan_is_init_scale_too_large() -> None:
+    torch.manual_seed(0)
+    model = mlp(8, 32, 1)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(30.0)  # finite but ~50x the default scale: a first norm far above 1e3
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), clip_norm=None)
+    results = train(watch, model, F.mse_loss, regression_batches(6))
+    assert math.isfinite(results[0].grad_norm) and results[0].grad_norm > 1e3
+    first_bad = next(r for r in results if r.skipped)
+    ours = [f for f in first_bad.findings if f.evidence.get("decided_by")]
+    assert ours[0].code == "init_scale_too_large" and ours[0].evidence["norm_pattern"] == "init_scale_too_large"
+    assert f"{results[0].grad_norm:.3g}" in ours[0].message
     watch.close()
 
 
