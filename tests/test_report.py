@@ -356,6 +356,12 @@ def test_absent_streams_and_empty_runs_are_handled(tmp_path: Path) -> None:
     writer.close()
     page = gw.report(empty, output=tmp_path / "out" / "empty.html").read_text(encoding="utf-8")
     assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 10
+    # Comparing runs with different layers: one layer table per run; the empty run adds no lines.
+    page = gw.report(bare, compare=write_synthetic_run(tmp_path / "other", steps=4, layers=2), output=tmp_path / "c.html").read_text(encoding="utf-8")
+    layers = page.split('<section id="layers">')[1].split("</section>")[0]
+    assert layers.count("<table>") == 1 and "No layer table" in layers and "blocks.1.fc" in layers
+    page = gw.report(bare, compare=empty, output=tmp_path / "c2.html").read_text(encoding="utf-8")
+    assert {"fig-grad-norm", "fig-loss"} <= set(figure_svgs(page))
 
 
 @pytest.mark.slow
