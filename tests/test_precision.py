@@ -547,10 +547,17 @@ def test_complete_flush_is_found_by_a_float32_replay_and_leaves_the_weights_alon
     # loss x 1e-7 and no loss scaling: fp16 flushes every gradient element of every layer to zero
     x, y = _data()
     model = _mlp()
+    closure = lambda: nn.functional.mse_loss(model(x).float(), y) * 1e-7  # noqa: E731
+    closure().backward()  # independent reference: the float32 gradients of this step
+    reference = []
+    for i in range(0, 6, 2):
+        g = torch.cat([model[i].weight.grad.reshape(-1), model[i].bias.grad.reshape(-1)])
+        reference.append(int(((g.half() == 0) & (g != 0)).sum()) / int((g != 0).sum()))
+    model.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", clip_norm=None,
                      scaler=torch.amp.GradScaler("cpu", enabled=False))
-    result = watch.step(lambda: nn.functional.mse_loss(model(x), y.half()).float() * 1e-7)
+    result = watch.step(closure)
     watch.close()
     assert np.all(result.record.layer_grad_norms == 0)  # nothing survived fp16
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # so nothing moved
@@ -558,5 +565,7 @@ def test_complete_flush_is_found_by_a_float32_replay_and_leaves_the_weights_alon
     assert finding.evidence["measured_from"] == "fp32_replay"
     assert finding.evidence["all_zero_layers"] == watch.layers
     assert min(v["flushed"] for v in finding.evidence["layers"].values()) > 0.5
+    # the replay ran on the step's own weights (before its update): torch's fp16 cast agrees exactly
+    assert [finding.evidence["layers"][name]["flushed"] for name in watch.layers] == pytest.approx(reference, abs=1e-9)
     advice = finding.evidence["recommended_scale"]
     assert advice >= 2.0**10 and "GradScaler(init_scale=" in finding.fixes[0]

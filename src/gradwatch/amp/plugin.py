@@ -198,6 +198,24 @@ class PrecisionPlugin(WatchPlugin):
                 ctx.scratch["amp_before"] = [p.detach().clone() for p in index.params]
                 ctx.scratch["amp_intended"] = [(g != 0) if g is not None else None for g in grads]
 
+    def veto(self, ctx: StepContext, record: "StepRecord") -> bool:
+        # fp16, sampled, finite: what fp16 flushed is exact zeros by now. A layer whose gradient is
+        # entirely zero may have been flushed whole: measure the true (float32) gradients with a
+        # replay here, after the step's one sync and *before* its update (the step's own weights).
+        hist = ctx.scratch.get("amp_hist")
+        if hist is None or self.watch.precision.mode != "fp16" or ctx.closure is None:
+            return False
+        counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
+        ctx.scratch["amp_counts"] = counts
+        with np.errstate(invalid="ignore", divide="ignore"):
+            all_zero = counts[:, ranges.ZERO_SLOT] == counts.sum(axis=1)
+        names = self.watch.index.names
+        untried = {names[i] for i in np.flatnonzero(all_zero)} - self._underflow_reported
+        if untried:
+            self._underflow_reported.update(untried)  # one replay per all-zero layer and run
+            ctx.scratch["amp_true_counts"] = fp32_gradient_histogram(self.watch, ctx.closure, ctx.scratch.get("amp_rng"))
+        return False
+
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list[Finding]:
         findings: list[Finding] = []
         precision = self.watch.precision
@@ -321,7 +339,9 @@ class PrecisionPlugin(WatchPlugin):
     # ----- fp16 underflow and forecast ---------------------------------------------------
     def _forecast(self, ctx: StepContext, record: "StepRecord", hist: torch.Tensor) -> list[Finding]:
         step = ctx.step
-        counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
+        counts = ctx.scratch.pop("amp_counts", None)
+        if counts is None:
+            counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
         precision = self.watch.precision
         current = record.loss_scale if (precision.scaling and record.loss_scale) else 1.0
         forecast = self._make_forecast(step, counts, current)
@@ -330,14 +350,11 @@ class PrecisionPlugin(WatchPlugin):
             self.watch.writer.append("events", forecast.to_event())
         if precision.mode != "fp16":
             return []  # fp32/bf16: the forecast is data (doctor, report), not a problem of this run
-        # fp16: what fp16 flushed is exact zeros by now. A layer whose gradient is entirely zero may
-        # have been flushed whole: measure the true (float32) gradients once with a replay.
         all_zero = [forecast.layers[i] for i in np.flatnonzero(forecast.zero_share == 1.0)]
-        if set(all_zero) - self._underflow_reported and ctx.closure is not None:
-            true_counts = fp32_gradient_histogram(self.watch, ctx.closure, ctx.scratch.get("amp_rng"))
-            if true_counts is not None:
-                replayed = self._make_forecast(step, true_counts, current)
-                return self._underflow_finding(step, replayed, all_zero, source="fp32_replay")
+        true_counts = ctx.scratch.pop("amp_true_counts", None)  # from veto(): the float32 replay
+        if true_counts is not None:
+            replayed = self._make_forecast(step, true_counts, current)
+            return self._underflow_finding(step, replayed, all_zero, source="fp32_replay")
         return self._underflow_finding(step, forecast, all_zero, source="fp16_gradients")
 
     def _make_forecast(self, step: int, counts: np.ndarray, current: float) -> Fp16Forecast:
@@ -361,9 +378,11 @@ class PrecisionPlugin(WatchPlugin):
         shares = forecast.at_current
         below = shares.below_normal
         hit = [i for i in np.flatnonzero(np.nan_to_num(below) >= self.underflow_share)]
-        new = [forecast.layers[i] for i in hit if forecast.layers[i] not in self._underflow_reported]
-        if source == "fp32_replay":  # all-zero layers the replay did not explain are not asked about again
-            self._underflow_reported.update(all_zero)
+        new = [
+            forecast.layers[i]
+            for i in hit
+            if forecast.layers[i] not in self._underflow_reported or (source == "fp32_replay" and forecast.layers[i] in all_zero)
+        ]
         if not new:
             return []
         self._underflow_reported.update(new)
