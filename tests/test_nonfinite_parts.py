@@ -371,3 +371,16 @@ def test_gradwatch_doctor_lists_the_bundles_this_plugin_writes(tmp_path, capsys)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "step_000002.pt:" in line)
     assert "step 2" in line and "loss_numerics" in line and "aten.log" in line
+
+
+def test_an_in_place_op_that_makes_nan_is_the_origin_not_a_propagation() -> None:
+    lin = nn.Linear(3, 3)
+    x = torch.randn(4, 3)
+
+    def closure() -> torch.Tensor:
+        h = lin(x)
+        h.div_(0.0)  # in place: its own (now non-finite) input must not count as "already non-finite"
+        return h.sum()
+
+    where = replay_step(lin, closure, None)
+    assert where.op == "aten.div_" and where.created and where.phase == "loss"

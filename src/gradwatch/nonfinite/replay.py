@@ -272,16 +272,44 @@ class _Stop(Exception):
 
 
 def _floating(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() > 0
+    """A dense floating tensor with values to check (not sparse, not meta, not empty)."""
+    return (isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() > 0
+            and t.layout == torch.strided and t.device.type != "meta")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(t).all())
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor kind isfinite does not support
+        return True
 
 
 def _all_finite(values: list[Any]) -> bool:
     for v in values:
         if isinstance(v, float) and not math.isfinite(v):
             return False
-        if _floating(v) and not bool(torch.isfinite(v).all()):
+        if _floating(v) and not _finite(v):
             return False
     return True
+
+
+def _read_inputs(func: Any, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """The op's inputs, without the arguments it writes (``x.div_(0)``, ``out=``): their values are new."""
+    try:
+        schema_args = list(func._schema.arguments)
+        written = {a.name for a in schema_args if a.alias_info is not None and a.alias_info.is_write}
+    except (AttributeError, RuntimeError):
+        written = set()
+    if not written:
+        return tree_flatten((args, kwargs))[0]
+    values = []
+    positional = [a for a in schema_args if not a.kwarg_only]
+    for i, value in enumerate(args):
+        if i < len(positional) and positional[i].name in written:
+            continue
+        values.append(value)
+    values.extend(v for k, v in kwargs.items() if k not in written)
+    return tree_flatten(values)[0]
 
 
 class _ModuleTracker:
@@ -389,10 +417,10 @@ class _Checker(TorchDispatchMode):
         if func.overloadpacket.__name__ in _UNINITIALIZED:
             return out
         outputs = [t for t in tree_flatten(out)[0] if _floating(t)]
-        bad = next((t for t in outputs if not bool(torch.isfinite(t).all())), None)
+        bad = next((t for t in outputs if not _finite(t)), None)
         if bad is None:
             return out
-        inputs = tree_flatten((args, kwargs))[0]
+        inputs = _read_inputs(func, args, kwargs)
         created = _all_finite(inputs)
         if not created and self.first_seen is not None:
             return out
