@@ -13,10 +13,14 @@ this module (``gradwatch/__init__.py`` imports it):
   ``fp16_overflow`` and ``fp16_underflow``, the float16 forecast of fp32 and bf16
   runs and the bf16 lost-update check (finding ``bf16_lost_updates``, info).
 
-Cost: nothing on an unsampled step (a few Python comparisons after the step).
-Every ``precision_every`` steps (default 50, and on step 1) one extra pass over
-the gradients (``frexp`` + ``bincount``) and one small extra host transfer; in
-bf16 runs, also one copy of the weights before the update.
+Cost: nothing on an unsampled step (a few Python comparisons after the step;
+in fp16 runs with a closure, a ~5 KB copy of the CPU RNG state). Every
+``precision_every`` steps (default 50, and on step 1) one extra pass over the
+gradients (exponent bins + ``bincount``) and one small extra host transfer; in
+bf16 runs, also one copy of the weights before the update. Rarely, one float32
+replay of a step (a forward and a backward, :mod:`gradwatch.nonfinite.replay`):
+when ``fp16_overflow`` is raised (at most once per ``overflow_window``) and when
+fp16 left a layer's gradient all zero (once per layer).
 """
 
 from __future__ import annotations
