@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -162,6 +163,11 @@ def infer_nonlinearities(model: nn.Module, batch: Any = None) -> dict[str, tuple
     return found
 
 
+@lru_cache(maxsize=64)
+def _critical_gain(activation: str, sigma_b2: float, slope: float) -> float:
+    return math.sqrt(theory.critical_sigma_w2(activation, sigma_b2, negative_slope=slope))
+
+
 def _gain(act: str, param: float | None, gain: Any, sigma_b2: float) -> float:
     if gain is None:
         gname = gain_name(act)
@@ -171,7 +177,7 @@ def _gain(act: str, param: float | None, gain: Any, sigma_b2: float) -> float:
             raise ValueError(f"gain must be None, a positive number or 'critical', got {gain!r}")
         tname = act if act in theory.ACTIVATIONS or act in ("relu", "leaky_relu") else "relu"
         try:
-            return math.sqrt(theory.critical_sigma_w2(tname, sigma_b2, negative_slope=param if param is not None else 0.01))
+            return _critical_gain(tname, round(sigma_b2, 6), param if param is not None else 0.01)
         except ValueError:  # no edge of chaos for this activation: fall back to torch's gain
             return _gain(act, param, None, sigma_b2)
     if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain > 0 or not math.isfinite(gain):
