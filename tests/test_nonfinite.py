@@ -616,3 +616,24 @@ def test_observe_without_a_loss_blames_no_phase_it_cannot_see() -> None:
     assert finding.code == "nonfinite_backward" and "no loss was given" in finding.message
     assert finding.location["layers"] == ["0.fc"]
     watch.close()
+
+
+def relative_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    rel = torch.where(y != 0, (out - y) / y, torch.zeros_like(out))  # MARK-where
+    return rel.abs().mean()
+
+
+def test_a_masked_inf_in_the_forward_is_the_origin_of_a_nan_gradient() -> None:
+    model = mlp()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    assert not watch.step(lambda: relative_error(model(x), y), batch=(x, y)).skipped
+    y = y.clone()
+    y[5] = 0.0  # a zero target: (out - y) / y is inf there, masked by torch.where in the forward
+    result = watch.step(lambda: relative_error(model(x), y), batch=(x, y))
+    assert math.isfinite(result.loss) and result.skipped
+    (finding,) = result.findings
+    assert finding.code == "nonfinite_backward" and finding.evidence["decided_by"] == "replay_masked"
+    assert finding.location["op"] == "aten.div" and finding.location["source"].endswith(line_of("MARK-where"))
+    assert "double-where" in finding.fixes[0]
+    watch.close()

@@ -15,7 +15,9 @@ batch checks (:mod:`.batch`) and, when a closure was given, the replay's
    step vs growth step over step after updates. A non-finite *first* step counts
    as init only with more evidence (weights far above their fan-in scale, or an
    overflow to inf inside the model), since a log(0) on step 1 is a loss bug.
-3. From the replay: ``loss_numerics`` (model output finite, loss not),
+3. From the replay: ``nonfinite_backward`` when the forward made a NaN/inf that
+   a later op masked out (``torch.where(m, x / y, 0)``: the loss is finite, the
+   backward computes 0 * inf); ``loss_numerics`` (model output finite, loss not),
    ``nonfinite_forward`` (first non-finite inside the model),
    ``nonfinite_backward`` (forward finite, backward not).
 4. Without a replay: the loss finite but gradients not is ``nonfinite_backward``;
@@ -347,6 +349,17 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
                      "on_nonfinite='rollback' to restore the last good weights and back off the lr"])
 
     # 3. the replay
+    if loc is not None and loc.phase != "backward" and loc.created and facts.loss_known and facts.loss_finite:
+        # The forward made inf/NaN that a later op masked out (torch.where, indexing): the loss was
+        # finite, but the backward multiplies the zero gradient of the masked entries by it: 0 * inf = NaN.
+        at = _at(loc)
+        return done("nonfinite_backward", "replay_masked",
+                    f"Step {n}: the loss was finite but the gradients were not: {loc.describe()} in the forward "
+                    "pass, a later op masked it out (torch.where or indexing), and the backward multiplied the "
+                    f"masked entries' zero gradient by it (0 * inf = NaN).",
+                    [f"keep the masked-out entries finite before the op{at}, e.g. "
+                     "x / torch.where(mask, y, torch.ones_like(y)) inside torch.where(mask, ..., 0) (the double-where pattern)",
+                     "or compute the op only on the valid entries: x[mask] / y[mask]"])
     if loc is not None:
         if loc.phase == "backward":
             cause, fixes = _backward_cause_and_fixes(loc)
