@@ -299,12 +299,19 @@ def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_pat
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=0)
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=4, run_dir=tmp_path / "run")
     x, y = digits[0][:64], digits[1][:64]
-    hooked = []
+    hooked, modes = [], []
+
+    def loss():
+        modes.append(len(torch.overrides._get_current_function_mode_stack()))  # the functional-activation mode
+        return F.cross_entropy(model(x), y)
+
     for step in range(1, 10):
-        watch.step(lambda: F.cross_entropy(model(x), y))
+        watch.step(loss)
         hooked.append(any(m._forward_hooks for m in model.modules()))  # armed for the next step?
     watch.close()
     assert hooked == [False, False, True, False, False, False, True, False, False]  # before steps 4 and 8 only
+    assert modes == [1, 0, 0, 1, 0, 0, 0, 1, 0]  # on steps 1, 4, 8 only
+    assert len(torch.overrides._get_current_function_mode_stack()) == 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     run = gw.load_run(tmp_path / "run")
     assert [a["step"] for a in run.activations] == [1, 4, 8]

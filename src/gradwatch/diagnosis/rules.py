@@ -45,7 +45,7 @@ SPIKE_RATIO = 10.0
 SPIKE_LOG_Z = 6.0
 SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
 # activations
-DEAD_SHARE = 0.5  # "most units" dead for every example of the batch
+DEAD_SHARE = 0.6  # "most units" dead for every example of the batch (healthy deep nets reach 0.3-0.5)
 SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
 MISSING_AFTER = 5  # steps with no gradient at all before a parameter is reported
 
