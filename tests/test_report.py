@@ -429,3 +429,14 @@ def test_cli_report_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err.count("\n") == 1 and "not a gradwatch run directory" in err
     assert main(["report", str(a), str(tmp_path / "nope")]) == 2
     assert main(["report"]) == 2
+
+
+def test_docstring_examples_of_the_pure_modules() -> None:
+    import doctest
+
+    from gradwatch import tensorboard
+    from gradwatch.report import page
+
+    for module in (data, page, tensorboard):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

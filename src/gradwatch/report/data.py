@@ -67,7 +67,7 @@ def minmax_downsample(x: np.ndarray, y: np.ndarray, max_points: int = MAX_LINE_P
     Example:
         >>> x = np.arange(10_000); y = np.zeros(10_000); y[1234] = 5.0
         >>> xs, ys = minmax_downsample(x, y, max_points=100)
-        >>> len(xs) <= 100, ys.max(), int(xs[ys.argmax()])
+        >>> len(xs) <= 100, float(ys.max()), int(xs[ys.argmax()])
         (True, 5.0, 1234)
     """
     x = np.asarray(x)
@@ -247,7 +247,7 @@ def flag_buckets(steps: np.ndarray, flags: np.ndarray, max_buckets: int = MAX_LI
     Example:
         >>> centre, share, count = flag_buckets(np.arange(1, 11), np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 1], bool), 2)
         >>> share.tolist(), count.tolist()
-        [[0.4, 0.2], [2, 1]]
+        ([0.4, 0.2], [2, 1])
     """
     steps = np.asarray(steps)
     flags = np.asarray(flags, dtype=bool)
