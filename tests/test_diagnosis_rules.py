@@ -76,16 +76,16 @@ def only(watch: gw.Watch, code: str) -> gw.Finding:
 
 # ----- vanishing / exploding ---------------------------------------------------------------
 @pytest.mark.parametrize(
-    "depth, init, opt, gain_range",
+    "depth, init, width, opt, gain_range",
     [
-        (10, "xavier", "sgd", (0.17, 0.30)),  # THEORY: 0.233 per layer (sqrt(chi1) = 0.236)
-        (10, "default", "adamw", (0.10, 0.19)),  # THEORY: 0.1405 per layer
-        (20, "xavier", "adamw", (0.17, 0.30)),
-        (20, "default", "sgd", (0.10, 0.19)),
+        (10, "xavier", 64, "sgd", (0.17, 0.30)),  # THEORY: 0.233 per layer (sqrt(chi1) = 0.236)
+        (10, "default", 32, "adamw", (0.10, 0.19)),  # THEORY: 0.1405 per layer
+        (20, "xavier", 48, "adamw", (0.17, 0.30)),
+        (20, "default", 64, "sgd", (0.10, 0.19)),
     ],
 )
-def test_deep_sigmoid_mlp_vanishes_with_the_theoretical_gain(digits, depth, init, opt, gain_range):
-    watch = train(mlp(depth, "sigmoid", init), digits, steps=3, opt=opt, lr=1e-3)
+def test_deep_sigmoid_mlp_vanishes_with_the_theoretical_gain(digits, depth, init, width, opt, gain_range):
+    watch = train(mlp(depth, "sigmoid", init, width=width), digits, steps=3, opt=opt, lr=1e-3)
     finding = only(watch, "vanishing_gradients")
     assert finding.step == 1 and finding.severity == "warning"
     gain = finding.evidence["effective_gain_per_layer"]
@@ -268,12 +268,13 @@ class SpikeSkipper(gw.WatchPlugin):
         return False
 
 
-@pytest.mark.parametrize("skip_it", [False, True])
+@pytest.mark.parametrize("skip_it", [False, True, "on_spike"])
 def test_loss_spike_survives_a_nan_and_is_not_duplicated(digits, skip_it):
     x_all, y_all = digits
     model = mlp(3, "relu", "kaiming", out=1)
-    plugins = [SpikeSkipper(60)] if skip_it else []
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=plugins)
+    plugins = [SpikeSkipper(60)] if skip_it is True else []
+    options = {"on_spike": "skip"} if skip_it == "on_spike" else {}  # the repair plugin (issue 10) reports it
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=plugins, **options)
     g = torch.Generator().manual_seed(0)
     for step in range(1, 71):
         idx = torch.randint(0, len(x_all), (64,), generator=g)
@@ -286,8 +287,11 @@ def test_loss_spike_survives_a_nan_and_is_not_duplicated(digits, skip_it):
     watch.close()
     assert watch.history[29 - 70].skipped  # step 30
     spikes = [f for f in watch.findings if f.code == "loss_spike"]
-    if skip_it:
+    if skip_it is True:
         assert spikes == []
+    elif skip_it == "on_spike":
+        assert [f.step for f in spikes] == [60]  # one finding, from the plugin that skipped the step
+        assert watch.history[59 - 70].skipped
     else:
         assert [f.step for f in spikes] == [60]
         assert spikes[0].evidence["ratio"] > 100
