@@ -137,6 +137,8 @@ class NonFinitePlugin(WatchPlugin):
     # ----- healthy path ---------------------------------------------------------------------
     def before_forward(self, ctx: StepContext) -> None:
         self._rng = capture_rng_state(self.watch.device) if ctx.closure is not None else None
+        if self._rng is not None:
+            ctx.scratch["rng_state"] = self._rng  # shared: other plugins that replay need not copy it again
         if self.rollback is not None and not self.rollback.has_snapshot:
             self.rollback.snapshot(ctx.step - 1)  # the weights before the first step we see
 
