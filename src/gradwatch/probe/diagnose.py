@@ -58,7 +58,9 @@ def _fixes(direction: str, act: str | None, has_norm: bool) -> list[str]:
             fixes.append("replace nn.Sigmoid with nn.Tanh or nn.ReLU between layers (sigmoid' <= 0.25, so χ1 = 0.056 at Xavier init)")
         else:
             fixes.append("gradwatch.init.orthogonal_(model)  # norm-preserving weights")
-        if not has_norm:
+        if not has_norm and act == "sigmoid":
+            fixes.append("add nn.LayerNorm after each nn.Sigmoid (it removes the 0.5 mean that otherwise sets the next layer's scale)")
+        elif not has_norm:
             fixes.append("add nn.LayerNorm before each nonlinearity (or nn.BatchNorm for convolutions)")
         fixes.append("add residual connections (x + f(x)) so the gradient has a path around each block")
     else:
