@@ -343,3 +343,40 @@ def test_sampling_works_when_the_loop_passes_the_loss(digits, backward_by_user):
     assert set(plugin.sample.grad_rms) == {"0", "2", "4", "6"}
     assert all(v > 0 for v in plugin.sample.grad_rms.values())
     assert {site for site, s in plugin.sample.activations.items() if s["kind"] == "relu"} == {"1", "3", "5"}
+
+
+def _count_transfers(monkeypatch, watch, loss_fn) -> int:
+    calls = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            calls["n"] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return wrapper
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    try:
+        watch.step(loss_fn)
+    finally:
+        monkeypatch.undo()
+    return calls["n"]
+
+
+def test_no_extra_host_transfer_on_unsampled_steps_one_on_sampled(monkeypatch, digits):
+    x, y = digits[0][:64], digits[1][:64]
+    counts = {}
+    for with_plugin in (False, True):
+        torch.manual_seed(0)
+        model = mlp(4, "relu", "kaiming")
+        plugins = [DiagnosisPlugin(sample_every=3)] if with_plugin else []
+        watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnose=False, plugins=plugins,
+                         update_ratio_every=1000)
+        watch.step(lambda: F.cross_entropy(model(x), y))  # step 1 (sampled; weight scales measured once)
+        counts[with_plugin] = [_count_transfers(monkeypatch, watch, lambda: F.cross_entropy(model(x), y)) for _ in range(2)]
+        watch.close()
+    unsampled, sampled = counts[True]  # steps 2 and 3
+    assert unsampled == counts[False][0]
+    assert sampled == counts[False][1] + 2  # one .cpu() of all statistics, then .tolist() on the host copy
