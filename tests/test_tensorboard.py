@@ -121,7 +121,7 @@ def test_export_run_dir_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(texts) == len(run.findings) and any(HOSTILE_MESSAGE in t for _, t in texts)
     # thinning and bad arguments
     export_tensorboard(tmp_path / "run", tmp_path / "tb2", every=5)
-    assert _scalars(_accumulate(tmp_path / "tb2"), "loss")[0] == [1, 6, 11]
+    assert _scalars(_accumulate(tmp_path / "tb2"), "loss")[0] == [1, 6, 7, 11]  # 7 was skipped: always written
     with pytest.raises(ValueError, match="every must be a positive int"):
         export_tensorboard(tmp_path / "run", tmp_path / "tb3", every=0)
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "tb4")]) == 2  # a format is required

@@ -149,7 +149,8 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
     Args:
         run_dir: a run directory written by :class:`gradwatch.Watch`.
         logdir: where to write the event files (created if missing).
-        every: write every this many steps (findings are always all written). Default: 1.
+        every: write every this many steps, and every skipped step (findings are
+            always all written). Default: 1.
 
     Returns:
         ``logdir`` as a Path.
@@ -159,6 +160,8 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
         PosixPath('tb/exp1')
         >>> # then: tensorboard --logdir tb
     """
+    import numpy as np
+
     from .rundir import load_run
 
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -169,7 +172,8 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
         s = run.steps
         names = run.layer_names
         scales = s["loss_scale"]
-        for i in range(0, s["step"].size, every):
+        rows = np.flatnonzero((np.arange(s["step"].size) % every == 0) | s["skipped"])  # skipped steps always
+        for i in rows.tolist():
             scale = float(scales[i])
             writer.add_step(int(s["step"][i]), loss=s["loss"][i], grad_norm=s["grad_norm"][i],
                             clip_coef=s["clip_coef"][i], layer_names=names,

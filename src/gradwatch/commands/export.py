@@ -19,7 +19,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by gradwatch.Watch(run_dir=...)")
     parser.add_argument("logdir", metavar="DIR", help="TensorBoard log directory to write (created if missing)")
     parser.add_argument("--every", type=int, default=1, metavar="N",
-                        help="write every N-th step (findings are all written); default 1")
+                        help="write every N-th step and every skipped step (findings are all written); default 1")
     return parser
 
 
