@@ -384,3 +384,20 @@ def test_an_in_place_op_that_makes_nan_is_the_origin_not_a_propagation() -> None
 
     where = replay_step(lin, closure, None)
     assert where.op == "aten.div_" and where.created and where.phase == "loss"
+
+
+def test_plugin_state_dict_round_trips() -> None:
+    model = nn.Sequential(nn.Linear(3, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    x = torch.randn(4, 3)
+    watch.step(lambda: model(x).pow(2).mean())
+    watch.step(lambda: torch.log(model(x) * 0).mean())
+    plugin = next(p for p in watch.plugins if p.name == "nonfinite")
+    state = plugin.state_dict()
+    assert state == {"replays": 1, "bundles": 0, "updates": 1, "first_norm": plugin._first_norm}
+    other = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    twin = next(p for p in other.plugins if p.name == "nonfinite")
+    twin.load_state_dict(state)
+    assert twin.state_dict() == state
+    watch.close()
+    other.close()

@@ -45,7 +45,12 @@ KEYS = ("format", "step", "finding", "batch", "rng", "loss", "grad_norm", "nonfi
 
 
 def bundle_name(step: int) -> str:
-    """File name of a step's bundle: ``step_000123.pt``."""
+    """File name of a step's bundle.
+
+    Example:
+        >>> bundle_name(123)
+        'step_000123.pt'
+    """
     return f"step_{int(step):06d}.pt"
 
 
