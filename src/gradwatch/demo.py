@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
@@ -215,11 +216,10 @@ def run_demo(
         raise ValueError(f"steps must be a positive int, got {steps!r}; e.g. --steps 300")
     if quick:
         steps = min(steps, 60)
-    try:
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"the demo needs scikit-learn and matplotlib ({exc}); pip install 'gradwatch[demo]'") from exc
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"the demo needs scikit-learn and matplotlib (missing: {', '.join(missing)}); "
+                          "pip install 'gradwatch[demo]'")
     started = time.perf_counter()
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():

@@ -33,7 +33,7 @@ from .rules import (
     MissingGradRule,
     RuleInput,
 )
-from .sampler import ActivationSample, ActivationSampler, activation_family, is_curve_layer
+from .sampler import ActivationSample, ActivationSampler, is_curve_layer
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -134,6 +134,9 @@ class DiagnosisPlugin(WatchPlugin):
         findings += self.spike_rule.check(inp)
         findings += self.activation_rule.check(inp)
         return findings
+
+    def abort(self, ctx: StepContext) -> None:
+        pass  # TEMP
 
     def close(self) -> None:
         self.sampler.disarm()
