@@ -296,6 +296,24 @@ def test_bad_closure_results(closure, error: type, match: str) -> None:
         watch.step(3.0)
 
 
+def test_a_raising_closure_leaves_no_hook_or_mode_behind() -> None:
+    """Step 1 is a sampled step (activation hooks, a function mode): a closure that raises must not leak them."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = _mlp()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    depth = len(_get_current_function_mode_stack())
+
+    def closure():
+        model(torch.randn(4, 6))
+        raise KeyError("user bug")
+
+    with pytest.raises(KeyError, match="user bug"):
+        watch.step(closure)
+    assert len(_get_current_function_mode_stack()) == depth
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
 def test_closed_watch_refuses_steps() -> None:
     model = _mlp()
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))

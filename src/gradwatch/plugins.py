@@ -13,6 +13,8 @@ Order of calls on step N::
     after_backward(ctx)     gradients present (unscaled), before measuring
     veto(ctx, record)       after the one host sync: True asks to skip the update
     after_step(ctx, record) after the update (or skip): returns findings
+    abort(ctx)              instead of the rest, when the user's closure or backward
+                            raised: remove whatever was armed for this step
     close()
 """
 
@@ -63,6 +65,9 @@ class WatchPlugin:
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list["Finding"]:
         return []
+
+    def abort(self, ctx: StepContext) -> None:
+        pass
 
     def close(self) -> None:
         pass

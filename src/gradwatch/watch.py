@@ -219,10 +219,26 @@ class Watch:
         self._step += 1
         ctx = StepContext(step=self._step, closure=closure, batch=batch)
         self._call_plugins("before_forward", ctx)
+        try:
+            loss = self._forward_backward(ctx, closure_or_loss)
+        except BaseException:  # the user's closure or backward raised: let plugins remove what they armed
+            self._call_plugins("abort", ctx)
+            raise
 
-        if closure is not None:
+        try:
+            record = self._measure_and_update(ctx, loss, started)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # an error inside gradwatch: report once, train as plain PyTorch would
+            self.errors.report("watch.step", exc)
+            return self._plain_step(ctx, loss, started)
+        return record
+
+    def _forward_backward(self, ctx: StepContext, closure_or_loss: Closure | torch.Tensor) -> torch.Tensor:
+        """Run the closure (under autocast) and backward (scaled under fp16), or take the given loss."""
+        if ctx.closure is not None:
             with self.precision.autocast():
-                loss = closure()
+                loss = ctx.closure()
             self._check_loss(loss, "the closure passed to watch.step() returned")
             backward_needed = True
         else:
@@ -237,15 +253,7 @@ class Watch:
                     "compute it from the model's output without torch.no_grad() or .detach()"
                 )
             self.precision.backward(loss)
-
-        try:
-            record = self._measure_and_update(ctx, loss, started)
-        except NonFiniteError:
-            raise
-        except Exception as exc:  # an error inside gradwatch: report once, train as plain PyTorch would
-            self.errors.report("watch.step", exc)
-            return self._plain_step(ctx, loss, started)
-        return record
+        return loss
 
     def observe(self, loss: torch.Tensor | float | None = None, batch: Any = None) -> StepResult:
         """Measure the gradients already in ``.grad`` for a loop that takes the optimizer step itself.

@@ -136,7 +136,7 @@ class DiagnosisPlugin(WatchPlugin):
         return findings
 
     def abort(self, ctx: StepContext) -> None:
-        pass  # TEMP
+        self.sampler.disarm()  # the closure raised: never leave hooks or the function mode behind
 
     def close(self) -> None:
         self.sampler.disarm()
