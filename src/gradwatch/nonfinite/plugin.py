@@ -158,6 +158,10 @@ class NonFinitePlugin(WatchPlugin):
         finally:
             self._rng = None
 
+    def abort(self, ctx: StepContext) -> None:
+        """The user's closure or backward raised: drop what was kept for this step."""
+        self._rng = None
+
     # ----- a non-finite step -------------------------------------------------------------------
     def _explain(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         watch = self.watch
