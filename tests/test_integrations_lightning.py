@@ -146,3 +146,12 @@ def test_import_gradwatch_does_not_import_lightning():
     code = "import sys, gradwatch, gradwatch.integrations; print('lightning' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False False"
+
+
+@pytest.mark.slow
+def test_docs_lightning_snippet_runs(capsys):
+    from _docs import doc_block
+
+    exec(compile(doc_block("integrations.md", "lightning"), "docs/integrations.md", "exec"), {"__name__": "__doc__"})
+    out = capsys.readouterr().out
+    assert "['net.0', 'net.2']" in out

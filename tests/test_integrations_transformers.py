@@ -134,3 +134,14 @@ def test_callback_rejects_bad_arguments():
         GradwatchCallback(clip_norm=-1.0)
     with pytest.raises(ValueError, match="precision"):
         GradwatchCallback(precision="bf16")
+
+
+@pytest.mark.slow
+def test_docs_transformers_snippet_runs(capsys, tmp_path, monkeypatch):
+    from _docs import doc_block
+
+    monkeypatch.chdir(tmp_path)
+    code = doc_block("integrations.md", "transformers").replace("/tmp/gradwatch-hf", str(tmp_path / "hf"))
+    exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__doc__"})
+    out = capsys.readouterr().out
+    assert "['transformer.wte', 'transformer.wpe']" in out
