@@ -379,3 +379,15 @@ def test_no_extra_host_transfer_on_unsampled_steps_one_on_sampled(monkeypatch, d
     unsampled, sampled = counts[True]  # steps 2 and 3
     assert unsampled == counts[False][0]
     assert sampled == counts[False][1] + 2  # one .cpu() of all statistics, then .tolist() on the host copy
+
+
+def test_init_rule_judges_step_1_only_not_a_resumed_run(digits):
+    x, y = digits[0][:64], digits[1][:64]
+    model = mlp(6, "relu", "kaiming", scale=4.0)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=1e-4))
+    watch.load_state_dict({"step": 1000})  # resumed: the next step is 1001, the weights are not an init
+    watch.step(lambda: F.cross_entropy(model(x), y))
+    watch.close()
+    assert "init_scale_too_large" not in codes(watch)
+    fresh = train(mlp(6, "relu", "kaiming", scale=4.0), digits, steps=1, lr=1e-4)
+    assert only(fresh, "init_scale_too_large").step == 1

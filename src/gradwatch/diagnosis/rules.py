@@ -217,6 +217,8 @@ class InitScaleRule:
         if self.done:
             return []
         self.done = True
+        if inp.step != 1:  # a resumed run (Watch.load_state_dict): the weights are trained, not initialized
+            return []
         first = inp.record.grad_norm
         if not inp.record.finite:
             return []  # the NaN root-cause plugin reports non-finite steps (using norm_pattern too)
