@@ -430,3 +430,47 @@ def test_docstring_examples_run():
     for module in (clipping,):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert tried > 5 and failures == 0
+
+
+def _host_transfers(watch, model, x, y, monkeypatch) -> int:
+    """Count .cpu()/.item()/.tolist()/.numpy()/bool()/float() on tensors during one step."""
+    calls = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            calls["n"] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return wrapper
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    try:
+        watch.step(lambda: F.mse_loss(model(x), y))
+    finally:
+        monkeypatch.undo()
+    return calls["n"]
+
+
+def test_adaptive_clipping_and_spike_skipping_add_no_host_sync(monkeypatch):
+    counts = {}
+    for label, options in {
+        "fixed": {"clip_norm": 1.0},
+        "zclip": {"clip_norm": ZClip(warmup=3, max_norm=None)},
+        "zclip_boundary": {"clip_norm": ZClip(warmup=3, rule="boundary")},
+        "auto": {"clip_norm": "auto"},
+        "agc": {"clip_norm": AGC(0.01)},
+        "skip": {"clip_norm": 1.0, "on_spike": "skip", "spike_warmup": 3},
+    }.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+        watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), update_ratio_every=1000, diagnose=False, **options)
+        x, y = torch.randn(32, 6), torch.randn(32, 1)
+        for _ in range(6):  # past every warm-up, so the statistics-driven paths run
+            watch.step(lambda: F.mse_loss(model(x), y))
+        x = x * 30.0  # a step that the adaptive rules clip (or skip)
+        counts[label] = _host_transfers(watch, model, x, y, monkeypatch)
+        watch.close()
+    assert counts["fixed"] >= 1
+    assert all(n == counts["fixed"] for n in counts.values()), counts
