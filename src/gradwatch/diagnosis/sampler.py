@@ -244,11 +244,11 @@ class ActivationSampler:
         sat_sites = [s for s in self._order if s in self._sat]
         parts: list[torch.Tensor] = []
         for name in grad_names:
-            parts.append(self._grad_sq[name].reshape(1).double())
+            parts.append(self._grad_sq[name].reshape(1).float())
         for site in dead_sites:
-            parts.append((~self._alive[site][1]).double().mean().reshape(1))
+            parts.append((~self._alive[site][1]).float().mean().reshape(1))
         for site in sat_sites:
-            parts.append(self._sat[site][1].double().reshape(1))
+            parts.append(self._sat[site][1].float().reshape(1))  # float32: MPS has no float64
         values: list[float] = []
         if parts:
             device = parts[0].device
