@@ -146,7 +146,8 @@ class Watch:
         self._closed = False
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
 
-        self.plugins: list[WatchPlugin] = self._default_plugins(diagnose)
+        self.diagnose = bool(diagnose)
+        self.plugins: list[WatchPlugin] = self._default_plugins(self.diagnose)
         self.plugins.extend(plugins)
         if self.options:  # every extra keyword must be taken by a plugin factory
             raise TypeError(
@@ -364,10 +365,8 @@ class Watch:
     def _default_plugins(self, diagnose: bool) -> list[WatchPlugin]:
         plugins: list[WatchPlugin] = []
         for factory, always in _PLUGIN_FACTORIES:
-            if not (diagnose or always):
-                continue
-            plugin = factory(self)
-            if plugin is not None:
+            plugin = factory(self)  # every factory validates (and pops) its own options
+            if plugin is not None and (diagnose or always):
                 plugins.append(plugin)
         return plugins
 
@@ -614,8 +613,10 @@ class Watch:
 #: takes the Watch and returns a plugin or None. Modules register themselves here
 #: at import time (gradwatch/__init__.py imports them). A factory reads its own
 #: keyword options with ``watch.options.pop(name, default)`` and validates them.
-#: With ``Watch(diagnose=False)`` only the factories registered with
-#: ``always=True`` run (those that change behaviour, not only report).
+#: Every factory runs (so that each validates its own options); with
+#: ``Watch(diagnose=False)`` only the plugins of factories registered with
+#: ``always=True`` are kept (those that change behaviour, not only report), and
+#: a factory may read ``watch.diagnose``.
 _PLUGIN_FACTORIES: list[tuple[Callable[[Watch], WatchPlugin | None], bool]] = []
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import math
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +161,7 @@ class PrecisionPlugin(WatchPlugin):
         self.overflow_window = overflow_window
         self.forecast_scale = forecast_scale
         self.lost_update_share = lost_update_share
-        self.diagnose = False  # switched on by the diagnosis factory
+        self.diagnose = False  # set from Watch(diagnose=...) by the factory
         self.last_forecast: Fp16Forecast | None = None
         self.last_lost_updates: dict[str, Any] | None = None
         self.overflow_steps: collections.deque[int] = collections.deque()
@@ -669,7 +668,6 @@ def precision_plugin(watch: "Watch") -> PrecisionPlugin | None:
 
 
 # ----- factories ------------------------------------------------------------------------
-_MADE: "weakref.WeakKeyDictionary[Any, PrecisionPlugin]" = weakref.WeakKeyDictionary()
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -703,16 +701,8 @@ def _make_plugin(watch: "Watch") -> PrecisionPlugin:
             "(GradScaler cannot unscale fp16 gradients); call model.float() and let autocast compute in fp16"
         )
     plugin = PrecisionPlugin(every, underflow, backoffs, window, float(forecast_scale), lost)
-    _MADE[watch] = plugin
+    plugin.diagnose = watch.diagnose  # findings and sampling only with Watch(diagnose=True)
     return plugin
-
-
-def _enable_diagnosis(watch: "Watch") -> None:
-    """Runs only with ``Watch(diagnose=True)``: switches the plugin's findings and sampling on."""
-    plugin = _MADE.pop(watch, None)
-    if plugin is not None:
-        plugin.diagnose = True
-    return None
 
 
 def _register() -> None:
@@ -720,7 +710,6 @@ def _register() -> None:
 
     if not any(f is _make_plugin for f, _ in _PLUGIN_FACTORIES):
         register_default_plugin(_make_plugin, always=True)
-        register_default_plugin(_enable_diagnosis)
 
 
 _register()
