@@ -73,6 +73,8 @@ def test_confusion_rates_localization_fp_and_time_on_hand_counted_outcomes():
     outcomes = [
         {"name": "a", "family": "mlp", "expected": "dead_relu", "onset": 1, "expected_module": "5",
          "findings": [_f("dead_relu", 1, module="5"), _f("vanishing_gradients", 1)]},
+        {"name": "p", "family": "cnn", "expected": "missing_normalization", "onset": 1,
+         "findings": [{**_f("missing_normalization", 0), "source": "probe"}]},
         {"name": "b", "family": "cnn", "expected": "dead_relu", "onset": 1, "findings": []},
         {"name": "c", "family": "gpt", "expected": "loss_numerics", "expected_op": "aten.log", "onset": 10,
          "findings": [_f("loss_numerics", 13, "error", op="aten.log")]},
@@ -84,19 +86,22 @@ def test_confusion_rates_localization_fp_and_time_on_hand_counted_outcomes():
         {"name": "h3", "family": "cnn", "expected": None, "steps": 250, "findings": [_f("dead_relu", 1, "error")]},
     ]
     s = scoring.summarize(outcomes)
-    assert (s["scenarios"], s["healthy_runs"], s["detected"]) == (4, 3, 3)
-    assert s["detection_rate"] == 0.75
-    assert s["per_code"] == {"dead_relu": (1, 2), "loss_numerics": (1, 1), "nonfinite_forward": (1, 1)}
+    assert (s["scenarios"], s["healthy_runs"], s["detected"]) == (5, 3, 4)
+    assert s["detection_rate"] == 0.8
+    assert s["per_code"] == {"dead_relu": (1, 2), "loss_numerics": (1, 1), "missing_normalization": (1, 1),
+                             "nonfinite_forward": (1, 1)}
+    assert s["watch_only"]["detected"] == 3 and s["watch_only"]["per_code"]["missing_normalization"] == (0, 1)
     assert s["op_localization"] == (1, 2)  # c right, d wrong
     assert s["module_localization"] == (1, 1)  # a
-    assert s["time_to_detect"] == {"detections": 3, "median": 0.0, "max": 3}
+    assert s["time_to_detect"] == {"detections": 4, "median": 0.0, "max": 3}  # p: -1 (before training)
+    assert s["watch_only"]["time_to_detect"] == {"detections": 3, "median": 0.0, "max": 3}
     fp = s["false_positives"]
     assert (fp["alarms"], fp["steps"], fp["info"], fp["runs_with_alarm"]) == (2, 750, 1, 2)
     assert math.isclose(fp["per_1000_steps"], 2 / 750 * 1000)
     assert fp["codes"] == {"dead_relu": 1, "loss_spike": 1}
     conf = s["confusion"]
-    assert conf["rows"] == ["dead_relu", "loss_numerics", "nonfinite_forward", "healthy"]
-    assert conf["cols"][:3] == ["dead_relu", "loss_numerics", "nonfinite_forward"] and conf["cols"][-1] == "none"
+    assert conf["rows"] == ["dead_relu", "loss_numerics", "missing_normalization", "nonfinite_forward", "healthy"]
+    assert conf["cols"][:4] == conf["rows"][:4] and conf["cols"][-1] == "none"
     assert conf["counts"]["dead_relu"] == {"dead_relu": 1, "vanishing_gradients": 1, "none": 1}
     assert conf["counts"]["healthy"] == {"loss_spike": 1, "clipping_always_active": 1, "none": 1, "dead_relu": 1}
 

@@ -220,9 +220,12 @@ def false_positives(healthy: Iterable[Outcome]) -> dict[str, Any]:
         ...     {"steps": 200, "findings": []}])
         >>> fp["alarms"], fp["steps"], fp["per_1000_steps"], fp["info"], fp["runs_with_alarm"], fp["codes"]
         (1, 500, 2.0, 1, 1, {'loss_spike': 1})
+        >>> fp["by_source"]
+        {'watch': 1}
     """
     alarms = info = steps = runs_with_alarm = runs = 0
     codes: dict[str, int] = {}
+    sources: dict[str, int] = {}
     for o in healthy:
         runs += 1
         steps += int(o.get("steps", 0))
@@ -231,6 +234,8 @@ def false_positives(healthy: Iterable[Outcome]) -> dict[str, Any]:
             if f.get("severity") in ALARM_SEVERITIES:
                 n += 1
                 codes[f["code"]] = codes.get(f["code"], 0) + 1
+                source = f.get("source", "watch")
+                sources[source] = sources.get(source, 0) + 1
             else:
                 info += 1
         alarms += n
@@ -244,6 +249,7 @@ def false_positives(healthy: Iterable[Outcome]) -> dict[str, Any]:
         "per_1000_steps": rate,
         "runs_with_alarm": runs_with_alarm,
         "codes": dict(sorted(codes.items())),
+        "by_source": dict(sorted(sources.items())),  # "probe" (pre-flight, step 0) or "watch" (training)
     }
 
 
@@ -260,11 +266,27 @@ def time_to_detect(verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"detections": len(values), "median": float(statistics.median(values)), "max": max(values)}
 
 
+def without_source(outcome: Outcome, source: str) -> Outcome:
+    """The outcome with the findings of one source (``"probe"``: the pre-flight check) left out.
+
+    Example:
+        >>> o = {"findings": [{"code": "a", "source": "probe"}, {"code": "b"}]}
+        >>> [f["code"] for f in without_source(o, "probe")["findings"]]
+        ['b']
+    """
+    return {**outcome, "findings": [f for f in outcome.get("findings", []) if f.get("source", "watch") != source]}
+
+
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """All figures of the benchmark from its outcomes (what ``--json`` writes, what the tables print)."""
+    """All figures of the benchmark from its outcomes (what ``--json`` writes, what the tables print).
+
+    ``watch_only`` repeats detection and time to detect with the pre-flight probe's findings left
+    out: what a user who never calls ``gw.probe`` gets from the Watch alone.
+    """
     faults = [o for o in outcomes if o.get("expected")]
     healthy = [o for o in outcomes if not o.get("expected")]
     verdicts = [score_outcome(o) for o in faults]
+    watch_verdicts = [score_outcome(without_source(o, "probe")) for o in faults]
     rows, cols, table = confusion(outcomes)
     detected = sum(1 for v in verdicts if v["detected"])
     return {
@@ -280,5 +302,11 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "false_positives": false_positives(healthy),
         "confusion": {"rows": rows, "cols": cols, "counts": table},
         "verdicts": verdicts,
+        "watch_only": {
+            "detected": sum(1 for v in watch_verdicts if v["detected"]),
+            "per_code": detection_rates(watch_verdicts),
+            "time_to_detect": time_to_detect(watch_verdicts),
+            "false_positives": false_positives(without_source(o, "probe") for o in healthy),
+        },
         "errors": {o["name"]: o["error"] for o in outcomes if o.get("error")},
     }

@@ -47,12 +47,15 @@ def summary_lines(summary: dict[str, Any], seconds: float, command: str) -> str:
         f"Command: `{command}` ({seconds:.0f} s wall)",
         f"Fault scenarios: {summary['scenarios']} in {len(summary['families'])} families "
         f"({', '.join(summary['families'])}); healthy runs: {summary['healthy_runs']} ({fp['steps']} steps).",
-        f"Detected: {_pct(summary['detected'], summary['scenarios'])}.",
+        f"Detected: {_pct(summary['detected'], summary['scenarios'])}; by the Watch alone (no pre-flight probe): "
+        f"{_pct(summary['watch_only']['detected'], summary['scenarios'])}.",
         f"Localization among detections that state it: op {_pct(*op)}, module {_pct(*mod)}.",
-        f"Time to detect (steps after onset, over detections): median {ttd['median']}, max {ttd['max']}.",
+        f"Time to detect (steps after onset, over detections; -1 = before training, by the probe): median "
+        f"{ttd['median']}, max {ttd['max']}; Watch alone: median {summary['watch_only']['time_to_detect']['median']}, "
+        f"max {summary['watch_only']['time_to_detect']['max']}.",
         f"False positives on healthy runs: {fp['alarms']} warning/error findings in {fp['steps']} steps = "
         f"{fp['per_1000_steps']:.2f} per 1000 steps ({fp['runs_with_alarm']}/{fp['runs']} runs; "
-        f"codes {fp['codes'] or '-'}); info findings: {fp['info']}.",
+        f"codes {fp['codes'] or '-'}; by source {fp['by_source'] or '-'}); info findings: {fp['info']}.",
     ]
     if summary["errors"]:
         lines.append(f"Harness errors: {', '.join(summary['errors'])}.")
@@ -78,6 +81,7 @@ def per_code_table(summary: dict[str, Any]) -> str:
     for v in summary["verdicts"]:
         by_code.setdefault(v["expected"], []).append(v)
     rows = []
+    watch = summary["watch_only"]["per_code"]
     for code, (hit, total) in summary["per_code"].items():
         vs = by_code[code]
         ops = [v for v in vs if v["detected"] and v["op_correct"] is not None]
@@ -86,11 +90,12 @@ def per_code_table(summary: dict[str, Any]) -> str:
         rows.append([
             code,
             _pct(hit, total),
+            _pct(*watch.get(code, (0, total))),
             _pct(sum(bool(v["op_correct"]) for v in ops), len(ops)),
             _pct(sum(bool(v["module_correct"]) for v in mods), len(mods)),
             ", ".join(str(t) for t in ttds) or "-",
         ])
-    return _md(rows, ["code", "detected", "op correct", "module correct", "steps to detect"])
+    return _md(rows, ["code", "detected", "Watch alone", "op correct", "module correct", "steps to detect"])
 
 
 def scenario_table(outcomes: Sequence[dict[str, Any]]) -> str:
