@@ -468,3 +468,11 @@ def test_no_process_group_means_no_distributed_sync(tmp_path):
         DistSync.detect(write_rank="rank0")
     inner = nn.Linear(2, 2)
     assert unwrap_model(torch.nn.DataParallel(inner)) is inner
+
+    class FullyShardedDataParallel(nn.Module):  # stands for FSDP1's wrapper (needs a process group to build)
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="fully_shard"):
+        gw.Watch(nn.Sequential(FullyShardedDataParallel()), torch.optim.SGD(inner.parameters(), lr=0.1))

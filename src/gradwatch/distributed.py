@@ -102,11 +102,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Layer names then read as in a single-process eager run (``"0"``, not
     ``"module._orig_mod.0"``). FSDP2 does not wrap (it changes the module in place).
 
+    Raises:
+        ValueError: the model is (or holds) an FSDP1 ``FullyShardedDataParallel``
+            wrapper: its flattened gradient shards are plain tensors that no
+            per-layer norm can be attributed to; use FSDP2's ``fully_shard``.
+
     Example:
         >>> net = nn.Linear(2, 2)
         >>> unwrap_model(torch.nn.DataParallel(net)) is net
         True
     """
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "gradwatch does not support FSDP1 (FullyShardedDataParallel): its gradients are flat shards that "
+            "cannot be split by layer; shard with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
     seen = 0
     while seen < 8:  # wrappers nest at most a few levels (DDP(compile(model)))
         seen += 1
