@@ -366,8 +366,9 @@ class AGC(NoClip):
     ``||G_i|| / max(||W_i||, eps) > clipping`` the unit's gradient is rescaled to
     ``clipping * max(||W_i||, eps) / ||G_i|| * G_i``. The final classifier is
     not clipped (NFNets): by default the last ``nn.Linear`` to run forward on the
-    first step (found with forward hooks that live for that step only); name
-    parameters in ``exclude`` to choose yourself. Norms are recorded before
+    first step (found with forward hooks that live for that step only; a model
+    without any ``nn.Linear`` has nothing excluded); name parameters in
+    ``exclude`` to choose yourself. Norms are recorded before
     clipping. On the device, no host sync; one small kernel chain per parameter.
 
     Args:
