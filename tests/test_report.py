@@ -364,6 +364,41 @@ def test_absent_streams_and_empty_runs_are_handled(tmp_path: Path) -> None:
     assert {"fig-grad-norm", "fig-loss"} <= set(figure_svgs(page))
 
 
+def test_degenerate_runs_render_without_warnings(tmp_path: Path) -> None:
+    """Every value non-finite, or every value zero: charts that cannot exist are absent, nothing warns
+    (pytest turns any matplotlib warning into an error)."""
+    for name, value in (("nan", float("nan")), ("zero", 0.0)):
+        writer = RunWriter(tmp_path / name, flush_every=1)
+        writer.write_meta({"model": "M", "clip_norm": 1.0})
+        writer.write_layers([{"name": f"l{i}", "type": "Linear", "depth": i, "numel": 4, "trainable_numel": 4,
+                              "measured": True} for i in range(3)])
+        for s in range(1, 6):
+            writer.append_step({"step": s, "loss": value, "grad_norm": value, "clip_coef": value, "clipped": False,
+                                "skipped": name == "nan", "loss_scale": 0.0, "update_ratio": [0.0, 0.0, 0.0]},
+                               {"grad_norms": np.full(3, value), "weight_norms": np.ones(3)})
+        writer.append("activations", {"step": 1, "grad_rms": {"l0": 0.0, "l1": float("nan")},
+                                      "activations": {"relu": {"kind": "relu", "dead": None}}})
+        writer.close()
+        page = gw.report(tmp_path / name).read_text(encoding="utf-8")
+        svgs = figure_svgs(page)
+        assert {"fig-grad-norm", "fig-loss"} <= set(svgs), name
+        for absent in ("fig-depth", "fig-heatmap", "fig-update-ratio", "fig-act-grad", "fig-activations", "fig-loss-scale"):
+            assert f'id="{absent}-absent"' in page, (name, absent)
+        assert "could not be drawn" not in page
+
+
+def test_a_failing_chart_costs_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradwatch.report import figures
+
+    def broken(views: Any) -> str:
+        raise RuntimeError("<b>boom</b>")
+
+    monkeypatch.setattr(figures, "FIGURES", (("fig-broken", "Broken", broken, "x"),) + figures.FIGURES[:1])
+    page = gw.report(write_synthetic_run(tmp_path / "run", steps=5, layers=3)).read_text(encoding="utf-8")
+    assert 'id="fig-broken-error"' in page and "RuntimeError: &lt;b&gt;boom&lt;/b&gt;" in page
+    assert "fig-depth" in figure_svgs(page)
+
+
 @pytest.mark.slow
 def test_compare_overlays_two_runs_in_the_same_charts(tmp_path: Path) -> None:
     make_watch_run(tmp_path / "sigmoid", activation="sigmoid", steps=20)

@@ -97,6 +97,26 @@ def _top_marks(ax: Any, steps: Sequence[int], color: str, label: str) -> None:
             transform=transform, label=label, clip_on=False)
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend, only when something labelled was drawn (matplotlib warns otherwise)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **kwargs)
+
+
+def _log_if_positive(ax: Any, base: float = 10) -> None:
+    """Log y scale when the axes hold a positive finite value (matplotlib warns otherwise)."""
+    for line in ax.get_lines():
+        y = np.asarray(line.get_ydata(), dtype=np.float64)
+        if line.get_transform() is ax.transData and np.any(np.isfinite(y) & (y > 0)):
+            ax.set_yscale("log", base=base)
+            return
+
+
+def _any_positive(values: Any) -> bool:
+    values = np.asarray(values, dtype=np.float64)
+    return bool(np.any(np.isfinite(values) & (values > 0)))
+
+
 def _runs_label(views: Sequence[RunView], i: int) -> str:
     return f"{_text(views[i].label)}: " if len(views) > 1 else ""
 
@@ -123,7 +143,7 @@ def fig_depth(views: Sequence[RunView]) -> str | None:
         ax.set_xlabel("layer, in depth (execution) order")
         longest = max(views, key=lambda v: len(v.layer_names))
         _depth_ticks(ax, longest.layer_names)
-        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
 
@@ -192,13 +212,13 @@ def fig_grad_norm(views: Sequence[RunView]) -> str | None:
                 bottom.plot(data.thin_steps(skipped.tolist()), np.full(min(skipped.size, 300), 1.05), linestyle="none",
                             marker="v", color=SEVERITY_COLORS["error"], markersize=4,
                             label=f"{_runs_label(views, i)}skipped step")
-        top.set_yscale("log")
+        _log_if_positive(top)
         top.set_ylabel("gradient norm")
-        top.legend(fontsize=7, loc="best")
+        _legend(top, loc="best")
         bottom.set_ylim(-0.05, 1.15)
         bottom.set_ylabel("clipped")
         bottom.set_xlabel("step")
-        bottom.legend(fontsize=7, loc="upper left", ncols=2)
+        _legend(bottom, loc="upper left", ncols=2)
         return _svg(fig)
 
 
@@ -228,7 +248,7 @@ def fig_loss(views: Sequence[RunView]) -> str | None:
             ax.set_yscale("log")
         ax.set_ylabel("loss")
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax, loc="best")
         return _svg(fig)
 
 
@@ -247,20 +267,21 @@ def fig_gain(views: Sequence[RunView]) -> str | None:
         ax.set_yscale("log")
         ax.set_ylabel("gain per layer")
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax, loc="best")
         return _svg(fig)
 
 
 def fig_update_ratio(views: Sequence[RunView]) -> str | None:
     """Update-to-weight ratio ||dw||/||w|| per layer at a few measured steps, with the 1e-3 guide."""
-    if not any(v.update_rows.size for v in views):
+    if not any(_any_positive(v.update_ratio) for v in views):
         return None
     with _style():
         fig = _new(3.8)
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges")
         for i, view in enumerate(views):
-            measured = view.update_rows
+            ratio = view.update_ratio
+            measured = np.flatnonzero((np.isfinite(ratio) & (ratio > 0)).any(axis=1)) if ratio.size else np.zeros(0, np.int64)
             if not measured.size:
                 continue
             rows = measured[data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)]
@@ -274,13 +295,13 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("||update|| / ||weight||")
         ax.set_xlabel("layer, in depth order")
         _depth_ticks(ax, max(views, key=lambda v: len(v.layer_names)).layer_names)
-        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
 
 def fig_act_grad(views: Sequence[RunView]) -> str | None:
     """Activation-gradient RMS (dL/dh on each layer's output) by depth, on the sampled steps."""
-    if not any(v.act_grad is not None for v in views):
+    if not any(v.act_grad is not None and _any_positive(v.act_grad.rms) for v in views):
         return None
     with _style():
         fig = _new(3.8)
@@ -293,6 +314,8 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
                 continue
             usable = (np.isfinite(curve.rms) & (curve.rms > 0)).any(axis=1)
             rows = data.checkpoint_rows(curve.steps, usable, 6 if len(views) == 1 else 3)
+            if not rows.size:
+                continue
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
                 ax.plot(np.arange(len(curve.layers)), _positive(curve.rms[row]), RUN_STYLES[i], color=color,
@@ -303,7 +326,7 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("RMS of dL/dh (activation gradient)")
         ax.set_xlabel("layer output, in depth order")
         _depth_ticks(ax, names)
-        ax.legend(fontsize=7, ncols=2 if len(views) > 1 else 1, loc="best")
+        _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
 
@@ -336,7 +359,7 @@ def fig_activations(views: Sequence[RunView]) -> str | None:
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel(f"{kind} fraction")
             _depth_ticks(ax, names)
-            ax.legend(fontsize=7, loc="best")
+            _legend(ax, loc="best")
         return _svg(fig)
 
 
@@ -358,7 +381,7 @@ def fig_loss_scale(views: Sequence[RunView]) -> str | None:
         ax.set_yscale("log", base=2)
         ax.set_ylabel("loss scale")
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax, loc="best")
         return _svg(fig)
 
 
@@ -407,7 +430,7 @@ def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("share flushed to zero in fp16")
         ax.set_xlabel("layer, in depth order")
         _depth_ticks(ax, names)
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax, loc="best")
         return _svg(fig)
 
 

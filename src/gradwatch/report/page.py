@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import logger
 from .prepare import RunView
 
 #: Findings listed in full (the summary table counts all of them).
@@ -309,8 +310,14 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
         out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _findings(view))
     out.append('</section><section id="charts"><h2>Charts</h2>')
     for fig_id, heading, draw, caption in figures:
-        svg = draw(views)
         out.append(f'<h3>{esc(heading)}</h3>')
+        try:
+            svg = draw(views)
+        except Exception as exc:  # one chart that fails must not cost the whole report
+            logger.warning("gradwatch report: chart %s could not be drawn: %r", fig_id, exc)
+            out.append(f'<p class="absent" id="{esc(fig_id)}-error">This chart could not be drawn '
+                       f"({esc(type(exc).__name__)}: {esc(str(exc)[:300])}).</p>")
+            continue
         if svg is None:
             out.append(f'<p class="absent" id="{esc(fig_id)}-absent">Not recorded in this run.</p>')
         else:
