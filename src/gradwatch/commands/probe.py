@@ -42,6 +42,7 @@ def _load_module(spec: str) -> Any:
         if module_spec is None or module_spec.loader is None:
             raise ValueError(f"cannot load {spec} as a Python module")
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module  # dataclasses and pickling look their module up here
         sys.path.insert(0, str(path.resolve().parent))
         try:
             module_spec.loader.exec_module(module)
