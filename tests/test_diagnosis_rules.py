@@ -391,3 +391,22 @@ def test_init_rule_judges_step_1_only_not_a_resumed_run(digits):
     assert "init_scale_too_large" not in codes(watch)
     fresh = train(mlp(6, "relu", "kaiming", scale=4.0), digits, steps=1, lr=1e-4)
     assert only(fresh, "init_scale_too_large").step == 1
+
+
+def test_a_closure_that_raises_on_a_sampled_step_leaves_no_hook_or_mode(digits):
+    model = mlp(3, "relu", "kaiming")
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), sample_every=2)
+    x, y = digits[0][:64], digits[1][:64]
+
+    def broken():
+        model(x)
+        raise KeyError("user bug")
+
+    with pytest.raises(KeyError):
+        watch.step(broken)  # step 1 is sampled: hooks and the function mode were on
+    assert len(torch.overrides._get_current_function_mode_stack()) == 0
+    assert not any(m._forward_hooks for m in model.modules())
+    watch.step(lambda: F.cross_entropy(model(x), y))  # training goes on
+    watch.close()
+    with pytest.raises(ValueError, match="check_every"):
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnose=False, check_every=-1)
