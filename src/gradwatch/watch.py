@@ -146,6 +146,7 @@ class Watch:
         self._closed = False
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
 
+        self._hook_cache: dict[str, list[WatchPlugin]] = {}
         self.diagnose = bool(diagnose)
         self.plugins: list[WatchPlugin] = self._default_plugins(self.diagnose)
         self.plugins.extend(plugins)
@@ -398,7 +399,12 @@ class Watch:
 
     def _call_plugins(self, method: str, *args: Any) -> list[Any]:
         out: list[Any] = []
-        for plugin in self.plugins:
+        callers = self._hook_cache.get(method)
+        if callers is None:  # only the plugins that override this hook (per-step Python is the overhead budget)
+            base = getattr(WatchPlugin, method)
+            callers = [p for p in self.plugins if getattr(type(p), method, base) is not base]
+            self._hook_cache[method] = callers
+        for plugin in callers:
             try:
                 value = getattr(plugin, method)(*args)
             except NonFiniteError:
