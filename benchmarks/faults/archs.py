@@ -124,6 +124,17 @@ class Standardize(nn.Module):
         return ((flat - mean) / std).view_as(x)
 
 
+class BatchStandardize(nn.Module):
+    """Standardize each feature over the batch, ``(x - mean_0) / std_0``, with no epsilon.
+
+    A batch whose examples are all identical (a loader that repeats one sample)
+    has std 0 in every feature: 0/0.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True)
+
+
 # ----- cnn ----------------------------------------------------------------------------
 class CNN(nn.Module):
     """``depth`` 3x3 convs (+ BatchNorm) + activation on (B, 1, 8, 8), global average pooling, a Linear head."""

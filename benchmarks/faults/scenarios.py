@@ -167,6 +167,10 @@ def _unlabeled(b: Any) -> Any:
     return (b[0], torch.full_like(b[1], -1))
 
 
+def _repeat_first(b: Any) -> Any:
+    return (b[0][:1].expand_as(b[0]).clone(), b[1][:1].expand_as(b[1]).clone())
+
+
 def _blank_group(b: Any) -> Any:
     x = b[0].clone()
     x[0, 24:40] = 0.0  # one example with two blank rows of pixels (what GroupNormFeature measures)
@@ -322,6 +326,17 @@ def b_mlp_bce_by_hand() -> Setup:
 def b_mlp_sqrt_backward() -> Setup:
     m = nn.Sequential(archs.GroupNormFeature(24, 40), nn.Linear(65, 32), nn.ReLU(), nn.Linear(32, 10))
     return digits_task(m, adam(m), inject=_at(50, _blank_group))
+
+
+def b_mlp_repeated_sample() -> Setup:
+    m = _mlp(3, "relu", "kaiming")
+    m.insert(1, archs.BatchStandardize())  # a hand-written BatchNorm without eps after the first Linear
+    return digits_task(m, adam(m), inject=_at(50, _repeat_first))
+
+
+def b_mlp_adam_lr1() -> Setup:
+    m = _mlp(4, "relu", "kaiming")
+    return digits_task(m, adam(m, 1.0), clip_norm=None)
 
 
 def b_mlp_probe_deep_tanh() -> Setup:
@@ -513,6 +528,21 @@ def h_mlp_fp16() -> Setup:
     return digits_task(m, adam(m, 1e-3), precision="fp16")
 
 
+def h_mlp_bf16() -> Setup:
+    m = _mlp(4, "relu", "kaiming")
+    return digits_task(m, adam(m, 1e-3), precision="bf16")
+
+
+def h_cnn_bn_sgd() -> Setup:
+    m = archs.CNN(depth=4, bn=True)
+    return digits_task(m, sgd(m, 0.05, 0.9), image=True)
+
+
+def h_gpt_preln_4() -> Setup:
+    m = archs.gpt(4)
+    return seq_task(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1))
+
+
 def h_cnn_bn() -> Setup:
     m = archs.CNN(depth=4, bn=True)
     return digits_task(m, adam(m, 3e-3), image=True)
@@ -554,7 +584,7 @@ def h_rescnn() -> Setup:
 
 
 S = Scenario
-HEALTHY_STEPS = 250
+HEALTHY_STEPS = 400  # >= 200 (the issue); long enough for the window rules (50-step windows) to run many times
 
 SCENARIOS: list[Scenario] = [
     # ----- mlp: deep MLPs with various activations, on digits
@@ -602,6 +632,11 @@ SCENARIOS: list[Scenario] = [
       "one example with a blank pixel group at step 50: sqrt's backward at 0 is inf, times 0 = NaN",
       "nonfinite_backward", b_mlp_sqrt_backward, steps=70, onset=50, expected_op="aten.div",
       expected_module=("0",), expected_node="SqrtBackward0", quick=True),
+    S("mlp_repeated_sample_batchstd", "mlp", "Linear + hand-written batch standardization (no eps) + ReLU MLP",
+      "a loader bug repeats one example across the batch at step 50: the batch std is 0, 0/0", "degenerate_batch",
+      b_mlp_repeated_sample, steps=70, onset=50, expected_op="aten.div", expected_module=("1",)),
+    S("mlp_adam_lr1", "mlp", "4 x Linear(32)+ReLU, Kaiming, Adam lr=1, no clipping",
+      "Adam's learning rate 1000x its usual value", "lr_too_high", b_mlp_adam_lr1, steps=80),
     S("mlp_tanh_24_probe", "mlp", "24 x Linear(32)+tanh, default init, no normalization",
       "a deep plain tanh stack that the pre-flight probe should flag", "missing_normalization",
       b_mlp_probe_deep_tanh, steps=30),
@@ -697,6 +732,11 @@ SCENARIOS: list[Scenario] = [
       steps=HEALTHY_STEPS),
     S("healthy_mlp_gelu_4", "mlp", "4 x Linear(32)+GELU, default init, Adam", "", None, h_mlp_gelu, steps=HEALTHY_STEPS),
     S("healthy_mlp_fp16", "mlp", "4 x Linear(32)+ReLU, fp16 autocast + GradScaler", "", None, h_mlp_fp16,
+      steps=HEALTHY_STEPS),
+    S("healthy_mlp_bf16", "mlp", "4 x Linear(32)+ReLU, bf16 autocast", "", None, h_mlp_bf16, steps=HEALTHY_STEPS),
+    S("healthy_cnn_bn_4_sgd", "cnn", "4 x Conv3x3(8)+BatchNorm+ReLU, SGD+momentum", "", None, h_cnn_bn_sgd,
+      steps=HEALTHY_STEPS),
+    S("healthy_gpt_preln_4", "gpt", "4-block pre-LN GPT (d=32), AdamW wd=0.1", "", None, h_gpt_preln_4,
       steps=HEALTHY_STEPS),
     S("healthy_cnn_bn_4", "cnn", "4 x Conv3x3(8)+BatchNorm+ReLU, Adam", "", None, h_cnn_bn, steps=HEALTHY_STEPS),
     S("healthy_cnn_plain_3", "cnn", "3 x Conv3x3(16)+ReLU, Kaiming, no BatchNorm, Adam", "", None, h_cnn_plain,
