@@ -158,7 +158,7 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     # 4. unused parameters under find_unused_parameters=True
     model = DDP(make_model(with_unused=True), find_unused_parameters=True)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    watch = gw.Watch(model, opt, clip_norm=None)
+    watch = gw.Watch(model, opt, clip_norm=None, run_dir=out / "all_ranks", write_rank="all", flush_every=1)
     results = []
     for step in range(UNUSED_STEPS):
         x, y = rank_batch(step % STEPS, rank)
@@ -382,6 +382,11 @@ def test_ddp_unused_parameters_are_missing_gradients_not_a_crash(ranks):
         assert unused["skipped"] == [False] * UNUSED_STEPS
         assert all(m == ["unused"] for m in unused["missing"]), unused["missing"]
         assert unused["layers"][-1] == "unused"  # never ran forward: last in depth order
+    out = ranks[0]["out"]  # write_rank="all": one directory per rank, each with every step
+    for r in range(WORLD):
+        steps = (out / "all_ranks" / f"rank{r}" / "steps.jsonl").read_text().splitlines()
+        assert len(steps) == UNUSED_STEPS
+        assert json.loads((out / "all_ranks" / f"rank{r}" / "meta.json").read_text())["rank"] == r
     try:  # the missing_gradients rule belongs to the diagnosis package (issue 3)
         from gradwatch.diagnosis import rules
     except ImportError:
