@@ -47,7 +47,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gradwatch as gw  # noqa: E402
@@ -93,13 +92,15 @@ class PeerLoop:
 
     def __init__(self, peer: str, model: nn.Module, opt: torch.optim.Optimizer,
                  loss_of: Callable[[nn.Module, Any], torch.Tensor], tmp: Path,
-                 cockpit_loss: tuple[nn.Module, nn.Module] | None = None) -> None:
+                 cockpit_loss: tuple[nn.Module, nn.Module] | None = None, watch_options: dict[str, Any] | None = None) -> None:
         self.peer, self.model, self.opt, self.loss_of, self.tmp = peer, model, opt, loss_of, tmp
         self.global_step = 0
         self.watch = None
         self.run = None
+        clip = (watch_options or {}).get("clip_norm", 1.0)
+        self.clip = float(clip) if isinstance(clip, (int, float)) else None  # the plain loop mirrors the scenario's clipping
         if peer == "gradwatch":
-            self.watch = gw.Watch(model, opt, run_dir=tmp / f"gw-{id(self)}")
+            self.watch = gw.Watch(model, opt, run_dir=tmp / f"gw-{id(self)}", **(watch_options or {}))
         elif peer == "wandb":
             import wandb
 
@@ -161,7 +162,8 @@ class PeerLoop:
             bad = [k for k, v in norms.items() if not math.isfinite(v)]
             if bad:
                 report["nonfinite_norms"] = bad
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
         self.opt.step()
         self.opt.zero_grad()
         if self.peer == "wandb":
@@ -337,13 +339,9 @@ def peer_on_fault(peer: str, sc: fault_scenarios.Scenario, tmp: Path, max_steps:
         if setup.loss is not fault_scenarios._ce:  # noqa: SLF001  (Cockpit needs the loss as an extendable module)
             return {"noticed": "n/a", "op": "-", "cause": "-", "detail": "custom loss function BackPACK cannot extend"}
         cockpit_loss = _cockpit_losses()
-    if peer == "gradwatch":
-        setup_watch = dict(setup.watch)
-    try:
-        loop = PeerLoop(peer, setup.model, setup.optimizer, setup.loss, tmp, cockpit_loss=cockpit_loss)
-        if peer == "gradwatch" and setup_watch:  # the scenario's own Watch options (clip_norm=None, ...)
-            loop.watch.close()
-            loop.watch = gw.Watch(setup.model, setup.optimizer, run_dir=tmp / f"gw-{sc.name}", **setup_watch)
+    try:  # the scenario's own options: gradwatch gets them all, the plain loops its clip_norm
+        loop = PeerLoop(peer, setup.model, setup.optimizer, setup.loss, tmp, cockpit_loss=cockpit_loss,
+                        watch_options=setup.watch)
     except Exception as exc:
         return {"noticed": "n/a", "op": "-", "cause": "-", "detail": f"cannot attach: {type(exc).__name__}: {str(exc)[:100]}"}
     stderr = io.StringIO()
@@ -430,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(cell)
                 rows.append(cells)
                 print(f"  ran {name}", file=sys.stderr, flush=True)
-            print("\n### What each tool reports on injected faults (first report; plain loop with clip 1.0)\n")
+            print("\n### What each tool reports on injected faults (first report; plain loop clipped as the scenario)\n")
             print(_md(rows, ["scenario (expected code, op)"] + list(PEERS)))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0

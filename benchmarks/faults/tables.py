@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 from .scoring import score_outcome
@@ -130,7 +129,3 @@ def healthy_table(outcomes: Sequence[dict[str, Any]]) -> str:
         ])
     return _md(rows, ["healthy run", "family", "steps", "loss first 10", "loss last 10", "held-out acc",
                       "warnings/errors", "info", "s"])
-
-
-def _fmt(x: float) -> str:
-    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.3g}"
