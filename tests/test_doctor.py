@@ -61,3 +61,21 @@ def test_doctor_bad_path_exits_2_with_one_line(tmp_path, capsys):
     file_path.write_text("x")
     assert main(["doctor", str(file_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_doctor_shows_the_fp16_forecast_of_an_fp32_run(tmp_path, capsys):
+    """A sigmoid net with a tiny loss: its first layer's gradients fall below fp16's 2^-24; doctor says so, with a scale."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(5):
+        layers += [torch.nn.Linear(32, 32), torch.nn.Sigmoid()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), clip_norm=None, run_dir=tmp_path / "r")
+    x = torch.randn(64, 32)
+    watch.step(lambda: (model(x) * 1e-3).pow(2).mean())  # step 1 is a forecast step
+    watch.close()
+    main(["doctor", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "fp16 forecast at step 1 (a fp32 run):" in out
+    assert "at loss scale 1: layer 0 would lose" in out  # the first layer is the one that flushes
+    assert "recommended loss scale:" in out

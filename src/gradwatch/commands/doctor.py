@@ -99,4 +99,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(bundles)} reproduction bundle(s) in {path / 'nonfinite'}:")
         for bundle in bundles:
             print("  " + describe_bundle(bundle))
+    from ..amp.summary import precision_summary
+
+    for line in precision_summary(run_data):  # the latest fp16 forecast / bf16 lost-update events, if any
+        print(line)
     return 1 if counts["error"] else 0
