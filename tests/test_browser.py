@@ -201,12 +201,15 @@ def _open(browser: Chromium, page: Path, height: int = 900) -> str:
 
 @pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report.png")
 def test_refresh_docs_screenshot(tmp_path: Path, browser: Chromium) -> None:
-    """docs/report.png: a sigmoid MLP (gradients vanish) against the same MLP with ReLU + Kaiming init."""
+    """docs/report.png: the demo's sigmoid MLP (gradients vanish) against its ReLU + Kaiming + LayerNorm MLP."""
     from PIL import Image
 
-    make_watch_run(tmp_path / "sigmoid", activation="sigmoid", steps=60)
-    make_watch_run(tmp_path / "relu_kaiming", activation="relu", steps=60)
-    page = gw.report(tmp_path / "sigmoid", compare=tmp_path / "relu_kaiming").resolve()
+    pytest.importorskip("sklearn")
+    from gradwatch.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", quick=True, progress=False)
+    runs = {v.name: v.run_dir for v in result.variants}
+    page = gw.report(runs["sigmoid-default"], compare=runs["relu-kaiming-ln"], output=tmp_path / "compare.html").resolve()
     session = _open(browser, page)
     top = browser.send("Runtime.evaluate", {"expression": "document.querySelector('#charts').getBoundingClientRect().top",
                                              "returnByValue": True}, session=session)["result"]["value"]

@@ -399,6 +399,18 @@ def test_a_failing_chart_costs_only_itself(tmp_path: Path, monkeypatch: pytest.M
     assert "fig-depth" in figure_svgs(page)
 
 
+def test_compare_runs_with_different_layers_on_relative_depth(tmp_path: Path) -> None:
+    from gradwatch.report import figures
+    from gradwatch.report.prepare import prepare
+
+    three = prepare(gw.load_run(write_synthetic_run(tmp_path / "three", steps=5, layers=3)))
+    five = prepare(gw.load_run(write_synthetic_run(tmp_path / "five", steps=5, layers=5)))
+    texts = re.findall(r"<!-- (.*?) -->", figures.fig_depth([three, five]) or "")
+    assert any("relative depth" in t for t in texts) and "blocks.4.fc" not in texts
+    texts = re.findall(r"<!-- (.*?) -->", figures.fig_depth([five, five]) or "")
+    assert not any("relative depth" in t for t in texts) and "blocks.4.fc" in texts  # same layers: named ticks
+
+
 @pytest.mark.slow
 def test_compare_overlays_two_runs_in_the_same_charts(tmp_path: Path) -> None:
     make_watch_run(tmp_path / "sigmoid", activation="sigmoid", steps=20)

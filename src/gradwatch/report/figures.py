@@ -79,6 +79,29 @@ def _text(value: object) -> str:
     return str(value).replace("$", "\\$")
 
 
+class _Depth:
+    """The x axis of a by-layer chart: the layer index, or the relative depth (0 first, 1 last)
+    when two runs with different layers share the chart (so the first and last layers line up)."""
+
+    def __init__(self, layer_lists: Sequence[Sequence[str]]) -> None:
+        lists = [list(names) for names in layer_lists if len(names)]
+        self.relative = len(lists) > 1 and any(names != lists[0] for names in lists)
+        self.names = max(lists, key=len) if lists else []
+
+    def x(self, n: int) -> np.ndarray:
+        if self.relative:
+            return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n)
+        return np.arange(n)
+
+    def axis(self, ax: Any, label: str) -> None:
+        if self.relative:
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xlabel(f"{label}: relative depth (0 = first layer, 1 = last; the runs' layers differ)")
+        else:
+            _depth_ticks(ax, self.names)
+            ax.set_xlabel(label)
+
+
 def _short(name: str, limit: int = 28) -> str:
     return _text(name if len(name) <= limit else "\u2026" + name[-(limit - 1):])
 
@@ -130,19 +153,18 @@ def fig_depth(views: Sequence[RunView]) -> str | None:
         fig = _new(4.0)
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges") if len(views) > 1 else ("viridis",)
+        depth = _Depth([v.layer_names for v in views])
         for i, view in enumerate(views):
             rows = view.checkpoints
             if len(views) > 1 and rows.size > 3:  # fewer lines per run when two runs share the chart
                 rows = rows[np.unique(np.linspace(0, rows.size - 1, 3).round().astype(int))]
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(np.arange(view.rms.shape[1]), _positive(view.rms[row]), RUN_STYLES[i], color=color,
+                ax.plot(depth.x(view.rms.shape[1]), _positive(view.rms[row]), RUN_STYLES[i], color=color,
                         marker="o", markersize=2.5, linewidth=1.4, label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
         ax.set_yscale("log")
         ax.set_ylabel("gradient RMS (before clipping)")
-        ax.set_xlabel("layer, in depth (execution) order")
-        longest = max(views, key=lambda v: len(v.layer_names))
-        _depth_ticks(ax, longest.layer_names)
+        depth.axis(ax, "layer, in depth (execution) order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
@@ -279,6 +301,7 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
         fig = _new(3.8)
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges")
+        depth = _Depth([v.layer_names for v in views])
         for i, view in enumerate(views):
             ratio = view.update_ratio
             measured = np.flatnonzero((np.isfinite(ratio) & (ratio > 0)).any(axis=1)) if ratio.size else np.zeros(0, np.int64)
@@ -287,14 +310,13 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
             rows = measured[data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)]
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(np.arange(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), RUN_STYLES[i],
+                ax.plot(depth.x(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), RUN_STYLES[i],
                         color=color, marker="o", markersize=2.5, linewidth=1.2,
                         label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
         ax.axhline(1e-3, color="#7f7f7f", linestyle=":", linewidth=1.2, label="1e-3 (rule of thumb)")
         ax.set_yscale("log")
         ax.set_ylabel("||update|| / ||weight||")
-        ax.set_xlabel("layer, in depth order")
-        _depth_ticks(ax, max(views, key=lambda v: len(v.layer_names)).layer_names)
+        depth.axis(ax, "layer, in depth order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
@@ -307,7 +329,7 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
         fig = _new(3.8)
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges")
-        names: list[str] = []
+        depth = _Depth([v.act_grad.layers for v in views if v.act_grad is not None])
         for i, view in enumerate(views):
             curve = view.act_grad
             if curve is None:
@@ -318,14 +340,11 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
                 continue
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(np.arange(len(curve.layers)), _positive(curve.rms[row]), RUN_STYLES[i], color=color,
+                ax.plot(depth.x(len(curve.layers)), _positive(curve.rms[row]), RUN_STYLES[i], color=color,
                         marker="o", markersize=2.5, linewidth=1.2, label=f"{_runs_label(views, i)}step {int(curve.steps[row])}")
-            if len(curve.layers) > len(names):
-                names = curve.layers
         ax.set_yscale("log")
         ax.set_ylabel("RMS of dL/dh (activation gradient)")
-        ax.set_xlabel("layer output, in depth order")
-        _depth_ticks(ax, names)
+        depth.axis(ax, "layer output, in depth order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
         return _svg(fig)
 
@@ -340,7 +359,7 @@ def fig_activations(views: Sequence[RunView]) -> str | None:
         fig = _new(3.2 * len(kinds))
         axes = fig.subplots(len(kinds), 1, squeeze=False)[:, 0]
         for ax, kind in zip(axes, kinds):
-            names: list[str] = []
+            depth = _Depth([s.layers for s in stats if s is not None and kind in s.series])
             for i, (view, stat) in enumerate(zip(views, stats)):
                 if stat is None or kind not in stat.series:
                     continue
@@ -349,16 +368,14 @@ def fig_activations(views: Sequence[RunView]) -> str | None:
                     counts = np.isfinite(table).sum(axis=0)
                     mean = np.where(counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan)
                 latest = data.last_finite_rows(table)
-                x = np.arange(len(stat.layers))
+                x = depth.x(len(stat.layers))
                 ax.plot(x, latest, RUN_STYLES[i], color=RUN_COLORS[i], marker="o", markersize=3,
                         label=f"{_runs_label(views, i)}latest sample (step {int(stat.steps[-1])})")
                 ax.plot(x, mean, RUN_STYLES[i], color=RUN_COLORS[i], alpha=0.45, linewidth=1.0,
                         label=f"{_runs_label(views, i)}mean of {stat.steps.size} samples")
-                if len(stat.layers) > len(names):
-                    names = stat.layers
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel(f"{kind} fraction")
-            _depth_ticks(ax, names)
+            depth.axis(ax, "sampled activation, in depth order")
             _legend(ax, loc="best")
         return _svg(fig)
 
@@ -411,12 +428,12 @@ def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
     with _style():
         fig = _new(3.4)
         ax = fig.add_subplot()
-        names: list[str] = []
+        depth = _Depth([[str(n) for n in e["layers"]] for e in events if e is not None])
         for i, (view, event) in enumerate(zip(views, events)):
             if event is None:
                 continue
             layers = [str(n) for n in event["layers"]]
-            x = np.arange(len(layers))
+            x = depth.x(len(layers))
             for key, marker, alpha in (("current", "o", 1.0), ("reference", "s", 0.55)):
                 block = event.get(key)
                 if not isinstance(block, dict) or block.get("scale") is None:
@@ -424,12 +441,9 @@ def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
                 ax.plot(x, _shares(block, "flushed", len(layers)), RUN_STYLES[i], color=RUN_COLORS[i], marker=marker,
                         markersize=3, alpha=alpha,
                         label=f"{_runs_label(views, i)}flushed at scale {float(block['scale']):g} (step {event.get('step')})")
-            if len(layers) > len(names):
-                names = layers
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("share flushed to zero in fp16")
-        ax.set_xlabel("layer, in depth order")
-        _depth_ticks(ax, names)
+        depth.axis(ax, "layer, in depth order")
         _legend(ax, loc="best")
         return _svg(fig)
 
