@@ -20,3 +20,16 @@ def test_docs_code_blocks_run(capsys) -> None:
     out = capsys.readouterr().out
     assert "predicted end-to-end gradient gain" in out and "kaiming_: 12 layer(s)" in out and "lsuv_" in out
     assert "1.76" in out  # the critical σw² printed by the theory block
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+    import importlib
+
+    names = ["gradwatch.theory", "gradwatch.init", "gradwatch.probe.core", "gradwatch.probe.jacobian",
+             "gradwatch.probe.blocks", "gradwatch.probe.trace", "gradwatch.probe.diagnose"]
+    for name in names:
+        module = importlib.import_module(name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
+        assert result.attempted > 0, name

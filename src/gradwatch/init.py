@@ -171,7 +171,7 @@ def _critical_gain(activation: str, sigma_b2: float, slope: float) -> float:
 def _gain(act: str, param: float | None, gain: Any, sigma_b2: float) -> float:
     if gain is None:
         gname = gain_name(act)
-        return nn.init.calculate_gain(gname, (param if param is not None else 0.01) if gname == "leaky_relu" else None)
+        return float(nn.init.calculate_gain(gname, (param if param is not None else 0.01) if gname == "leaky_relu" else None))
     if isinstance(gain, str):
         if gain != "critical":
             raise ValueError(f"gain must be None, a positive number or 'critical', got {gain!r}")

@@ -37,8 +37,7 @@ class ModelState:
 
     Example:
         >>> m = nn.BatchNorm1d(3); state = ModelState(m)
-        >>> _ = m(torch.randn(8, 3)); m.eval()
-        BatchNorm1d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+        >>> _ = m(torch.randn(8, 3)); _ = m.eval()
         >>> state.restore(); m.training, float(m.running_mean.abs().sum())
         (True, 0.0)
     """
@@ -495,7 +494,7 @@ def _audit_init(row: LayerRow, module: nn.Module, act: ActivationStats | None) -
     fan_in, fan_out = _fans(weight)
     name = gain_name(act.activation if act is not None and act.direct else None)
     slope = act.param if act is not None and act.param is not None else 0.01
-    gain = nn.init.calculate_gain(name, slope if name == "leaky_relu" else None)
+    gain = float(nn.init.calculate_gain(name, slope if name == "leaky_relu" else None))
     w = weight.detach().double()
     row.gain_for = name
     row.weight_std = float(w.std()) if w.numel() > 1 else 0.0

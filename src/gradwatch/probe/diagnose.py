@@ -164,7 +164,7 @@ def critical_gain(activation: str, sigma_b2: float = 0.0) -> float:
     """√(critical σw²) for an activation: the init gain at the edge of chaos (χ1 = 1).
 
     Example:
-        >>> critical_gain("relu") ** 2
+        >>> round(critical_gain("relu") ** 2, 6)
         2.0
     """
     return math.sqrt(theory.critical_sigma_w2(activation, sigma_b2))
