@@ -7,6 +7,7 @@ or written with ``RunWriter`` where a stream must be present or absent on purpos
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -385,6 +386,19 @@ def test_degenerate_runs_render_without_warnings(tmp_path: Path) -> None:
         for absent in ("fig-depth", "fig-heatmap", "fig-update-ratio", "fig-act-grad", "fig-activations", "fig-loss-scale"):
             assert f'id="{absent}-absent"' in page, (name, absent)
         assert "could not be drawn" not in page
+
+
+def test_adaptive_clipping_threshold_is_drawn_where_it_clipped(tmp_path: Path) -> None:
+    from gradwatch.report import figures
+    from gradwatch.report.prepare import prepare
+
+    run = write_synthetic_run(tmp_path / "run", steps=50, layers=3)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "clip_norm": "AutoClip(percentile=10)"}))
+    view = prepare(gw.load_run(run))
+    assert view.threshold is None and view.clipped.all()
+    texts = re.findall(r"<!-- (.*?) -->", figures.fig_grad_norm([view]) or "")
+    assert "threshold applied (adaptive clipping)" in texts and not any("clip threshold" in t for t in texts)
 
 
 def test_a_failing_chart_costs_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

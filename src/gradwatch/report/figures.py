@@ -223,6 +223,13 @@ def fig_grad_norm(views: Sequence[RunView]) -> str | None:
             if view.threshold is not None:
                 top.axhline(view.threshold, color=RUN_COLORS[i], linestyle=":", linewidth=1.2,
                             label=f"{_runs_label(views, i)}clip threshold {view.threshold:g}")
+            else:  # adaptive clipping (AutoClip, ZClip, AGC): the threshold is norm x coefficient where it clipped
+                with np.errstate(invalid="ignore"):
+                    applied = np.where(view.clipped, view.grad_norm * view.clip_coef, np.nan)
+                if _any_positive(applied):
+                    xs, ys = data.minmax_downsample(view.steps[view.clipped], _positive(applied[view.clipped]))
+                    top.plot(xs, ys, linestyle="none", marker=".", markersize=2.5, color=RUN_COLORS[i], alpha=0.6,
+                             label=f"{_runs_label(views, i)}threshold applied (adaptive clipping)")
             bad = view.steps[~np.isfinite(view.grad_norm)]
             _top_marks(top, data.thin_steps(bad.tolist()), SEVERITY_COLORS["error"] if i == 0 else "#9467bd",
                        f"{_runs_label(views, i)}non-finite norm")
