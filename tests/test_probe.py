@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
-from gradwatch.probe import detect_blocks, estimate_jacobian
+from gradwatch.preflight import detect_blocks, estimate_jacobian
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.models import gpt  # noqa: E402

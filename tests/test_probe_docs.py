@@ -26,8 +26,8 @@ def test_docstring_examples_run() -> None:
     import doctest
     import importlib
 
-    names = ["gradwatch.theory", "gradwatch.init", "gradwatch.probe.core", "gradwatch.probe.jacobian",
-             "gradwatch.probe.blocks", "gradwatch.probe.trace", "gradwatch.probe.diagnose"]
+    names = ["gradwatch.theory", "gradwatch.init", "gradwatch.preflight.core", "gradwatch.preflight.jacobian",
+             "gradwatch.preflight.blocks", "gradwatch.preflight.trace", "gradwatch.preflight.diagnose"]
     for name in names:
         module = importlib.import_module(name)
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

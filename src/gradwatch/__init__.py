@@ -31,7 +31,7 @@ from . import tensorboard as _tensorboard  # registers Watch(tensorboard=DIR) (i
 from . import amp as _amp  # registers the precision plugin: fp16/bf16 findings and forecast (issue 6)
 from .report import report  # gw.report(run_dir); matplotlib loads only when called
 from . import init, theory  # gradwatch.init (kaiming_/xavier_/orthogonal_/lsuv_), gw.theory (issue 5)
-from .probe import Probe, probe  # gw.probe(model, batch): pre-flight check (issue 5)
+from .preflight import Probe, probe  # gw.probe(model, batch): pre-flight check (issue 5)
 
 __version__ = "0.1.0"
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from . import theory
-from .probe.core import _split_batch, gain_name
-from .probe.trace import WEIGHT_LAYERS, ActivationTracer, structural_nonlinearities
+from .preflight.core import _split_batch, gain_name
+from .preflight.trace import WEIGHT_LAYERS, ActivationTracer, structural_nonlinearities
 
 BIAS_MODES = ("zero", "keep")
 

@@ -88,7 +88,7 @@ def _unpack(result: Any, target: str) -> tuple[Any, Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..probe import probe
+    from ..preflight import probe
 
     factory = load_factory(args.target)
     try:

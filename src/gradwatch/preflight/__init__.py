@@ -1,10 +1,13 @@
 """Pre-flight probe: predict vanishing or exploding gradients before training.
 
+(The package is ``gradwatch.preflight`` so that the function ``gradwatch.probe``
+does not shadow it: ``import gradwatch.preflight.core`` always works.)
+
 ``gradwatch.probe(model, batch)`` measures, on one batch at initialization, per
 layer activation statistics and gradient magnitudes, per block Jacobian gains
 (randomized estimates from vector-Jacobian and Jacobian-vector products), audits
 initialization and normalization, and returns findings with concrete fixes.
-See :func:`gradwatch.probe.core.probe` and docs/probe.md.
+See :func:`gradwatch.preflight.core.probe` and docs/probe.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """``gradwatch.probe``: a pre-flight check of gradient flow on one batch, before training.
 
-One forward pass with hooks and an :class:`~gradwatch.probe.trace.ActivationTracer`
+One forward pass with hooks and an :class:`~gradwatch.preflight.trace.ActivationTracer`
 gives per-layer activation statistics; one ``torch.autograd.grad`` of the loss
 gives parameter-gradient RMS and ||∂L/∂h|| per layer and per block boundary
 (``.grad`` is never written). Each block is then re-run alone on its recorded
-input and its Jacobian estimated (:mod:`gradwatch.probe.jacobian`). The model is
+input and its Jacobian estimated (:mod:`gradwatch.preflight.jacobian`). The model is
 left exactly as it was: weights, buffers, ``.grad``, train/eval flags, RNG state.
 
 Cost with the defaults (8 probes, 5 power iterations): about 20-30
@@ -131,7 +131,7 @@ def probe(
             target). Default: ``(output · R).sum() / B`` for a fixed Gaussian R, a
             target-free loss whose gradient is isotropic.
         blocks: module names (or modules) whose Jacobians to estimate. Default:
-            automatic (see :mod:`gradwatch.probe.blocks`).
+            automatic (see :mod:`gradwatch.preflight.blocks`).
         probes: Rademacher probes per block for the mean squared singular value. Default: 8.
         power_iters: power iterations per block for the largest singular value. Default: 5.
         end_to_end: also estimate the spectrum (mean and variance of the squared
@@ -140,7 +140,7 @@ def probe(
         seed: seed of the probe vectors and of the default loss. Default: 0.
 
     Returns:
-        A :class:`~gradwatch.probe.result.Probe`; ``print(probe)`` shows the table.
+        A :class:`~gradwatch.preflight.result.Probe`; ``print(probe)`` shows the table.
 
     Raises:
         TypeError / ValueError: a bad argument, or a loss that is not a scalar tensor.
@@ -198,6 +198,7 @@ class _Recorder:
         self.block_in: dict[str, torch.Tensor] = {}
         self.block_out: dict[str, torch.Tensor] = {}
         self.block_call: dict[str, tuple[int, tuple[Any, ...], dict[str, Any]]] = {}
+        self.block_ran: set[str] = set()
         self.last_layer: str | None = None
         self.events = 0
         self.layer_calls: list[tuple[str | None, int, str]] = []
@@ -249,6 +250,7 @@ class _Recorder:
     def _block_pre(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             self.block_stack.append(name)
+            self.block_ran.add(name)
             if name in self.block_call or not args or not isinstance(args[0], torch.Tensor):
                 return None
             x = args[0]
@@ -385,6 +387,9 @@ def _probe(
     _theory_columns(rows, follows, prev_q)
 
     measured_rows = [r for r in rows if r.act_grad_norm is not None and r.act_grad_norm > 0]
+    weight_rows = [r for r in measured_rows if r.sigma_w2 is not None]  # Linear/Conv outputs (pre-activations)
+    if len(weight_rows) >= 2:
+        measured_rows = weight_rows
     layer_gain = per_layer = None
     if len(measured_rows) >= 2:
         layer_gain = measured_rows[0].act_grad_norm / measured_rows[-1].act_grad_norm
@@ -407,8 +412,10 @@ def _probe(
                 est = _block_jacobian(spec, call[1], call[2], probes, power_iters, gen)
             except RuntimeError as exc:  # e.g. an op with no backward
                 notes.append(f"block {spec.name}: Jacobian not estimated ({str(exc).splitlines()[0]})")
-        elif call is None:
+        elif spec.name not in rec.block_ran:
             notes.append(f"block {spec.name} did not run forward on this batch")
+        else:
+            notes.append(f"block {spec.name}: its input is not a positional floating-point tensor; Jacobian not estimated")
         block_rows.append(BlockRow(i, spec.name, est, measured, norm_kind, norm_names))
     gains = [b.gain for b in block_rows if b.gain is not None]
     predicted = math.prod(gains) if gains else None
@@ -516,8 +523,8 @@ def _theory_columns(rows: list[LayerRow], follows: dict[str, ActivationStats], p
     the measured mean square of layer l-1's output (q* once the stack has converged).
     """
     for prev, row in zip(rows, rows[1:]):
-        if prev.act_grad_norm and row.act_grad_norm:
-            row.backward_factor = prev.act_grad_norm / row.act_grad_norm
+        if prev.act_grad_norm and row.act_grad_norm and prev.sigma_w2 is not None and row.sigma_w2 is not None:
+            row.backward_factor = prev.act_grad_norm / row.act_grad_norm  # consecutive Linear/Conv layers
         act = follows.get(prev.name)
         if row.sigma_w2 is None or prev.sigma_w2 is None or act is None or not act.direct:
             continue
