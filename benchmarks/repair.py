@@ -13,6 +13,7 @@ whose features are scaled x1e3, and one batch is NaN, replayed identically
 - ``fixed``       ``Watch(clip_norm=1.0)`` (non-finite steps skipped, as always)
 - ``auto``        ``Watch(clip_norm="auto")``
 - ``zclip``       ``Watch(clip_norm="zclip")``
+- ``agc``         ``Watch(clip_norm=gw.AGC(0.01))`` (unit-wise, the final classifier left unclipped)
 - ``skip``        ``Watch(clip_norm=None, on_spike="skip")``
 - ``rollback``    ``Watch(clip_norm=None, on_nonfinite="rollback")``
 - ``recommended`` gradwatch's recommended default: ``Watch(clip_norm="zclip", on_spike="skip")``
@@ -47,13 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gradwatch as gw  # noqa: E402
 from benchmarks import models  # noqa: E402
 
-MODES = ("clean", "none", "torch_clip", "fixed", "auto", "zclip", "skip", "rollback", "recommended")
+MODES = ("clean", "none", "torch_clip", "fixed", "auto", "zclip", "agc", "skip", "rollback", "recommended")
 #: gradwatch's recommended protection against spikes and NaN (docs/repair.md).
 RECOMMENDED: dict[str, Any] = {"clip_norm": "zclip", "on_spike": "skip"}
 WATCH_OPTIONS: dict[str, dict[str, Any]] = {
     "fixed": {"clip_norm": 1.0},
     "auto": {"clip_norm": "auto"},
     "zclip": {"clip_norm": "zclip"},
+    "agc": {"clip_norm": lambda: gw.AGC(0.01)},  # a fresh clipper per run
     "skip": {"clip_norm": None, "on_spike": "skip"},
     "rollback": {"clip_norm": None, "on_nonfinite": "rollback"},
     "recommended": RECOMMENDED,
@@ -201,7 +203,7 @@ def run(workload: Workload, mode: str, scenario: Scenario) -> dict[str, Any]:
     initial = workload.eval_loss(model, scenario.seed)
     corruption = {} if mode == "clean" else scenario.corruption()
     lost = 0
-    options = dict(WATCH_OPTIONS.get(mode, {}))
+    options = {k: v() if callable(v) else v for k, v in WATCH_OPTIONS.get(mode, {}).items()}
     started = time.perf_counter()
     watch = gw.Watch(model, opt, diagnose=False, **options) if mode in WATCH_OPTIONS else None
     params = list(model.parameters())
