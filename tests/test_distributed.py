@@ -112,6 +112,24 @@ def _digest(model: nn.Module) -> torch.Tensor:
     return total
 
 
+class _CountAllReduce:
+    """Record the size of every torch.distributed.all_reduce issued inside the block."""
+
+    def __enter__(self) -> list[int]:
+        self.sizes: list[int] = []
+        self.original = torch.distributed.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            self.sizes.append(tensor.numel())
+            return self.original(tensor, *args, **kwargs)
+
+        torch.distributed.all_reduce = counting
+        return self.sizes
+
+    def __exit__(self, *exc) -> None:
+        torch.distributed.all_reduce = self.original
+
+
 def _records(watch) -> list[dict]:
     return [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped,
@@ -133,7 +151,10 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run")
     for step in range(STEPS):
         x, y = rank_batch(step, rank)
-        watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+        with _CountAllReduce() as sizes:  # DDP's own gradient all-reduce runs in C++, not counted
+            watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+    res["ddp_all_reduce_sizes"] = sizes
+    res["ddp_local_veto"] = [type(p).__name__ for p in watch.plugins if watch._veto_may_differ(p)]
     res["ddp_records"] = _records(watch)
     res["ddp_layers"] = watch.layers
     res["ddp_run_dir"] = str(watch.run_dir) if watch.run_dir is not None else None
@@ -155,7 +176,20 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     watch.close()
     res["ddp_findings"] = [f.to_dict() for f in watch.findings]
 
-    # 4. unused parameters under find_unused_parameters=True
+    # 4. a plugin that vetoes on rank 1 only: every rank skips
+    class RankOneVeto(gw.WatchPlugin):
+        name = "rank_one_veto"
+
+        def veto(self, ctx, record):
+            return rank == 1
+
+    watch = gw.Watch(model, opt, clip_norm=None, diagnose=False, plugins=[RankOneVeto()])
+    before = _digest(model)
+    r = watch.step(lambda: lm_loss(model, x, y))
+    res["veto"] = {"skipped": r.skipped, "unchanged": bool(torch.equal(before, _digest(model)))}
+    watch.close()
+
+    # 5. unused parameters under find_unused_parameters=True
     model = DDP(make_model(with_unused=True), find_unused_parameters=True)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     watch = gw.Watch(model, opt, clip_norm=None, run_dir=out / "all_ranks", write_rank="all", flush_every=1)
@@ -207,7 +241,11 @@ def _fsdp_scenarios(rank: int, out: Path) -> dict:
         x, y = rank_batch(0, rank)
         lm_loss(model, x, y).backward()
         saved = [p.grad.detach().clone() for p in params]
-        result = watch.observe()
+        with _CountAllReduce() as sizes:
+            result = watch.observe()
+        res[f"fsdp_all_reduce_sizes_{norm_type}"] = sizes
+        res["fsdp_n_layers"] = len(watch.layers)
+        res["fsdp_local_veto"] = [type(p).__name__ for p in watch.plugins if watch._veto_may_differ(p)]
         ours = [local_tensor(p.grad).clone() for p in params]
         for p, g in zip(params, saved):
             p.grad = g
@@ -221,7 +259,10 @@ def _fsdp_scenarios(rank: int, out: Path) -> dict:
         }
         watch.close()
 
-    # 3. NaN on rank 1 only: in the loss alone, then in an activation
+    # 3. mixed placements in one layer (Shard + Replicate DTensors) next to a plain-tensor layer
+    res["mixed"] = _mixed_placements(rank)
+
+    # 4. NaN on rank 1 only: in the loss alone, then in an activation
     model = _fsdp_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     watch = gw.Watch(model, opt, clip_norm=CLIP)
@@ -258,6 +299,40 @@ def _run_doc_example(rank: int, port: int, out: Path) -> str:
     with contextlib.redirect_stdout(buffer):
         namespace["main"](rank, WORLD, str(out / "doc"))
     return buffer.getvalue()
+
+
+def _mixed_placements(rank: int) -> dict:
+    """DistSync on hand-made DTensor parameters: each element must count once, whatever its placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from gradwatch.distributed import DistSync
+    from gradwatch.layers import LayerIndex
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(5)
+    full = {"a.weight": torch.randn(6, 3, generator=g), "a.bias": torch.randn(6, generator=g),
+            "b.weight": torch.randn(2, 6, generator=g)}
+    model = nn.Module()
+    model.a, model.b = nn.Linear(3, 6), nn.Linear(6, 2, bias=False)
+    placements = {"a.weight": [Shard(0)], "a.bias": [Replicate()]}
+    for name, placement in placements.items():
+        module, leaf = name.split(".")
+        param = nn.Parameter(distribute_tensor(full[name].clone(), mesh, placement))
+        setattr(getattr(model, module), leaf, param)
+        param.grad = distribute_tensor(full[name] * 2, mesh, placement)
+    with torch.no_grad():
+        model.b.weight.copy_(full["b.weight"])
+    model.b.weight.grad = full["b.weight"] * 2  # a plain tensor, the same on every rank
+    index = LayerIndex(model)
+    sync = DistSync()
+    grads = [p.grad for p in index.params]
+    _, powers, weight_powers, loss = sync.measure(index, grads, torch.tensor(float(rank)), 2.0, torch.device("cpu"))
+    expect_grad = [float((full["a.weight"] * 2).pow(2).sum() + (full["a.bias"] * 2).pow(2).sum()),
+                   float((full["b.weight"] * 2).pow(2).sum())]
+    expect_weight = [float(full["a.weight"].pow(2).sum() + full["a.bias"].pow(2).sum()), float(full["b.weight"].pow(2).sum())]
+    return {"names": index.names, "powers": powers.tolist(), "weights": weight_powers.tolist(),
+            "expect_grad": expect_grad, "expect_weight": expect_weight, "loss": float(loss), "n_ext": sync._n_ext}
 
 
 def _worker(rank: int, port: int, doc_port: int, out: str) -> None:
@@ -375,6 +450,11 @@ def test_ddp_nan_on_rank1_only_makes_both_ranks_skip(ranks):
 
 
 @pytest.mark.slow
+def test_ddp_a_veto_on_one_rank_is_a_veto_on_every_rank(ranks):
+    assert [res["veto"] for res in ranks] == [{"skipped": True, "unchanged": True}] * WORLD
+
+
+@pytest.mark.slow
 def test_ddp_unused_parameters_are_missing_gradients_not_a_crash(ranks):
     for res in ranks:
         unused = res["unused"]
@@ -420,6 +500,28 @@ def test_fsdp2_global_norm_and_clipping_match_clip_grad_norm(ranks, norm_type):
         assert clip["ours"] == pytest.approx(clip["torch"], rel=1e-6)
         assert clip["ours"] > CLIP  # clipping engaged
         assert clip["max_diff"] <= 1e-6 * clip["max_grad"]
+
+
+@pytest.mark.slow
+def test_one_small_collective_per_step(ranks):
+    for res in ranks:
+        # DDP: the loss and a non-finite flag; then one flag of 1 only if a plugin's veto may differ between ranks
+        sizes = res["ddp_all_reduce_sizes"]
+        assert sizes[0] == 2 and sizes[1:] == ([1] if res["ddp_local_veto"] else [])
+        n = res["fsdp_n_layers"]
+        veto = [1] if res["fsdp_local_veto"] else []
+        assert res["fsdp_all_reduce_sizes_2.0"] == [2 * n + 1] + veto  # FSDP2: grad powers, weight powers, loss
+        assert res["fsdp_all_reduce_sizes_inf"] == [n, n + 1] + veto  # max-norm: MAX for grads, SUM for the rest
+
+
+@pytest.mark.slow
+def test_mixed_placements_count_every_element_once(ranks):
+    for res in ranks:
+        mixed = res["mixed"]
+        assert mixed["names"] == ["a", "b"] and mixed["n_ext"] == 3  # layer "a" mixes Shard and Replicate
+        assert mixed["powers"] == pytest.approx(mixed["expect_grad"], rel=1e-6)
+        assert mixed["weights"] == pytest.approx(mixed["expect_weight"], rel=1e-6)
+        assert mixed["loss"] == pytest.approx(0.5)  # mean of the ranks' losses 0 and 1
 
 
 @pytest.mark.slow

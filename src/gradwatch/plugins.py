@@ -47,6 +47,10 @@ class WatchPlugin:
     """Base class: every hook is a no-op."""
 
     name = "plugin"
+    #: torch.distributed: True when ``veto`` depends only on the record and the history
+    #: (the same on every rank), so the Watch need not agree on it with an extra
+    #: all-reduce and host sync. Leave False if it reads rank-local tensors.
+    veto_is_global = False
 
     def attach(self, watch: "Watch") -> None:
         self.watch = watch

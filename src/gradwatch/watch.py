@@ -556,11 +556,17 @@ class Watch:
     def _agree_veto(self, vetoed: bool) -> bool:
         """torch.distributed: skip on every rank if a plugin vetoed on any rank.
 
-        Costs a collective and a host sync only when some plugin overrides ``veto``.
+        Costs a collective and a host sync only when some plugin overrides ``veto``
+        without declaring ``veto_is_global = True``.
         """
-        if self._dist is None or not any(type(p).veto is not WatchPlugin.veto for p in self.plugins):
+        if self._dist is None or not any(self._veto_may_differ(p) for p in self.plugins):
             return vetoed
         return self._dist.agree(vetoed)
+
+    @staticmethod
+    def _veto_may_differ(plugin: WatchPlugin) -> bool:
+        """Whether ``plugin``'s veto may differ between ranks (it overrides veto, not marked global)."""
+        return type(plugin).veto is not WatchPlugin.veto and not getattr(plugin, "veto_is_global", False)
 
     def _drop_grads(self) -> None:
         """Set every gradient to None: the caller's ``optimizer.step()`` then changes nothing."""
