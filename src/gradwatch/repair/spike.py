@@ -151,6 +151,9 @@ class SpikeSkip(WatchPlugin):
     """
 
     name = "spike_skip"
+    #: The veto reads only the record's loss (the mean over ranks under torch.distributed) and
+    #: global norm, and this plugin's history: every rank decides the same, no extra all-reduce.
+    veto_is_global = True
 
     def __init__(self, threshold: float = 6.0, window: int = 128, warmup: int = 32) -> None:
         self.detector = SpikeDetector(threshold, window, warmup)
