@@ -138,3 +138,10 @@ def test_predicted_gain_agrees_with_measured(depth: int, act, init: str, kw) -> 
     assert 1 / 3 < ratio < 3
     # and with the layer-level first/last activation-gradient ratio ||∂L/∂h_1|| / ||∂L/∂h_L||
     assert 1 / 3 < p.predicted_gain / p.layer_gain < 3
+
+
+def test_linear_default_init_attenuates_by_one_over_sqrt3() -> None:
+    probes = run(10, None, "default")  # Var(W) = 1/(3·fan_in)
+    assert median(p.per_layer_factor for p in probes) == pytest.approx(math.sqrt(1 / 3), rel=0.03)
+    assert median(p.layer_gain for p in probes) == pytest.approx(0.00713, rel=0.3)  # THEORY.md act ratio
+    assert all(p.finding("vanishing_gradients") is not None for p in probes)
