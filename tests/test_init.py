@@ -230,3 +230,19 @@ def test_sigmoid_fixed_by_normalization() -> None:
     assert not {f.code for f in _vanishing(model, (x[:256], y[:256])).findings} & {"vanishing_gradients", "missing_normalization"}
     loss_after = _train(model, x, y)
     assert loss_before > 2.0 and loss_after < 0.5
+
+
+def test_exploding_tanh_fixed_by_the_recommended_critical_orthogonal_init() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(256, 256), nn.Tanh())])
+    for m in model:
+        if isinstance(m, nn.Linear):  # σw² = 4, σb² = 0.05: χ1 = 1.34, chaotic phase
+            nn.init.normal_(m.weight, 0, 2 / 16)
+            nn.init.normal_(m.bias, 0, math.sqrt(0.05))
+    x = torch.randn(64, 256)
+    found = gw.probe(model, x).finding("exploding_gradients")
+    assert found is not None and found.evidence["effective_per_layer_gain"] > 1.1
+    assert "gradwatch.init.orthogonal_(model, gain='critical')" in " ".join(found.fixes)
+    init.orthogonal_(model, gain="critical")
+    after = gw.probe(model, x)
+    assert not {f.code for f in after.findings} & {"exploding_gradients", "vanishing_gradients"}

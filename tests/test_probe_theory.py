@@ -145,3 +145,19 @@ def test_linear_default_init_attenuates_by_one_over_sqrt3() -> None:
     assert median(p.per_layer_factor for p in probes) == pytest.approx(math.sqrt(1 / 3), rel=0.03)
     assert median(p.layer_gain for p in probes) == pytest.approx(0.00713, rel=0.3)  # THEORY.md act ratio
     assert all(p.finding("vanishing_gradients") is not None for p in probes)
+
+
+@pytest.mark.parametrize("init,per_relu", [("gaussian", 2.0), ("orthogonal", 1.0)])
+def test_relu_is_never_isometric(init: str, per_relu: float) -> None:
+    """THEORY.md: at σw² = 2 the variance of the squared singular values grows ≈ 2 per ReLU
+    layer with Gaussian weights and ≈ 1 with orthogonal ones (normalized by the mean²)."""
+    depth, spreads = 8, []
+    for seed in range(2):
+        model = stack(depth, nn.ReLU, "gaussian", seed, bias=False, sigma_w2=2.0)
+        if init == "orthogonal":
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+        e = gw.probe(model, torch.randn(8, WIDTH), end_to_end=True, probes=16).end_to_end
+        spreads.append(e.sq_sv_var / e.mean_sq_sv**2)
+    assert 0.6 * per_relu * (depth - 1) < median(spreads) < 1.5 * per_relu * (depth - 1)
