@@ -401,6 +401,26 @@ def test_adaptive_clipping_threshold_is_drawn_where_it_clipped(tmp_path: Path) -
     assert "threshold applied (adaptive clipping)" in texts and not any("clip threshold" in t for t in texts)
 
 
+def test_adaptive_clipping_threshold_is_drawn_from_the_recorded_per_step_threshold(tmp_path: Path) -> None:
+    from gradwatch.report import figures
+    from gradwatch.report.prepare import prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), clip_norm="auto", run_dir=tmp_path / "auto")
+    for _ in range(12):
+        x = torch.randn(16, 4)
+        watch.step(lambda: (model(x) - 1).pow(2).mean())
+    watch.close()
+    run = gw.load_run(tmp_path / "auto")
+    threshold = run.steps["clip_threshold"]
+    assert np.isnan(threshold[0]) and np.isfinite(threshold[1:]).all()  # AutoClip clips nothing before one norm is known
+    assert np.ptp(threshold[1:]) > 0  # it adapts
+    view = prepare(run)
+    texts = re.findall(r"<!-- (.*?) -->", figures.fig_grad_norm([view]) or "")
+    assert "clip threshold (adaptive)" in texts
+
+
 def test_a_failing_chart_costs_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gradwatch.report import figures
 

@@ -49,6 +49,7 @@ def test_round_trip_through_load_run(tmp_path: Path) -> None:
     ratio = run.steps["update_ratio"]
     assert np.isnan(ratio[0]).all() and np.isfinite(ratio[1]).all()  # every 2nd step
     assert run.meta["clip_norm"] == 1.0 and run.meta["format_version"] == 1
+    assert run.steps["clip_threshold"].tolist() == [1.0] * 7
     assert [layer["name"] for layer in run.layers] == ["0", "2"]
     assert (tmp_path / "run" / "grad_norms.f32").stat().st_size == 7 * 2 * 4
     # RMS divides by sqrt(numel): layer "0" has 4*8+8 parameters.

@@ -52,6 +52,8 @@ class StepRecord:
             "skipped": self.skipped,
             "time_ms": round(self.time_ms, 4),
         }
+        if self.clip_threshold is not None:
+            data["clip_threshold"] = self.clip_threshold
         if self.loss_scale is not None:
             data["loss_scale"] = self.loss_scale
         if self.update_ratio is not None:

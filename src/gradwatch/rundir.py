@@ -258,8 +258,9 @@ class Run:
     """A run directory read back: layer table, per-step numpy arrays, findings.
 
     ``steps`` maps a column to an array over steps: scalars are 1-D
-    (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``clipped``, ``skipped``,
-    ``loss_scale``, ``time_ms``); per-layer columns are 2-D (steps x layers, in
+    (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``clip_threshold`` (the
+    max norm that applied on the step; NaN when not clipping), ``clipped``,
+    ``skipped``, ``loss_scale``, ``time_ms``); per-layer columns are 2-D (steps x layers, in
     ``layer_names`` order): ``layer_grad_norms``, ``layer_weight_norms``,
     ``update_ratio`` (NaN on steps where it was not measured).
     """
@@ -287,7 +288,7 @@ class Run:
         return self.steps["layer_grad_norms"] / scale
 
 
-SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "loss_scale", "time_ms")
+SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "clip_threshold", "loss_scale", "time_ms")
 FLAG_COLUMNS = ("clipped", "skipped")
 SPARSE_LAYER_COLUMNS = ("update_ratio",)
 _KNOWN_KEYS = set(SCALAR_COLUMNS) | set(FLAG_COLUMNS) | set(SPARSE_LAYER_COLUMNS) | {"row"}

@@ -223,7 +223,12 @@ def fig_grad_norm(views: Sequence[RunView]) -> str | None:
             if view.threshold is not None:
                 top.axhline(view.threshold, color=RUN_COLORS[i], linestyle=":", linewidth=1.2,
                             label=f"{_runs_label(views, i)}clip threshold {view.threshold:g}")
-            else:  # adaptive clipping (AutoClip, ZClip, AGC): the threshold is norm x coefficient where it clipped
+            elif view.threshold_per_step is not None and _any_positive(view.threshold_per_step):
+                # adaptive clipping (AutoClip, ZClip): the threshold each step applied, as recorded
+                xs, ys = data.minmax_downsample(view.steps, _positive(view.threshold_per_step))
+                top.plot(xs, ys, linestyle=":", color=RUN_COLORS[i], linewidth=1.2,
+                         label=f"{_runs_label(views, i)}clip threshold (adaptive)")
+            else:  # older runs without per-step thresholds: norm x coefficient where it clipped
                 with np.errstate(invalid="ignore"):
                     applied = np.where(view.clipped, view.grad_norm * view.clip_coef, np.nan)
                 if _any_positive(applied):

@@ -46,6 +46,7 @@ class RunView:
     events: list[dict[str, Any]]
     act_grad: data.SampledCurve | None = None
     bundles: list[Path] = field(default_factory=list)
+    threshold_per_step: np.ndarray | None = None  # the max norm that applied on each step (NaN: none)
 
     @property
     def n_steps(self) -> int:
@@ -91,6 +92,7 @@ def prepare(run: Run, label: str | None = None, checkpoints: int = 6) -> RunView
         checkpoints=data.checkpoint_rows(steps["step"], usable, checkpoints),
         last_rms=data.last_finite_rows(rms) if rms.size else np.zeros(len(run.layer_names)),
         threshold=data.clip_threshold(run.meta),
+        threshold_per_step=steps.get("clip_threshold"),
         findings=list(run.findings),
         activations=data.activation_stats(run.activations),
         events=list(run.events),
