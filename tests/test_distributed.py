@@ -447,6 +447,14 @@ def test_ddp_nan_on_rank1_only_makes_both_ranks_skip(ranks):
     keys = [(f["code"], f["step"]) for f in written]
     assert len(keys) == len(set(keys))  # each finding written once, by rank 0 only
     assert [(f["code"], f["step"]) for f in ranks[0]["ddp_findings"]] == keys
+    assert [f["code"] for f in ranks[1]["ddp_findings"]] == [f["code"] for f in written]  # same list on rank 1
+    # the NaN arose on rank 1: its replay located it, and rank 0 wrote that finding
+    for step, phase in ((4, "loss"), (5, "forward")):
+        errors = [f for f in written if f["step"] == step and f["severity"] == "error"]
+        assert len(errors) == 1, errors
+        assert errors[0]["evidence"]["rank"] == 1
+        assert errors[0]["location"]["phase"] == phase
+        assert errors[0]["location"]["source"].startswith("tests/test_distributed.py:")
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from torch import nn
 from . import norms as _norms
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .findings import Finding
     from .layers import LayerIndex
 
 __all__ = ["DistSync", "is_distributed", "is_dtensor", "local_tensor", "unwrap_model"]
@@ -329,6 +330,49 @@ class DistSync:
         ext = _norms.layer_powers(groups, self._n_ext, 2.0, device).to(torch.float64) * self._ext_weight.to(device)
         torch.distributed.all_reduce(ext, op=torch.distributed.ReduceOp.SUM, group=self.group)
         return self._fold(ext, 2.0)
+
+    def merge_findings(self, findings: list["Finding"]) -> list["Finding"]:
+        """One list of findings for a non-finite step, the same on every rank.
+
+        Called by the Watch on every rank for a non-finite step only (rare, so one
+        ``all_gather_object`` is affordable). The rank where the non-finite value
+        arose is the one whose replay can locate it, so the best-located
+        error-level finding of any rank (op or source line known, lowest rank on a
+        tie) replaces rank 0's; it carries ``evidence["rank"]``. Other findings
+        are rank 0's (computed from the same agreed numbers on every rank).
+        """
+        from .findings import Finding
+
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, [f.to_dict() for f in findings], group=self.group)
+        per_rank = [[Finding.from_dict(d) for d in (items or [])] for items in gathered]
+
+        def score(finding: "Finding") -> int:
+            loc = finding.location or {}
+            return 2 if (loc.get("op") or loc.get("source")) else 1 if loc else 0
+
+        best: tuple[int, int, "Finding"] | None = None
+        for rank, items in enumerate(per_rank):
+            for finding in items:
+                if finding.severity == "error" and (best is None or score(finding) > best[0]):
+                    best = (score(finding), rank, finding)
+        base = per_rank[0]
+        if best is None:
+            return base
+        _, rank, chosen = best
+        chosen.evidence = {**chosen.evidence, "rank": rank}
+        merged: list["Finding"] = []
+        placed = False
+        for finding in base:
+            if finding.severity == "error":
+                if not placed:
+                    merged.append(chosen)
+                    placed = True
+                continue
+            merged.append(finding)
+        if not placed:
+            merged.append(chosen)
+        return merged
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank (one tiny all-reduce and a host sync).

@@ -509,6 +509,11 @@ class Watch:
         findings: list[Finding] = []
         for found in self._call_plugins("after_step", ctx, record):
             findings.extend(found)
+        if self._dist is not None and not finite:  # the rank that saw the NaN can locate it: share its finding
+            try:
+                findings = self._dist.merge_findings(findings)
+            except Exception as exc:
+                self.errors.report("distributed findings", exc)
         for finding in findings:
             self.add_finding(finding)
         if self.writer is not None:
