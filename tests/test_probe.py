@@ -190,3 +190,40 @@ def test_bad_input(kwargs, exc, match) -> None:
     model, batch = args.pop("model"), args.pop("batch")
     with pytest.raises(exc, match=match):
         gw.probe(model, batch, **args)
+
+
+class KwargsModel(nn.Module):
+    """Takes keyword inputs and returns a dict, like Hugging Face models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.ReLU(inplace=True)) for _ in range(4))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, features: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        x = features * scale
+        for layer in self.layers:
+            x = layer(x)
+        return {"logits": self.head(x), "hidden": x}
+
+
+def test_inplace_relu_dict_batch_and_dict_output() -> None:
+    torch.manual_seed(0)
+    model = KwargsModel()
+    batch = {"features": torch.randn(16, 32), "scale": 2.0}
+    p = gw.probe(model, batch)
+    assert [b.name for b in p.blocks] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert all(b.jacobian is not None and b.measured_gain is not None for b in p.blocks)
+    first = p.layers[0]
+    assert first.activation == "relu" and first.dead_fraction is not None
+    # the pre-activation gradient is taken before the in-place ReLU masks it: compare with autograd
+    x = batch["features"] * 2.0
+    h = model.layers[0][0](x)
+    h.retain_grad()
+    y = model.layers[0][1](h.clone())
+    for layer in model.layers[1:]:
+        y = layer(y)
+    r = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))  # the probe's default loss, seed 0
+    ((model.head(y) * r).sum() / 16).backward()
+    assert first.act_grad_norm == pytest.approx(float(h.grad.norm()), rel=1e-5)
+    assert first.out_std == pytest.approx(float(h.detach().std()), rel=1e-5)
