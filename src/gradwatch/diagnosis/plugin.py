@@ -82,7 +82,7 @@ class DiagnosisPlugin(WatchPlugin):
         self.init_rule = InitScaleRule()
         self.lr_rule = LrRule()
         self.missing_rule = MissingGradRule(list(index.param_names), layer_of)
-        self.clip_rule = ClippingRule()
+        self.clip_rule = ClippingRule(fixed_threshold=getattr(watch.clipper, "name", "fixed") == "fixed")
         self.spike_rule = LossSpikeRule()
         self.activation_rule = ActivationRule()
 

@@ -327,15 +327,20 @@ class MissingGradRule:
 
 
 class ClippingRule:
-    """``clipping_always_active``: the clip coefficient is below 1 on >= 90% of >= 50 recent steps."""
+    """``clipping_always_active``: the clip coefficient is below 1 on >= 90% of >= 50 recent steps.
 
-    def __init__(self) -> None:
+    Only for a fixed threshold: adaptive clippers (AutoClip, ZClip) clip a set
+    share of steps by design, and there is no single ``clip_norm`` to raise.
+    """
+
+    def __init__(self, fixed_threshold: bool = True) -> None:
+        self.fixed_threshold = fixed_threshold
         self.episode = Episode(quiet=CLIP_MIN_STEPS)
         self.flags: deque[bool] = deque(maxlen=CLIP_MIN_STEPS)  # clipped? on recent finite steps
         self.norms: deque[float] = deque(maxlen=CLIP_MIN_STEPS)
 
     def check(self, inp: RuleInput) -> list[Finding]:
-        if inp.record.clip_threshold is None or not inp.record.finite:
+        if not self.fixed_threshold or inp.record.clip_threshold is None or not inp.record.finite:
             return []
         self.flags.append(bool(inp.record.clipped))
         self.norms.append(float(inp.record.grad_norm))
