@@ -126,6 +126,33 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
     assert watch._closed  # closed at the end of training
 
 
+class Accumulating(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+@pytest.mark.slow
+def test_callback_with_gradient_accumulation_records_the_mean_loss_once_per_update():
+    module = Accumulating()
+    gw_cb = GradwatchCallback(diagnose=False)
+    trainer = pl.Trainer(
+        max_steps=3, accelerator="cpu", devices=1, accumulate_grad_batches=2, callbacks=[gw_cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, _loader())
+    records = gw_cb.watch.history
+    assert len(records) == 3  # one record per optimizer step, not per batch
+    for i, record in enumerate(records):
+        assert record.loss == pytest.approx((module.losses[2 * i] + module.losses[2 * i + 1]) / 2, rel=1e-6)
+
+
 def test_callback_state_round_trips_and_rejects_bad_arguments():
     with pytest.raises(ValueError, match="on_nonfinite"):
         GradwatchCallback(on_nonfinite="rollback-please")

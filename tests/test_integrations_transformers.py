@@ -123,6 +123,11 @@ def test_trainer_callback_pre_clip_norms_skip_and_lr_schedule(tmp_path):
     assert logged == [f.code for f in watch.findings]
     assert any(f.severity == "error" and f.step == NAN_STEP for f in watch.findings)
     assert gw_cb.skipped_steps == 1
+    # the recorded loss is the Trainer's own loss for the step (logging_steps=1)
+    hf_losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e and "gradwatch_finding" not in e]
+    for record, hf_loss in zip(watch.history, hf_losses):
+        if not record.skipped:
+            assert record.loss == pytest.approx(hf_loss, rel=1e-3)  # the Trainer rounds logged values
 
 
 def test_callback_rejects_bad_arguments():
