@@ -30,7 +30,7 @@ def test_console_script_runs_as_a_module() -> None:
     assert out.returncode == 0 and out.stdout.startswith("gradwatch ")
 
 
-def test_closed_pipe_is_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_closed_pipe_is_not_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """`gradwatch ... | head`: the reader leaves early; main returns quietly instead of a BrokenPipeError traceback."""
 
     class ClosedPipe:
@@ -40,5 +40,13 @@ def test_closed_pipe_is_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None
         def flush(self) -> None:
             raise BrokenPipeError(32, "Broken pipe")
 
+    import torch
+
+    import gradwatch as gw
+
+    model = torch.nn.Linear(3, 1)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run")
+    watch.step(lambda: model(torch.randn(4, 3)).pow(2).mean())
+    watch.close()
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
-    assert cli.main(["--help"]) == 0
+    assert cli.main(["doctor", str(tmp_path / "run")]) == 0
