@@ -64,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gradwatch: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `gradwatch ... | head`: the reader left; not an error of ours
-        try:
-            sys.stdout = open(os.devnull, "w")  # no second error when Python flushes stdout at exit
-        except OSError:
+        try:  # point stdout at /dev/null: no second error when Python flushes it at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, AttributeError, ValueError):
             pass
         return 0
 
