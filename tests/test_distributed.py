@@ -335,6 +335,48 @@ def _mixed_placements(rank: int) -> dict:
             "expect_grad": expect_grad, "expect_weight": expect_weight, "loss": float(loss), "n_ext": sync._n_ext}
 
 
+def _lightning_ddp(rank: int, out: Path) -> dict:
+    """Lightning's DDP strategy on this process group: a NaN on rank 1 only, an LR scheduler per step."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        return {"skipped": "lightning not installed"}
+    import warnings
+
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = make_model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = lm_loss(self.model, x, y)
+            return loss * float("nan") if (batch_idx == 1 and self.global_rank == 1) else loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=LR)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    batches = [rank_batch(step, rank) for step in range(STEPS)]
+    callback = GradwatchCallback(run_dir=out / "lightning_run", diagnose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            max_steps=STEPS, accelerator="cpu", devices=WORLD, strategy="ddp", callbacks=[callback], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        )
+        trainer.fit(Module(), torch.utils.data.DataLoader(batches, batch_size=None))
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    return {"skipped": [r.skipped for r in callback.watch.history], "last_epoch": sched.last_epoch,
+            "run_dir": str(callback.watch.run_dir) if callback.watch.run_dir is not None else None,
+            "digest": float(_digest(trainer.lightning_module))}
+
+
 def _worker(rank: int, port: int, doc_port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -345,6 +387,7 @@ def _worker(rank: int, port: int, doc_port: int, out: str) -> None:
     try:
         res = _ddp_scenarios(rank, out_path)
         res.update(_fsdp_scenarios(rank, out_path))
+        res["lightning_ddp"] = _lightning_ddp(rank, out_path)
     except BaseException as exc:  # noqa: BLE001 - hand the failure to the parent
         res = {"error": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
     torch.distributed.destroy_process_group()
@@ -482,6 +525,18 @@ def test_ddp_unused_parameters_are_missing_gradients_not_a_crash(ranks):
     if rules is not None and hasattr(rules, "MissingGradRule"):
         for res in ranks:
             assert res["unused"]["codes"].count("missing_gradients") == 1, res["unused"]["codes"]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_strategy_nan_on_rank1_skips_everywhere_without_lr_drift(ranks):
+    results = [res["lightning_ddp"] for res in ranks]
+    if "skipped" in results[0] and isinstance(results[0]["skipped"], str):
+        pytest.skip(results[0]["skipped"])
+    for res in results:
+        assert res["skipped"] == [i == 1 for i in range(STEPS)]
+        assert res["last_epoch"] == STEPS - 1  # the skipped step did not advance the schedule
+    assert results[0]["run_dir"] is not None and results[1]["run_dir"] is None
+    assert results[0]["digest"] == results[1]["digest"]  # the ranks stayed in sync
 
 
 # ----- FSDP2 ---------------------------------------------------------------------------
