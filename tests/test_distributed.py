@@ -377,6 +377,54 @@ def _lightning_ddp(rank: int, out: Path) -> dict:
             "digest": float(_digest(trainer.lightning_module))}
 
 
+def _transformers_ddp(rank: int, out: Path) -> dict:
+    """The Hugging Face Trainer on this process group (DDP through accelerate): a NaN on rank 1 only."""
+    try:
+        import transformers
+    except ImportError:
+        return {"skipped": "transformers not installed"}
+    import warnings
+
+    from gradwatch.integrations.transformers import GradwatchCallback
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD), HF_HUB_OFFLINE="1")
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return WORLD * PER_RANK * STEPS
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            return (output[0] * float("nan"),) + tuple(output[1:]) if isinstance(output, tuple) else output * float("nan")
+        return None
+
+    model.transformer.h[0].register_forward_hook(poison)
+    args = transformers.TrainingArguments(
+        output_dir=str(out / f"hf_out{rank}"), max_steps=STEPS, per_device_train_batch_size=PER_RANK,
+        learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0, report_to=[], save_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=1, ddp_backend="gloo",
+    )
+    callback = GradwatchCallback(run_dir=out / "hf_run", diagnose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+        trainer.train()
+    return {"skipped": [r.skipped for r in callback.watch.history], "last_epoch": trainer.lr_scheduler.last_epoch,
+            "run_dir": str(callback.watch.run_dir) if callback.watch.run_dir is not None else None,
+            "layers": list(callback.watch.history[0].layer_grad_norms), "digest": float(_digest(model))}
+
+
 def _worker(rank: int, port: int, doc_port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -388,6 +436,7 @@ def _worker(rank: int, port: int, doc_port: int, out: str) -> None:
         res = _ddp_scenarios(rank, out_path)
         res.update(_fsdp_scenarios(rank, out_path))
         res["lightning_ddp"] = _lightning_ddp(rank, out_path)
+        res["transformers_ddp"] = _transformers_ddp(rank, out_path)
     except BaseException as exc:  # noqa: BLE001 - hand the failure to the parent
         res = {"error": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
     torch.distributed.destroy_process_group()
@@ -537,6 +586,19 @@ def test_lightning_ddp_strategy_nan_on_rank1_skips_everywhere_without_lr_drift(r
         assert res["last_epoch"] == STEPS - 1  # the skipped step did not advance the schedule
     assert results[0]["run_dir"] is not None and results[1]["run_dir"] is None
     assert results[0]["digest"] == results[1]["digest"]  # the ranks stayed in sync
+
+
+@pytest.mark.slow
+def test_transformers_trainer_ddp_nan_on_rank1_skips_everywhere_without_lr_drift(ranks):
+    results = [res["transformers_ddp"] for res in ranks]
+    if isinstance(results[0].get("skipped"), str):
+        pytest.skip(results[0]["skipped"])
+    for res in results:
+        assert res["skipped"] == [i == 1 for i in range(STEPS)]
+        assert res["last_epoch"] == STEPS - 1
+    assert results[0]["layers"] == results[1]["layers"]  # the same per-layer norms on both ranks
+    assert results[0]["run_dir"] is not None and results[1]["run_dir"] is None
+    assert results[0]["digest"] == results[1]["digest"]
 
 
 # ----- FSDP2 ---------------------------------------------------------------------------
