@@ -189,7 +189,17 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     res["veto"] = {"skipped": r.skipped, "unchanged": bool(torch.equal(before, _digest(model)))}
     watch.close()
 
-    # 5. unused parameters under find_unused_parameters=True
+    # 5. a Watch that only rank 0 builds, with distributed=False: no collective, no hang
+    if rank == 0:
+        local = make_model()
+        local_watch = gw.Watch(local, torch.optim.SGD(local.parameters(), lr=LR), distributed=False, diagnose=False)
+        with _CountAllReduce() as sizes:
+            local_watch.step(lambda: lm_loss(local, x, y))
+        res["rank_local_all_reduces"] = sizes
+        local_watch.close()
+    torch.distributed.barrier()
+
+    # 6. unused parameters under find_unused_parameters=True
     model = DDP(make_model(with_unused=True), find_unused_parameters=True)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     watch = gw.Watch(model, opt, clip_norm=None, run_dir=out / "all_ranks", write_rank="all", flush_every=1)
@@ -550,6 +560,11 @@ def test_ddp_nan_on_rank1_only_makes_both_ranks_skip(ranks):
 
 
 @pytest.mark.slow
+def test_a_rank_local_watch_issues_no_collective(ranks):
+    assert ranks[0]["rank_local_all_reduces"] == []
+
+
+@pytest.mark.slow
 def test_ddp_a_veto_on_one_rank_is_a_veto_on_every_rank(ranks):
     assert [res["veto"] for res in ranks] == [{"skipped": True, "unchanged": True}] * WORLD
 
@@ -698,6 +713,10 @@ def test_no_process_group_means_no_distributed_sync(tmp_path):
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), write_rank=-1)
     with pytest.raises(ValueError, match="write_rank"):
         DistSync.detect(write_rank="rank0")
+    with pytest.raises(ValueError, match="init_process_group"):
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), distributed=True)
+    with pytest.raises(ValueError, match="distributed"):
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), distributed="yes")
     inner = nn.Linear(2, 2)
     assert unwrap_model(torch.nn.DataParallel(inner)) is inner
 

@@ -181,20 +181,29 @@ class DistSync:
         self._ext_slots: list[int] = []
 
     @classmethod
-    def detect(cls, write_rank: Any = 0, group: Any = None) -> "DistSync | None":
+    def detect(cls, write_rank: Any = 0, group: Any = None, enabled: bool | None = None) -> "DistSync | None":
         """A DistSync when a process group of more than one rank is initialized, else None.
 
         ``write_rank`` is validated either way, so a typo fails on one machine too.
+        ``enabled=False`` always gives None (a Watch that only some ranks build must
+        not issue collectives); ``enabled=True`` raises when there is no process group.
 
         Example:
             >>> DistSync.detect(write_rank=0) is None   # no process group here
             True
         """
         _check_write_rank(write_rank)
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ValueError(f"distributed must be None, True or False, got {enabled!r}")
+        if enabled is False:
             return None
-        if dist.get_world_size(group) <= 1:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+            if enabled:
+                raise ValueError(
+                    "distributed=True but no torch.distributed process group of more than one rank is "
+                    "initialized; call torch.distributed.init_process_group() before building the Watch"
+                )
             return None
         return cls(write_rank, group)
 

@@ -71,6 +71,10 @@ class Watch:
             ``"all"`` (each rank writes ``run_dir/rank<k>``). Default: 0. See
             :mod:`gradwatch.distributed` (DDP and FSDP2 give the same numbers and
             the same skip decisions on every rank).
+        distributed: None (default) syncs with the process group when one is
+            initialized; False keeps this Watch to its own rank (a Watch that
+            only some ranks build must not wait for the others); True requires
+            a process group.
         **options: options of gradwatch's own plugins (each plugin factory
             ``watch.options.pop``-s its own keys; an unknown key is a TypeError).
 
@@ -113,7 +117,7 @@ class Watch:
             raise ValueError(f"norm_type must be a positive number or float('inf'), got {norm_type!r}")
         self.options = dict(options)
         # torch.distributed: None in a single process (see gradwatch.distributed)
-        self._dist = _distributed.DistSync.detect(self.options.pop("write_rank", 0))
+        self._dist = _distributed.DistSync.detect(self.options.pop("write_rank", 0), enabled=self.options.pop("distributed", None))
         self.update_ratio_every = _check_positive_int("update_ratio_every", update_ratio_every)
         self.history_size = _check_positive_int("history", history)
         self.norm_type = float(norm_type)
