@@ -135,7 +135,8 @@ def _records(watch) -> list[dict]:
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped,
          "layers": dict(zip(r.layer_names, r.layer_grad_norms.tolist())),
          "weights": dict(zip(r.layer_names, r.layer_weight_norms.tolist())),
-         "missing": list(r.missing_layers)}
+         "missing": list(r.missing_layers),
+         "update_ratio": dict(zip(r.layer_names, r.update_ratio.tolist())) if r.update_ratio is not None else None}
         for r in watch.history
     ]
 
@@ -148,7 +149,7 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     # 1. per-layer norms over 3 clipped SGD steps
     model = DDP(make_model())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run")
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run", update_ratio_every=STEPS)
     for step in range(STEPS):
         x, y = rank_batch(step, rank)
         with _CountAllReduce() as sizes:  # DDP's own gradient all-reduce runs in C++, not counted
@@ -232,7 +233,7 @@ def _fsdp_scenarios(rank: int, out: Path) -> dict:
     # 1. 3 clipped steps, per-layer norms against the single-process reference
     model = _fsdp_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "fsdp_run")
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "fsdp_run", update_ratio_every=STEPS)
     for step in range(STEPS):
         x, y = rank_batch(step, rank)
         watch.step(lambda: lm_loss(model, x, y))
@@ -496,9 +497,16 @@ def reference_run(clip: float = CLIP) -> list[dict]:
         for name, p in model.named_parameters():
             sq[layer_of(name)] = sq.get(layer_of(name), 0.0) + float(p.grad.double().pow(2).sum())
         total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-        out.append({"loss": float(loss.detach()), "total": total, "layers": {k: math.sqrt(v) for k, v in sq.items()}})
+        delta: dict[str, float] = {}
+        norm: dict[str, float] = {}
+        for name, p in model.named_parameters():
+            delta[layer_of(name)] = delta.get(layer_of(name), 0.0) + float((p.detach() - before[name]).double().pow(2).sum())
+            norm[layer_of(name)] = norm.get(layer_of(name), 0.0) + float(before[name].double().pow(2).sum())
+        out.append({"loss": float(loss.detach()), "total": total, "layers": {k: math.sqrt(v) for k, v in sq.items()},
+                    "update_ratio": {k: math.sqrt(delta[k] / norm[k]) for k in delta}})
     return out
 
 
@@ -511,6 +519,10 @@ def assert_matches_reference(records: list[dict], reference: list[dict]) -> None
         assert rec["grad_norm"] == pytest.approx(ref["total"], rel=1e-5)
         assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-5)  # the mean over ranks
         assert not rec["skipped"]
+    ratio = records[-1]["update_ratio"]  # ||dw|| / ||w|| per layer, measured on the last step
+    assert ratio is not None
+    for name, value in reference[-1]["update_ratio"].items():
+        assert ratio[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
 
 
 # ----- DDP -----------------------------------------------------------------------------
