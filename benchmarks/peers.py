@@ -3,7 +3,7 @@
 Run by hand (not a test):
 
     pip install -e ".[bench]"      # wandb, cockpit-for-pytorch, backpack-for-pytorch
-    python benchmarks/peers.py [--rounds 7] [--threads 2] [--workloads gpt,mlp] [--no-faults]
+    python benchmarks/peers.py [--rounds 7] [--threads 1] [--workloads gpt,mlp] [--no-faults]
 
 A peer that cannot be imported or cannot run a workload is skipped, with the reason printed.
 
@@ -128,8 +128,9 @@ class PeerLoop:
         report: dict[str, Any] = {}
         if self.peer == "gradwatch":
             result = self.watch.step(lambda: self.loss_of(self.model, batch), batch=batch)
-            if result.findings:
-                report["findings"] = result.findings
+            alarms = [f for f in result.findings if f.severity in ("warning", "error")]  # info is not a report of a fault
+            if alarms:
+                report["findings"] = alarms
             if result.skipped:
                 report["skipped"] = True
             return report
@@ -167,7 +168,7 @@ class PeerLoop:
         self.opt.step()
         self.opt.zero_grad()
         if self.peer == "wandb":
-            self.run.log({"loss": float(loss)})  # commits the step's gradient histograms
+            self.run.log({"loss": float(loss.detach())})  # commits the step's gradient histograms
         if self.peer == "cockpit":
             report.update(self._cockpit_report())
         return report
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default: gpt 2, mlp 20)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine 2 threads measure contention)")
     parser.add_argument("--workloads", default="gpt,mlp")
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated fault scenario names")
