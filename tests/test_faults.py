@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.faults import harness, scenarios, scoring  # noqa: E402
+from benchmarks.faults import harness, scenarios, scoring, tables  # noqa: E402
 from benchmarks.faults import __main__ as cli  # noqa: E402
 
 from gradwatch.findings import CODES  # noqa: E402
@@ -104,6 +104,24 @@ def test_confusion_rates_localization_fp_and_time_on_hand_counted_outcomes():
     assert conf["cols"][:4] == conf["rows"][:4] and conf["cols"][-1] == "none"
     assert conf["counts"]["dead_relu"] == {"dead_relu": 1, "vanishing_gradients": 1, "none": 1}
     assert conf["counts"]["healthy"] == {"loss_spike": 1, "clipping_always_active": 1, "none": 1, "dead_relu": 1}
+
+
+def test_misses_lists_missed_and_mislocalized_scenarios_only():
+    base = {"cause": "c", "expected_module": None, "onset": 1, "error": None}
+    outcomes = [
+        {**base, "name": "ok", "expected": "loss_numerics", "expected_op": "aten.log",
+         "findings": [_f("loss_numerics", 1, "error", op="aten.log")]},
+        {**base, "name": "wrong_op", "expected": "nonfinite_forward", "expected_op": "aten._softmax",
+         "findings": [_f("nonfinite_forward", 1, "error", op="aten.masked_fill")]},
+        {**base, "name": "missed", "expected": "lr_too_high", "expected_op": None,
+         "findings": [{**_f("dead_relu", 50), "message": "dead"}]},
+        {**base, "name": "healthy", "expected": None, "expected_op": None, "findings": []},
+    ]
+    lines = tables.misses(outcomes).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("- `wrong_op`") and "`aten.masked_fill` named" in lines[0]
+    assert lines[1].startswith("- `missed`") and "found dead_relu" in lines[1]
+    assert tables.misses(outcomes[:1]) == "none"
 
 
 def test_false_positives_of_no_runs_is_nan_not_an_error():

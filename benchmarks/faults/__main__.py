@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     print(tables.scenario_table(outcomes))
     print("\n### Healthy runs\n")
     print(tables.healthy_table(outcomes))
+    print("\n### Misses and localization errors (expected vs found)\n")
+    print(tables.misses(outcomes))
     if args.json:
         def clean(x):  # JSON without NaN
             if isinstance(x, float) and not math.isfinite(x):

@@ -129,3 +129,33 @@ def healthy_table(outcomes: Sequence[dict[str, Any]]) -> str:
         ])
     return _md(rows, ["healthy run", "family", "steps", "loss first 10", "loss last 10", "held-out acc",
                       "warnings/errors", "info", "s"])
+
+
+def misses(outcomes: Sequence[dict[str, Any]]) -> str:
+    """One line per fault scenario that was missed or mislocalized: expected vs found (for the detector owners)."""
+    lines = []
+    for o in outcomes:
+        if not o.get("expected"):
+            continue
+        v = score_outcome(o)
+        if v["detected"] and v["op_correct"] is not False and v["module_correct"] is not False:
+            continue
+        if not v["detected"]:
+            alarms = [f for f in o["findings"] if f["severity"] in ("warning", "error")]
+            first = alarms[0] if alarms else None
+            found = (f"found {', '.join(v['found'])}; first: {first['code']} at step {first['step']}: "
+                     f"{first['message'][:200]}") if first else f"found {', '.join(v['found']) or 'nothing'}"
+            lines.append(f"- `{o['name']}` ({o['cause']}): expected `{o['expected']}`"
+                         + (f" at `{o['expected_op']}`" if o.get("expected_op") else "") + f"; {found}")
+        else:
+            hit = next(f for f in o["findings"] if f["code"] == o["expected"])
+            parts = []
+            if v["op_correct"] is False:
+                parts.append(f"op `{o['expected_op']}` expected, `{v['found_op']}` named")
+            if v["module_correct"] is False:
+                parts.append(f"module {'|'.join(o['expected_module'])} expected, {v['found_module']} named")
+            lines.append(f"- `{o['name']}` ({o['cause']}): `{o['expected']}` raised at step {hit['step']}, but "
+                         + "; ".join(parts) + f" (location {hit['location']})")
+        if o.get("error"):
+            lines.append(f"  harness error: {o['error'].splitlines()[0]}")
+    return "\n".join(lines) or "none"
