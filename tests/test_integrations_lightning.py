@@ -151,6 +151,13 @@ def test_callback_with_gradient_accumulation_records_the_mean_loss_once_per_upda
     assert len(records) == 3  # one record per optimizer step, not per batch
     for i, record in enumerate(records):
         assert record.loss == pytest.approx((module.losses[2 * i] + module.losses[2 * i + 1]) / 2, rel=1e-6)
+    # fit() again with the same callback: measuring goes on, step numbers continue
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, callbacks=[gw_cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, _loader())
+    assert [r.step for r in gw_cb.watch.history] == [4, 5]
 
 
 def test_callback_state_round_trips_and_rejects_bad_arguments():

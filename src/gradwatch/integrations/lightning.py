@@ -114,16 +114,21 @@ class GradwatchCallback(Callback):
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.watch is not None:
+        if self.watch is not None and not self.watch._closed:
             return
         if not trainer.optimizers:
             raise ValueError("GradwatchCallback needs an optimizer: configure_optimizers() returned none")
+        run_dir = self.run_dir
+        if self.watch is not None:  # a second fit(): the first run directory is complete; keep counting steps
+            _log.warning("gradwatch: fit() again: this fit's telemetry stays in memory (the run directory %s is closed)", run_dir)
+            self._pending_state = self.watch.state_dict()
+            run_dir = None
         self.watch = Watch(
             pl_module,
             trainer.optimizers[0],
             clip_norm=self.clip_norm,
             on_nonfinite=self.on_nonfinite,
-            run_dir=self.run_dir,
+            run_dir=run_dir,
             **self.watch_options,
         )
         if self._pending_state is not None:

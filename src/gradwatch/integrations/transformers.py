@@ -116,7 +116,7 @@ class GradwatchCallback(TrainerCallback):
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if self.watch is not None:
+        if self.watch is not None and not self.watch._closed:
             return
         if model is None or optimizer is None:
             raise ValueError("GradwatchCallback needs the Trainer's model and optimizer (transformers >= 4.40)")
@@ -126,7 +126,12 @@ class GradwatchCallback(TrainerCallback):
             if clip is not None:  # take the clipping over: the Trainer clips before any callback sees the grads
                 self._saved_max_grad_norm = args.max_grad_norm
                 args.max_grad_norm = 0.0
-        self.watch = Watch(model, optimizer, clip_norm=clip, on_nonfinite=self.on_nonfinite, run_dir=self.run_dir, **self.watch_options)
+        run_dir, state = self.run_dir, None
+        if self.watch is not None:  # train() again: the first run directory is complete; keep counting steps
+            state, run_dir = self.watch.state_dict(), None
+        self.watch = Watch(model, optimizer, clip_norm=clip, on_nonfinite=self.on_nonfinite, run_dir=run_dir, **self.watch_options)
+        if state is not None:
+            self.watch.load_state_dict(state)
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
