@@ -217,6 +217,26 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch: pytes
         torch.testing.assert_close(p, q)
 
 
+def test_internal_error_after_the_update_never_applies_it_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _data(4)
+    ref = _mlp()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    _plain_loop(ref, ref_opt, data, 1.0)
+
+    def broken(self, before, weight_norms):
+        raise RuntimeError("fails after optimizer.step()")
+
+    monkeypatch.setattr(gw.Watch, "_update_ratio", broken)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watch = gw.Watch(model, opt, clip_norm=1.0, update_ratio_every=1)
+    with pytest.warns(gw.GradwatchWarning, match="fails after"):
+        results = [watch.step(lambda: F.mse_loss(model(x), y)) for x, y in data]
+    assert not any(r.skipped for r in results)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)  # one update per step, as in the plain loop
+
+
 def test_internal_error_never_applies_a_nonfinite_update(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(norms, "finalize_norms", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     model = _mlp()

@@ -40,6 +40,7 @@ class StepContext:
     batch: Any
     loss: torch.Tensor | None = None
     skipped_by: list[str] = field(default_factory=list)
+    stepped: bool = False  # the optimizer has applied this step's update
     scratch: dict[str, Any] = field(default_factory=dict)  # per-step notes between plugins
 
 

@@ -498,6 +498,7 @@ class Watch:
             self.precision.update()
         else:
             self.precision.step(self.optimizer, grads_finite=True)  # finite: the scaler's found_inf is 0, no 2nd sync
+            ctx.stepped = True
             self.precision.update()
             if before is not None:
                 record.update_ratio = self._update_ratio(before, weight_values)
@@ -605,6 +606,10 @@ class Watch:
 
     def _plain_step(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
         """Finish the step as plain PyTorch would (after an internal error)."""
+        if ctx.stepped:  # the error came after the update: never apply it twice
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(step=ctx.step, loss=float(loss.detach()), grad_norm=math.nan, clipped=False,
+                              skipped=False, findings=[])
         params = list(self.index.params)
         try:
             if self.precision.scaling and not self.precision._unscaled:

@@ -201,6 +201,8 @@ class PrecisionPlugin(WatchPlugin):
                 ctx.scratch["amp_before"] = [p.detach().clone() for p in index.params]
                 ctx.scratch["amp_intended"] = [(g != 0) if g is not None else None for g in grads]
 
+    veto_is_global = True  # never vetoes: veto() is only its "after the sync, before the update" hook
+
     def veto(self, ctx: StepContext, record: "StepRecord") -> bool:
         # fp16, sampled, finite: what fp16 flushed is exact zeros by now. A layer whose gradient is
         # entirely zero may have been flushed whole: measure the true (float32) gradients with a
