@@ -689,8 +689,6 @@ def test_fsdp2_nan_on_rank1_only_makes_both_ranks_skip(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="default plugins read DTensor gradients/weights directly (diagnosis: weight std .tolist(); "
-                          "precision: bincount on DTensor); they should use gradwatch.distributed.local_tensor", strict=False)
 def test_fsdp2_default_plugins_raise_no_internal_errors(ranks):
     for res in ranks:
         assert res["fsdp_plugin_errors"] == []

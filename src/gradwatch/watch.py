@@ -378,7 +378,7 @@ class Watch:
     def _meta(self) -> dict[str, Any]:
         return {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": type(self.model).__name__,
+            "model": type(_distributed.unwrap_model(self.model)).__name__,
             "optimizer": type(self.optimizer).__name__,
             "clip_norm": self.clip_norm if isinstance(self.clip_norm, (int, float, str, type(None))) else repr(self.clip_norm),
             "precision": self.precision.mode,

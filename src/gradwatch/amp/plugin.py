@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..distributed import local_tensor
 from ..findings import Finding
 from ..plugins import StepContext, WatchPlugin
 from . import ranges
@@ -195,10 +196,10 @@ class PrecisionPlugin(WatchPlugin):
             return
         index = self.watch.index
         with torch.no_grad():
-            grads = [p.grad for p in index.params]  # unscaled, not yet clipped
+            grads = [local_tensor(p.grad) for p in index.params]  # unscaled, not yet clipped (FSDP2: this rank's shard)
             ctx.scratch["amp_hist"] = ranges.exponent_histogram(grads, index.param_layer, len(index), self.watch.device)
             if self._bf16_check():
-                ctx.scratch["amp_before"] = [p.detach().clone() for p in index.params]
+                ctx.scratch["amp_before"] = [local_tensor(p.detach()).clone() for p in index.params]
                 ctx.scratch["amp_intended"] = [(g != 0) if g is not None else None for g in grads]
 
     veto_is_global = True  # never vetoes: veto() is only its "after the sync, before the update" hook
@@ -459,7 +460,7 @@ class PrecisionPlugin(WatchPlugin):
     def _lost_updates(self, step: int, before: list[torch.Tensor], intended: list[Any] | None) -> list[Finding]:
         index = self.watch.index
         with torch.no_grad():
-            counts = ranges.lost_update_counts(before, list(index.params), index.param_layer, len(index), intended)
+            counts = ranges.lost_update_counts(before, [local_tensor(p.detach()) for p in index.params], index.param_layer, len(index), intended)
         lost, wanted = counts.cpu().numpy()  # sampled steps only
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(wanted > 0, lost / np.maximum(wanted, 1), np.nan)

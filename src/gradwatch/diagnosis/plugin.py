@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import local_tensor
 from ..findings import Finding
 from ..plugins import StepContext, WatchPlugin
 from ..watch import Watch, register_default_plugin
@@ -163,8 +164,9 @@ class DiagnosisPlugin(WatchPlugin):
             if weight is None or weight.numel() < 2:
                 continue
             names.append(name)
-            stds.append(weight.detach().float().std().reshape(1))
-            fans.append(weight[0].numel())
+            # FSDP2: this rank's shard of the weight (a sample of the same init distribution)
+            stds.append(local_tensor(weight.detach()).float().std().reshape(1))
+            fans.append(math.prod(weight.shape[1:]))
         if not names:
             return {}
         device = stds[0].device
