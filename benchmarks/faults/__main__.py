@@ -1,4 +1,4 @@
-"""``python -m benchmarks.faults [--quick] [--json FILE] [--only NAME,...] [--threads N]``
+"""``python -m benchmarks.faults [--quick] [--json FILE] [--only NAME,...] [--seeds N] [--threads N]``
 
 Runs every scenario (or the ``--quick`` subset) through gradwatch, prints one
 line per run as it finishes, then the summary, the confusion table, detection
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAMES", help="comma-separated substrings of scenario names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-probe", action="store_true", help="skip the pre-flight probe")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every scenario with model seeds 0..N-1 (each run scored on its own; default 1)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -37,16 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     outcomes = []
-    for i, sc in enumerate(chosen, 1):
-        o = harness.run_scenario(sc, probe=not args.no_probe)
+    runs = [(sc, seed) for sc in chosen for seed in range(max(1, args.seeds))]
+    for i, (sc, seed) in enumerate(runs, 1):
+        o = harness.run_scenario(sc, seed=seed, probe=not args.no_probe)
+        if args.seeds > 1:
+            o["name"] = f"{sc.name}@{seed}"
         outcomes.append(o)
         codes = ",".join(sorted({f["code"] for f in o["findings"]})) or "-"
         verdict = "healthy" if sc.healthy else ("HIT" if scoring.score_outcome(o)["detected"] else "miss")
         err = "  ERROR " + o["error"].splitlines()[0] if o["error"] else ""
-        print(f"[{i:2d}/{len(chosen)}] {sc.name:34s} {verdict:7s} found={codes}  {o['seconds']:.1f}s{err}", flush=True)
+        print(f"[{i:2d}/{len(runs)}] {o['name']:36s} {verdict:7s} found={codes}  {o['seconds']:.1f}s{err}", flush=True)
     seconds = time.perf_counter() - started
     summary = scoring.summarize(outcomes)
-    command = "python -m benchmarks.faults" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    command = ("python -m benchmarks.faults" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+               + (" --no-probe" if args.no_probe else "")
+               + (f" --seeds {args.seeds}" if args.seeds > 1 else ""))
     print()
     print(tables.summary_lines(summary, seconds, command))
     print("\n### Confusion table (rows: injected cause; columns: codes raised; a run counts once per code)\n")
