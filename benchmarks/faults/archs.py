@@ -209,6 +209,14 @@ class ManualAttnGPT(models.GPT):
         self.blocks = nn.ModuleList(ManualAttnBlock(d, heads, diagonal) for _ in range(layers))
 
 
+class ValueHeadGPT(models.GPT):
+    """GPT with a value head that is built but never called in forward: ``value_head`` never gets a gradient."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.value_head = nn.Linear(kwargs.get("d", 256), 1)  # the bug: forgotten in forward
+
+
 class DetachedPosGPT(models.GPT):
     """GPT whose positional embedding is added detached: ``pos`` never receives a gradient."""
 

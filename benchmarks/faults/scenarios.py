@@ -163,6 +163,11 @@ def _random_tokens(b: Any) -> Any:
     return (torch.randint(0, 16, b[0].shape, generator=g), torch.randint(0, 16, b[1].shape, generator=g))
 
 
+def _random_onehot_tokens(b: Any) -> Any:
+    x, y = _random_tokens((b[1], b[1]))  # token-id shaped draws
+    return (data.one_hot(x), y)
+
+
 def _unlabeled(b: Any) -> Any:
     return (b[0], torch.full_like(b[1], -1))
 
@@ -339,6 +344,11 @@ def b_mlp_adam_lr1() -> Setup:
     return digits_task(m, adam(m, 1.0), clip_norm=None)
 
 
+def b_mlp_fp16_unlabeled() -> Setup:
+    m = _mlp(4, "relu", "kaiming")
+    return digits_task(m, adam(m), inject=_at(40, _unlabeled), loss=_masked_ce, precision="fp16")
+
+
 def b_mlp_probe_deep_tanh() -> Setup:
     m = _mlp(24, "tanh", "default")
     return digits_task(m, adam(m, 1e-3))
@@ -428,6 +438,11 @@ def b_gpt_missing_pos() -> Setup:
     return seq_task(m, adam(m))
 
 
+def b_gpt_unused_head() -> Setup:
+    m = archs.ValueHeadGPT(vocab=16, d=32, heads=2, layers=2, seq=16)
+    return seq_task(m, adam(m))
+
+
 def b_gpt_token_spike() -> Setup:
     m = archs.gpt(2)
     return seq_task(m, adam(m, 1e-2), inject=_at(150, _random_tokens))
@@ -465,6 +480,11 @@ def b_lstm_detached_encoder() -> Setup:
     return seq_task(m, adam(m, 1e-2), one_hot=True)
 
 
+def b_lstm_token_spike() -> Setup:
+    m = archs.SeqRNN("lstm")
+    return seq_task(m, adam(m, 1e-2), one_hot=True, inject=_at(150, _random_onehot_tokens))
+
+
 def b_gru_clip_tiny() -> Setup:
     m = archs.SeqRNN("gru")
     return seq_task(m, adam(m, 1e-2), one_hot=True, clip_norm=1e-3)
@@ -495,6 +515,12 @@ def b_res_inf_feature() -> Setup:
 def b_rescnn_lr_sgd() -> Setup:
     m = archs.ResCNN(blocks=2)
     return digits_task(m, sgd(m, 50.0), image=True, clip_norm=None)
+
+
+def b_rescnn_dead_stem() -> Setup:
+    m = archs.ResCNN(blocks=2)
+    _set_bias_(m.stem[1], -10.0)  # the stem BatchNorm's shift: its ReLU outputs 0 everywhere
+    return digits_task(m, adam(m, 3e-3), image=True)
 
 
 def b_rescnn_spike() -> Setup:
@@ -637,6 +663,9 @@ SCENARIOS: list[Scenario] = [
       b_mlp_repeated_sample, steps=70, onset=50, expected_op="aten.div", expected_module=("1",)),
     S("mlp_adam_lr1", "mlp", "4 x Linear(32)+ReLU, Kaiming, Adam lr=1, no clipping",
       "Adam's learning rate 1000x its usual value", "lr_too_high", b_mlp_adam_lr1, steps=80),
+    S("mlp_fp16_unlabeled_step40", "mlp", "4 x Linear(32)+ReLU, fp16 autocast, CE averaged over labeled examples",
+      "a batch with no labels at step 40 under fp16: a true 0/0, not a float16 range problem", "loss_numerics",
+      b_mlp_fp16_unlabeled, steps=60, onset=40, expected_op="aten.div"),
     S("mlp_tanh_24_probe", "mlp", "24 x Linear(32)+tanh, default init, no normalization",
       "a deep plain tanh stack that the pre-flight probe should flag", "missing_normalization",
       b_mlp_probe_deep_tanh, steps=30),
@@ -686,6 +715,9 @@ SCENARIOS: list[Scenario] = [
     S("gpt_detached_pos_emb", "gpt", "2-block pre-LN GPT, positional embedding added detached",
       "pos(...).detach(): the positional embedding never receives a gradient", "missing_gradients",
       b_gpt_missing_pos, steps=40, expected_module=("pos",)),
+    S("gpt_unused_value_head", "gpt", "2-block pre-LN GPT with a value head never called in forward",
+      "a head built in __init__ and forgotten in forward never receives a gradient", "missing_gradients",
+      b_gpt_unused_head, steps=40, expected_module=("value_head",)),
     S("gpt_random_tokens_step150", "gpt", "2-block pre-LN GPT, Adam lr=1e-2",
       "one batch of random tokens at step 150, after the task is learned", "loss_spike", b_gpt_token_spike,
       steps=180, onset=150),
@@ -706,6 +738,9 @@ SCENARIOS: list[Scenario] = [
     S("lstm_detached_encoder", "rnn", "2 stacked LSTMs, encoder output detached",
       "encoder(x)[0].detach(): the encoder never receives a gradient", "missing_gradients", b_lstm_detached_encoder,
       steps=40, expected_module=("encoder",)),
+    S("lstm_random_tokens_step150", "rnn", "LSTM(32), Adam lr=1e-2",
+      "one batch of random tokens at step 150, after the task is learned", "loss_spike", b_lstm_token_spike,
+      steps=180, onset=150),
     S("gru_clip_0.001", "rnn", "GRU(32), Adam, clip_norm=1e-3", "a clip threshold far below the typical norm",
       "clipping_always_active", b_gru_clip_tiny, steps=80),
     # ----- resnet: residual MLP and residual CNN
@@ -722,6 +757,9 @@ SCENARIOS: list[Scenario] = [
       "degenerate_batch", b_res_inf_feature, steps=110, onset=90),
     S("rescnn_sgd_lr50", "resnet", "ResNet (2 basic blocks, BN), SGD lr=50, no clipping",
       "learning rate far above the stable one", "lr_too_high", b_rescnn_lr_sgd, steps=80),
+    S("rescnn_bn_dead_stem", "resnet", "ResNet (2 basic blocks, BN), stem BatchNorm shift -10",
+      "the stem's BatchNorm shift set to -10: its ReLU outputs 0 everywhere", "dead_relu", b_rescnn_dead_stem,
+      steps=60, expected_module=("stem.1", "stem.2")),
     S("rescnn_wrong_labels_step100", "resnet", "ResNet (2 basic blocks, BN), Adam",
       "one batch with every label wrong at step 100", "loss_spike", b_rescnn_spike, steps=130, onset=100),
     # ----- healthy controls: same families, trained for HEALTHY_STEPS steps
