@@ -281,6 +281,8 @@ FAULTS = (  # scenario names from benchmarks/faults/scenarios.py
     "mlp_relu_init_x6",            # init far too large (finite)
     "mlp_mse_sgd_lr2",             # learning rate too high (finite, then inf)
     "mlp_sigmoid_xavier_12",       # vanishing gradients (finite)
+    "mlp_detached_aux",            # a layer that never gets a gradient
+    "mlp_batch_x1000_step80",      # a loss spike (finite)
 )
 
 
