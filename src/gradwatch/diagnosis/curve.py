@@ -112,8 +112,11 @@ def window_log_median(rows: np.ndarray) -> np.ndarray:
         return np.full(rows.shape[-1] if rows.ndim else 0, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(np.isfinite(rows) & (rows > 0), np.log(np.where(rows > 0, rows, 1.0)), np.nan)
+    finite = np.isfinite(logs)
+    if finite.all():  # the common case: np.median is ~10x faster than np.nanmedian on small windows
+        return np.exp(np.median(logs, axis=0))
     out = np.full(rows.shape[1], np.nan)
-    has = np.isfinite(logs).any(axis=0)
+    has = finite.any(axis=0)
     if has.any():
         out[has] = np.exp(np.nanmedian(logs[:, has], axis=0))
     return out

@@ -5,7 +5,7 @@ Registered as a default plugin: every ``Watch(...)`` with ``diagnose=True``
 
 - ``sample_every`` (default 50): sample activation statistics and activation
   gradients on step 1 and every this many steps (hooks only on those steps).
-- ``check_every`` (default 10): fit the gradient-by-depth curve every this
+- ``check_every`` (default 25): fit the gradient-by-depth curve every this
   many steps (and on every sampled step).
 
 Per step cost on an unsampled step: a few numpy operations over the per-layer
@@ -48,7 +48,7 @@ class DiagnosisPlugin(WatchPlugin):
 
     Args:
         sample_every: sample activations every this many steps (and step 1). Default: 50.
-        check_every: fit the depth curve every this many steps. Default: 10.
+        check_every: fit the depth curve every this many steps. Default: 25.
 
     Example:
         >>> from torch import nn
@@ -62,7 +62,7 @@ class DiagnosisPlugin(WatchPlugin):
 
     name = "diagnosis"
 
-    def __init__(self, sample_every: int = 50, check_every: int = 10) -> None:
+    def __init__(self, sample_every: int = 50, check_every: int = 25) -> None:
         self.sample_every = _positive_int("sample_every", sample_every)
         self.check_every = _positive_int("check_every", check_every)
         self.sample: ActivationSample | None = None
@@ -185,5 +185,5 @@ class DiagnosisPlugin(WatchPlugin):
 def _make_diagnosis_plugin(watch: Watch) -> DiagnosisPlugin:
     return DiagnosisPlugin(
         sample_every=watch.options.pop("sample_every", 50),
-        check_every=watch.options.pop("check_every", 10),
+        check_every=watch.options.pop("check_every", 25),
     )
