@@ -118,7 +118,7 @@ class DepthCurveRule:
     carries both gains.
     """
 
-    def __init__(self, check_every: int = 10) -> None:
+    def __init__(self, check_every: int = 25) -> None:
         self.check_every = check_every
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
 
