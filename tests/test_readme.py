@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,5 +27,15 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # blocks that write run directories write them here
+    block = BLOCKS[index]
+    if "mp.spawn" in block:  # a script a person saves and runs (its worker must be importable)
+        script = tmp_path / "readme_script.py"
+        script.write_text(block, encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + index)}
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stdout.splitlines() if line[:1] in "01"]
+        assert len(lines) == 2 and lines[0][2:] == lines[1][2:], proc.stdout  # both ranks print the same norms
+        return
     namespace: dict = {"__name__": "__readme__"}
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    exec(compile(block, f"README.md block {index}", "exec"), namespace)
