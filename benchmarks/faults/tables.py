@@ -92,61 +92,89 @@ def per_code_table(summary: dict[str, Any]) -> str:
             _pct(*watch.get(code, (0, total))),
             _pct(sum(bool(v["op_correct"]) for v in ops), len(ops)),
             _pct(sum(bool(v["module_correct"]) for v in mods), len(mods)),
-            ", ".join(str(t) for t in ttds) or "-",
+            (f"median {sorted(ttds)[len(ttds) // 2]} (range {min(ttds)}..{max(ttds)})" if ttds else "-"),
         ])
     return _md(rows, ["code", "detected", "Watch alone", "op correct", "module correct", "steps to detect"])
 
 
-def scenario_table(outcomes: Sequence[dict[str, Any]]) -> str:
-    rows = []
+def _base(name: str) -> str:
+    """``"mlp_x@2"`` -> ``"mlp_x"`` (runs of one scenario with several seeds share a row)."""
+    return name.split("@", 1)[0]
+
+
+def _grouped(outcomes: Sequence[dict[str, Any]], healthy: bool) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
     for o in outcomes:
-        if not o.get("expected"):
-            continue
-        v = score_outcome(o)
-        found = ", ".join(SHORT.get(c, c) for c in v["found"]) or "-"
-        op = "" if not o.get("expected_op") else f"{o['expected_op']} / {v['found_op'] or '-'}"
-        mod = "" if not o.get("expected_module") else f"{'|'.join(o['expected_module'])} / {v['found_module'] or '-'}"
-        mark = "yes" if v["detected"] else ("ERROR" if o.get("error") else "MISSED")
-        ttd = "" if v["time_to_detect"] is None else str(v["time_to_detect"])
-        rows.append([o["name"], o["family"], SHORT.get(o["expected"], o["expected"]), mark, found, op, mod, ttd,
-                     f"{o['seconds']:.1f}"])
+        if bool(o.get("expected")) != healthy:
+            groups.setdefault(_base(o["name"]), []).append(o)
+    return groups
+
+
+def _span(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def scenario_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    """One row per scenario (its seeds together): detected k/n, codes raised, localization, steps to detect."""
+    rows = []
+    for name, runs in _grouped(outcomes, healthy=False).items():
+        o = runs[0]
+        verdicts = [score_outcome(r) for r in runs]
+        found = sorted({c for v in verdicts for c in v["found"]})
+        hits = sum(v["detected"] for v in verdicts)
+        mark = f"{hits}/{len(runs)}" if len(runs) > 1 else ("yes" if hits else "MISSED")
+        if any(r.get("error") for r in runs):
+            mark += " ERROR"
+        op = "" if not o.get("expected_op") else (
+            f"{o['expected_op']} / " + ", ".join(sorted({str(v["found_op"] or "-") for v in verdicts})))
+        mod = "" if not o.get("expected_module") else (
+            f"{'|'.join(o['expected_module'])} / " + ", ".join(sorted({str(v["found_module"] or "-") for v in verdicts})))
+        ttd = ", ".join(str(v["time_to_detect"]) for v in verdicts if v["time_to_detect"] is not None)
+        rows.append([name, o["family"], SHORT.get(o["expected"], o["expected"]), mark,
+                     ", ".join(SHORT.get(c, c) for c in found) or "-", op, mod, ttd,
+                     f"{sum(r['seconds'] for r in runs):.1f}"])
     return _md(rows, ["scenario", "family", "expected", "detected", "found", "op exp / found",
                       "module exp / found", "ttd", "s"])
 
 
 def healthy_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    """One row per healthy run (its seeds together): losses, held-out accuracy, alarms (``seed:code@step``)."""
     rows = []
-    for o in outcomes:
-        if o.get("expected"):
-            continue
-        alarms = [f for f in o["findings"] if f["severity"] in ("warning", "error")]
-        info = [f for f in o["findings"] if f["severity"] not in ("warning", "error")]
-        acc = "-" if o.get("accuracy") is None else f"{o['accuracy']:.2f}"
+    for name, runs in _grouped(outcomes, healthy=True).items():
+        alarms = [f"{r['name'].split('@')[1] + ':' if '@' in r['name'] else ''}{f['code']}@{f['step']}"
+                  for r in runs for f in r["findings"] if f["severity"] in ("warning", "error")]
+        info = sum(1 for r in runs for f in r["findings"] if f["severity"] not in ("warning", "error"))
+        accs = [r["accuracy"] for r in runs if r.get("accuracy") is not None]
         rows.append([
-            o["name"], o["family"], o["steps"], f"{o['loss_first']:.3f}", f"{o['loss_last']:.3f}", acc,
-            ", ".join(f"{f['code']}@{f['step']}" for f in alarms) or "none",
-            len(info), "ERROR" if o.get("error") else f"{o['seconds']:.1f}",
+            name, runs[0]["family"], f"{len(runs)} x {runs[0]['steps']}",
+            _span([r["loss_first"] for r in runs], "{:.3f}"), _span([r["loss_last"] for r in runs], "{:.3f}"),
+            _span(accs), ", ".join(alarms) or "none", info,
+            "ERROR" if any(r.get("error") for r in runs) else f"{sum(r['seconds'] for r in runs):.1f}",
         ])
-    return _md(rows, ["healthy run", "family", "steps", "loss first 10", "loss last 10", "held-out acc",
+    return _md(rows, ["healthy run", "family", "runs x steps", "loss first 10", "loss last 10", "held-out acc",
                       "warnings/errors", "info", "s"])
 
 
 def misses(outcomes: Sequence[dict[str, Any]]) -> str:
-    """One line per fault scenario that was missed or mislocalized: expected vs found (for the detector owners)."""
-    lines = []
+    """One line per scenario missed or mislocalized (seeds with the same result together): expected vs found."""
+    lines: dict[str, list[str]] = {}
     for o in outcomes:
         if not o.get("expected"):
             continue
         v = score_outcome(o)
         if v["detected"] and v["op_correct"] is not False and v["module_correct"] is not False:
             continue
+        name = _base(o["name"])
         if not v["detected"]:
             alarms = [f for f in o["findings"] if f["severity"] in ("warning", "error")]
             first = alarms[0] if alarms else None
             found = (f"found {', '.join(v['found'])}; first: {first['code']} at step {first['step']}: "
                      f"{first['message'][:200]}") if first else f"found {', '.join(v['found']) or 'nothing'}"
-            lines.append(f"- `{o['name']}` ({o['cause']}): expected `{o['expected']}`"
-                         + (f" at `{o['expected_op']}`" if o.get("expected_op") else "") + f"; {found}")
+            text = (f"- `{name}` ({o['cause']}): expected `{o['expected']}`"
+                    + (f" at `{o['expected_op']}`" if o.get("expected_op") else "") + f"; {found}")
         else:
             hit = next(f for f in o["findings"] if f["code"] == o["expected"])
             parts = []
@@ -154,8 +182,13 @@ def misses(outcomes: Sequence[dict[str, Any]]) -> str:
                 parts.append(f"op `{o['expected_op']}` expected, `{v['found_op']}` named")
             if v["module_correct"] is False:
                 parts.append(f"module {'|'.join(o['expected_module'])} expected, {v['found_module']} named")
-            lines.append(f"- `{o['name']}` ({o['cause']}): `{o['expected']}` raised at step {hit['step']}, but "
-                         + "; ".join(parts) + f" (location {hit['location']})")
+            text = (f"- `{name}` ({o['cause']}): `{o['expected']}` raised at step {hit['step']}, but "
+                    + "; ".join(parts) + f" (location {hit['location']})")
         if o.get("error"):
-            lines.append(f"  harness error: {o['error'].splitlines()[0]}")
-    return "\n".join(lines) or "none"
+            text += f"\n  harness error: {o['error'].splitlines()[0]}"
+        lines.setdefault(text, []).append(o["name"].split("@")[1] if "@" in o["name"] else "")
+    out = []
+    for text, seeds in lines.items():
+        seeds = [x for x in seeds if x]
+        out.append(text + (f" [seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}]" if seeds else ""))
+    return "\n".join(out) or "none"
