@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 #: Subcommands, in the order ``--help`` lists them.
-COMMANDS = ("demo", "probe", "report", "doctor", "export", "bench")
+COMMANDS = ("demo", "probe", "report", "doctor", "export")
 
 
 class UsageError(Exception):
