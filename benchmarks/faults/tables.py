@@ -58,7 +58,7 @@ def summary_lines(summary: dict[str, Any], seconds: float, command: str) -> str:
     ]
     if summary["errors"]:
         lines.append(f"Harness errors: {', '.join(summary['errors'])}.")
-    return "\n".join(lines)
+    return "\n".join(lines[:1] + [""] + [f"- {line}" for line in lines[1:]])
 
 
 def confusion_table(summary: dict[str, Any]) -> str:
