@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes += [f"{name}/{p}: {why}" for p, why in skipped.items()]
             print(f"\n### Step-time overhead (median over {args.rounds} rounds of variant / baseline; baseline = clipped plain loop)\n")
             print(_md(rows, ["workload", "baseline step"] + list(PEERS)))
+            if notes:
+                print()
             for note in notes:
                 print(f"- skipped {note}")
         if not args.no_faults:
