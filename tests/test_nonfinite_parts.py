@@ -401,3 +401,42 @@ def test_plugin_state_dict_round_trips() -> None:
     assert twin.state_dict() == state
     watch.close()
     other.close()
+
+
+class MaskedAttention(nn.Module):
+    """Scores masked with -inf on purpose; a row with every key masked makes softmax return NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ x.transpose(-1, -2)  # (B, T, T)
+        scores = scores.masked_fill(mask, float("-inf"))  # intentional: not the cause
+        return torch.softmax(scores, dim=-1) @ x
+
+
+@pytest.mark.parametrize("fully_masked", [True, False])
+def test_replay_names_the_softmax_not_the_intentional_minus_inf_mask(fully_masked: bool) -> None:
+    torch.manual_seed(0)
+    model = MaskedAttention()
+    x = torch.randn(2, 4, 8)
+    mask = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)  # causal: finite
+    if fully_masked:
+        mask = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=0)  # the off-by-one bug: row 0 masks every key
+    where = replay_step(model, lambda: model(x, mask).sum(), capture_rng_state())
+    if not fully_masked:
+        assert where is None  # -inf scores alone never count: softmax turns them into zeros
+        return
+    assert where is not None and where.op in ("aten._softmax", "aten.softmax") and where.kind == "nan"
+    assert where.created
+
+
+def test_an_inf_in_the_batch_is_still_named_where_it_entered() -> None:
+    """Unlike an -inf constant, an inf from the data is the cause: the NaN it makes later is not 'created'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(3, 4)
+    x[1, 2] = float("inf")
+    where = replay_step(model, lambda: model(x).sum(), capture_rng_state())
+    assert where is not None and where.op == "aten.addmm" and where.module == "0" and not where.created

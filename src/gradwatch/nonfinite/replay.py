@@ -15,7 +15,8 @@ non-finite step, :func:`replay_step`:
    tags each autograd node created in the forward with the module and the user
    source line that created it (read back in the backward through
    ``torch._C._current_autograd_node()``);
-4. stops at the first op that *creates* a non-finite value from finite inputs
+4. stops at the first op that *creates* a non-finite value from finite inputs,
+   or a NaN from an intentional ``-inf`` constant (a softmax over a fully masked row)
    (an op whose inputs already held NaN/inf, e.g. an intentional ``-inf``
    attention mask, is only remembered as a fallback);
 5. restores gradients, buffers and RNG states. The weights are never written and
@@ -293,6 +294,19 @@ def _all_finite(values: list[Any]) -> bool:
     return True
 
 
+def _has_nan(t: torch.Tensor) -> bool:
+    return bool(torch.isnan(t.detach()).any())
+
+
+def _any_nan(values: list[Any]) -> bool:
+    for v in values:
+        if isinstance(v, float) and math.isnan(v):
+            return True
+        if _floating(v) and (v.is_complex() or _has_nan(v)):
+            return True
+    return False
+
+
 def _read_inputs(func: Any, args: Any, kwargs: dict[str, Any]) -> list[Any]:
     """The op's inputs, without the arguments it writes (``x.div_(0)``, ``out=``): their values are new."""
     try:
@@ -407,6 +421,7 @@ class _Checker(TorchDispatchMode):
         self.count = 0
         self.found: Localization | None = None
         self.first_seen: Localization | None = None  # first non-finite output of any kind (fallback)
+        self.first_seen_intentional = False  # ... made from finite tensors by a non-finite constant (-inf mask)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -421,14 +436,20 @@ class _Checker(TorchDispatchMode):
         if bad is None:
             return out
         inputs = _read_inputs(func, args, kwargs)
-        created = _all_finite(inputs)
+        # Created here: from finite inputs; or a NaN from inputs without NaN when the only non-finite
+        # values so far came from an intentional constant (masked_fill(mask, -inf) and then a softmax
+        # over a fully masked row): an -inf mask is on purpose, the NaN it turns into is not.
+        created = _all_finite(inputs) or (
+            self.first_seen_intentional and _has_nan(bad) and not _any_nan(inputs)
+        )
         if not created and self.first_seen is not None:
             return out
         where = self._locate(func, bad, inputs, created)
         if created:
             self.found = where
             raise _Stop(where.op)
-        self.first_seen = where
+        self.first_seen = where  # tensors all finite, a non-finite scalar argument: an intentional constant
+        self.first_seen_intentional = _all_finite([v for v in inputs if not isinstance(v, float)])
         return out
 
     def _locate(self, func: Any, bad: torch.Tensor, inputs: list[Any], created: bool) -> Localization:
