@@ -210,3 +210,4 @@ def test_cli_writes_json_and_rejects_an_empty_selection(tmp_path, capsys):
     assert data["summary"]["scenarios"] == 1 and data["outcomes"][0]["name"] == "mlp_detached_aux"
     assert "| missing_gradients |" in capsys.readouterr().out
     assert cli.main(["--only", "no-such-scenario"]) == 2
+    assert cli.main(["--only", "mlp_detached_aux", "--json", str(tmp_path / "no" / "dir.json")]) == 2

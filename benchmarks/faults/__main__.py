@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1,
                         help="run every scenario with model seeds 0..N-1 (each run scored on its own; default 1)")
     args = parser.parse_args(argv)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        print(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist", file=sys.stderr)
+        return 2
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks.faults import harness, scenarios, scoring, tables
