@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from _sync import count_host_transfers
 from gradwatch import clipping
 from gradwatch.clipping import AGC, AutoClip, FixedClip, NoClip, ZClip, make_clipper
 
@@ -434,22 +435,8 @@ def test_docstring_examples_run():
 
 def _host_transfers(watch, model, x, y, monkeypatch) -> int:
     """Count .cpu()/.item()/.tolist()/.numpy()/bool()/float() on tensors during one step."""
-    calls = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
-
-    def counting(name):
-        def wrapper(self, *args, **kwargs):
-            calls["n"] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return wrapper
-
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    try:
+    with count_host_transfers(monkeypatch) as calls:
         watch.step(lambda: F.mse_loss(model(x), y))
-    finally:
-        monkeypatch.undo()
     return calls["n"]
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch as gw
+from _sync import count_host_transfers
 from gradwatch.diagnosis import DiagnosisPlugin, fit_depth_curve
 from gradwatch.diagnosis.sampler import ActivationSampler
 
@@ -353,22 +354,8 @@ def test_sampling_works_when_the_loop_passes_the_loss(digits, backward_by_user):
 
 
 def _count_transfers(monkeypatch, watch, loss_fn) -> int:
-    calls = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
-
-    def counting(name):
-        def wrapper(self, *args, **kwargs):
-            calls["n"] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return wrapper
-
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    try:
+    with count_host_transfers(monkeypatch) as calls:
         watch.step(loss_fn)
-    finally:
-        monkeypatch.undo()
     return calls["n"]
 
 

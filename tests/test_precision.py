@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
+from _sync import count_host_transfers
 from gradwatch.amp import FORECAST_EVENT, LOST_UPDATE_EVENT, precision_plugin
 from gradwatch.amp.plugin import diagnose_overflow
 from gradwatch.precision import Precision
@@ -509,19 +510,8 @@ def test_healthy_unsampled_fp16_step_adds_no_host_sync(monkeypatch: pytest.Monke
     precision_plugin(watch).diagnose = True  # only the precision plugin's diagnosis, none of the others
     x, y = _data()
     watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))  # step 1: sampled
-    calls = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
-
-    def counting(name):
-        def wrapper(self, *args, **kwargs):
-            calls["n"] += 1
-            return originals[name](self, *args, **kwargs)
-        return wrapper
-
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    result = watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))
-    monkeypatch.undo()
+    with count_host_transfers(monkeypatch) as calls:
+        result = watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))
     assert not result.skipped and result.loss_scale == 65536.0
     assert calls["n"] == 2  # the core's packed.cpu() and .numpy(): one transfer, nothing from fp16 or the plugin
     watch.close()

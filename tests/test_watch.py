@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from _sync import count_host_transfers
 from gradwatch import norms
 
 
@@ -362,20 +363,9 @@ def test_one_host_sync_per_step_on_healthy_steps(monkeypatch: pytest.MonkeyPatch
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), update_ratio_every=1000, diagnose=False)
     x, y = _data(1)[0]
     watch.step(lambda: F.mse_loss(model(x), y))  # step 1 sets up the layer order
-    calls = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__")}
-
-    def counting(name):
-        def wrapper(self, *args, **kwargs):
-            calls["n"] += 1
-            return originals[name](self, *args, **kwargs)
-        return wrapper
-
     loss_fn = lambda: F.mse_loss(model(x), y)  # noqa: E731
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    watch.step(loss_fn)
-    monkeypatch.undo()
+    with count_host_transfers(monkeypatch) as calls:
+        watch.step(loss_fn)
     assert calls["n"] == 2  # packed.cpu() then .numpy() on the host copy: one transfer
 
 
