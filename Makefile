@@ -7,7 +7,6 @@ TORCH_SPEC ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
@@ -18,7 +17,8 @@ demo: venv
 	$(VENV)/bin/gradwatch demo
 
 test: venv
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	@OMP_NUM_THREADS=2 $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: venv
 	$(PY) benchmarks/overhead.py
