@@ -559,3 +559,12 @@ def test_complete_flush_is_found_by_a_float32_replay_and_leaves_the_weights_alon
     assert [finding.evidence["layers"][name]["flushed"] for name in watch.layers] == pytest.approx(reference, abs=1e-9)
     advice = finding.evidence["recommended_scale"]
     assert advice >= 2.0**10 and "GradScaler(init_scale=" in finding.fixes[0]
+
+
+@pytest.mark.parametrize("precision, every", [("fp16", 50), ("fp32", 250), ("bf16", 250)])
+def test_default_sampling_interval_depends_on_the_precision(precision: str, every: int) -> None:
+    model = _mlp()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision)
+    assert precision_plugin(watch).every == every
+    assert precision_plugin(gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision,
+                                     precision_every=7)).every == 7
