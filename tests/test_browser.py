@@ -1,6 +1,6 @@
 """The report in a real browser: headless Chromium, driven over the DevTools protocol on a pipe.
 
-Renders the report of a real run (hostile module name, a finding, a non-finite
+Renders the report of a demo run (two variants compared) and of a real run (hostile module name, a finding, a non-finite
 step), opens it in Debian's ``chromium`` and checks what a person would see:
 every expected figure decoded and drawn (many distinct colours in its part of
 a full-page screenshot), the hostile name shown as text, no script on the page,
@@ -130,11 +130,9 @@ def browser(tmp_path: Path) -> Any:
         chromium.close()
 
 
-def test_report_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
+def _render_and_check(browser: Chromium, page: Path) -> Any:
+    """Open ``page``, check what a person sees (figures drawn, no script, errors or requests); return ``evaluate``."""
     from PIL import Image
-
-    make_watch_run(tmp_path / "run", activation="sigmoid", steps=24, hostile=True, nan_step=15)
-    page = gw.report(tmp_path / "run").resolve()
 
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -164,9 +162,6 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) 
     for fig in figures:
         assert fig["complete"] and fig["w"] > 300 and fig["h"] > 150, fig
     assert evaluate("document.scripts.length") == 0
-    cells = evaluate("[...document.querySelectorAll('#layers td code')].map(c => c.textContent)")
-    assert HOSTILE in cells
-    assert evaluate("document.body.innerText.includes('vanishing_gradients')")
 
     shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
@@ -186,6 +181,27 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) 
     requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
     assert requests and all(url.startswith(("file://", "data:")) for url in requests), [u[:60] for u in requests]
     assert sum(url.startswith("data:image/svg+xml") for url in requests) >= len(EXPECTED_FIGURES)
+    return evaluate
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
+    make_watch_run(tmp_path / "run", activation="sigmoid", steps=24, hostile=True, nan_step=15)
+    evaluate = _render_and_check(browser, gw.report(tmp_path / "run").resolve())
+    cells = evaluate("[...document.querySelectorAll('#layers td code')].map(c => c.textContent)")
+    assert HOSTILE in cells  # the hostile module name is shown as text
+    assert evaluate("document.body.innerText.includes('vanishing_gradients')")
+
+
+def test_report_of_a_demo_run_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
+    """The report a person makes after `gradwatch demo`: the vanishing sigmoid MLP against the healthy one."""
+    pytest.importorskip("sklearn")
+    from gradwatch.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", quick=True, progress=False)
+    runs = {v.name: v.run_dir for v in result.variants}
+    page = gw.report(runs["sigmoid-default"], compare=runs["relu-kaiming-ln"], output=tmp_path / "demo.html")
+    evaluate = _render_and_check(browser, page.resolve())
+    assert evaluate("document.body.innerText.includes('vanishing_gradients')")
 
 
 def _open(browser: Chromium, page: Path, height: int = 900) -> str:
