@@ -11,6 +11,7 @@ cancel out. Variants:
 
 - baseline: ``loss.backward(); clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad()``
 - watch: ``watch.step(closure)`` with default settings and a run directory on
+- watch_diagnose_off: the same with ``diagnose=False`` (telemetry, clipping, skip, NaN replay only)
 - detect_anomaly: the baseline under ``torch.autograd.detect_anomaly()`` (for scale)
 """
 
@@ -67,6 +68,16 @@ def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
         watch.step(lambda: loss_of(watch_model))
 
     out["watch"] = watched
+
+    torch.manual_seed(0)
+    lean_model = make()
+    lean_opt = torch.optim.AdamW(lean_model.parameters(), lr=1e-4)
+    lean = gw.Watch(lean_model, lean_opt, run_dir=tmp / f"{name}-lean", diagnose=False)
+
+    def watched_lean() -> None:
+        lean.step(lambda: loss_of(lean_model))
+
+    out["watch_diagnose_off"] = watched_lean
 
     torch.manual_seed(0)
     anom_model = make()
