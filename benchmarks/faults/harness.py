@@ -35,13 +35,8 @@ DEAD_AFTER = 25  # consecutive skipped steps after which a run is dead
 
 
 def _probe_fn() -> Any:
-    fn = getattr(gw, "probe", None)
-    if fn is None:
-        try:
-            from gradwatch.probe import probe as fn  # type: ignore[no-redef]
-        except Exception:
-            return None
-    return fn
+    """``gw.probe`` (DESIGN.md's pre-flight check), or None in a gradwatch without it."""
+    return getattr(gw, "probe", None)
 
 
 def _finding_dict(f: Any, source: str) -> dict[str, Any]:
