@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +29,16 @@ def test_readme_has_examples() -> None:
 def test_readme_block_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # blocks that write run directories write them here
     block = BLOCKS[index]
-    if "mp.spawn" in block:  # a script a person saves and runs (its worker must be importable)
+    if "mp.start_processes" in block or "mp.spawn" in block:  # a script a person saves and runs
         script = tmp_path / "readme_script.py"
         script.write_text(block, encoding="utf-8")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + index)}
+        with socket.socket() as sock:  # a free port for the process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
         proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = [line for line in proc.stdout.splitlines() if line[:1] in "01"]
-        assert len(lines) == 2 and lines[0][2:] == lines[1][2:], proc.stdout  # both ranks print the same norms
+        assert proc.stdout.strip().startswith("{'0': "), proc.stdout  # rank 0 prints the per-layer norms
         return
     namespace: dict = {"__name__": "__readme__"}
     exec(compile(block, f"README.md block {index}", "exec"), namespace)
