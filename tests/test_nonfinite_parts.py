@@ -440,3 +440,14 @@ def test_an_inf_in_the_batch_is_still_named_where_it_entered() -> None:
     x[1, 2] = float("inf")
     where = replay_step(model, lambda: model(x).sum(), capture_rng_state())
     assert where is not None and where.op == "aten.addmm" and where.module == "0" and not where.created
+
+
+def test_a_batch_of_one_repeated_example_is_degenerate() -> None:
+    """A loader bug repeats one sample: every feature is constant across the batch (x.std(0) == 0)."""
+    from gradwatch.nonfinite import check_batch
+
+    x = torch.randn(1, 6).repeat(8, 1)
+    report = check_batch((x, torch.zeros(8)))
+    (bad,) = report.degenerate
+    assert bad.identical_rows and bad.whole and "all 8 examples of batch[0] are identical" in bad.describe()
+    assert not check_batch((torch.randn(8, 6), torch.zeros(8))).degenerate

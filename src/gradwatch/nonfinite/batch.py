@@ -1,4 +1,4 @@
-"""Pure checks of an input batch: non-finite values, all-zero tensors, constant examples.
+"""Pure checks of an input batch: non-finite values, all-zero tensors, constant or identical examples.
 
 Every tensor in ``batch`` is checked, through nested tuples, lists and dicts
 (any ``Mapping``, e.g. a Hugging Face ``BatchEncoding``). For each floating
@@ -45,6 +45,7 @@ class TensorCheck:
     constant_rows: list[int] = field(default_factory=list)
     n_constant_rows: int = 0
     n_rows: int = 0
+    identical_rows: bool = False  # every example is the same (statistics over the batch, x.std(0), are 0)
 
     @property
     def nonfinite(self) -> int:
@@ -52,12 +53,13 @@ class TensorCheck:
 
     @property
     def degenerate(self) -> bool:
-        return self.nonfinite > 0 or self.all_zero or self.constant or self.n_constant_rows > 0
+        return self.nonfinite > 0 or self.all_zero or self.constant or self.n_constant_rows > 0 or self.identical_rows
 
     @property
     def whole(self) -> bool:
         """True when the whole tensor is unusable (not just some examples)."""
-        return self.all_zero or self.constant or (self.n_rows > 0 and self.n_constant_rows == self.n_rows)
+        return (self.all_zero or self.constant or self.identical_rows
+                or (self.n_rows > 0 and self.n_constant_rows == self.n_rows))
 
     def describe(self) -> str:
         """One phrase: ``3 NaN values at batch[0][3, 7] (first)``, ``batch[0] is all zeros``."""
@@ -74,6 +76,9 @@ class TensorCheck:
             more = ", ..." if self.n_constant_rows > len(self.constant_rows) else ""
             return (f"{self.n_constant_rows} of {self.n_rows} examples of {self.path} are constant along their "
                     f"features (rows {listed}{more})")
+        if self.identical_rows:
+            return (f"all {self.n_rows} examples of {self.path} are identical: every feature is constant across the "
+                    "batch (a loader that repeats one sample)")
         return f"{self.path} looks fine"
 
 
@@ -170,6 +175,7 @@ def _check_tensor(path: str, tensor: torch.Tensor) -> TensorCheck:
         idx = torch.nonzero(const).reshape(-1)
         check.n_constant_rows = int(idx.numel())
         check.constant_rows = idx[:MAX_ROWS_LISTED].tolist()
+        check.identical_rows = rows.shape[0] > 1 and bool((rows == rows[:1]).all())
     elif check.all_zero or check.constant:
         check.n_constant_rows = check.n_rows
         check.constant_rows = list(range(min(check.n_rows, MAX_ROWS_LISTED)))
