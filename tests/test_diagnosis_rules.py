@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -405,3 +406,28 @@ def test_a_closure_that_raises_on_a_sampled_step_leaves_no_hook_or_mode(digits):
     watch.close()
     with pytest.raises(ValueError, match="check_every"):
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnose=False, check_every=-1)
+
+
+def test_update_ratio_rule_flags_updates_that_rewrite_the_weights():
+    """||dw||/||w|| above 0.1 on 3 measurements in a row -> lr_too_high once; healthy ratios (~1e-3) stay quiet."""
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis.rules import UpdateRatioRule
+
+    def inp(step, ratios):
+        record = SimpleNamespace(update_ratio=None if ratios is None else np.array(ratios), finite=True,
+                                 layer_names=["0", "2", "4"])
+        return SimpleNamespace(record=record, step=step)
+
+    rule = UpdateRatioRule()
+    healthy = [rule.check(inp(s, [1e-3, 2e-3, 5e-4] if s % 10 == 0 else None), 0.1) for s in range(1, 200)]
+    assert not any(healthy)
+    rule = UpdateRatioRule()
+    found = []
+    for s in range(1, 80):
+        ratios = ([0.5, 0.3, 2.0] if s < 60 else [1e-3] * 3) if s % 10 == 0 else None
+        found += rule.check(inp(s, ratios), 0.5)
+    (finding,) = found
+    assert finding.code == "lr_too_high" and finding.step == 30  # the third high measurement
+    assert finding.evidence["update_ratio_median"] == 0.5 and finding.location["layer"] == "4"
+    assert finding.fixes[0] == "lower lr from 0.5 to 0.05"

@@ -31,6 +31,7 @@ from .rules import (
     InitScaleRule,
     LossSpikeRule,
     LrRule,
+    UpdateRatioRule,
     MissingGradRule,
     RuleInput,
 )
@@ -82,6 +83,7 @@ class DiagnosisPlugin(WatchPlugin):
         self.depth_rule = DepthCurveRule(self.check_every)
         self.init_rule = InitScaleRule()
         self.lr_rule = LrRule()
+        self.update_rule = UpdateRatioRule()
         self.missing_rule = MissingGradRule(list(index.param_names), layer_of)
         self.clip_rule = ClippingRule(fixed_threshold=getattr(watch.clipper, "name", "fixed") == "fixed")
         self.spike_rule = LossSpikeRule()
@@ -129,6 +131,8 @@ class DiagnosisPlugin(WatchPlugin):
         findings: list[Finding] = []
         findings += self.init_rule.check(inp, self._weight_scales, clip)
         findings += self.lr_rule.check(inp, lr)
+        if not any(f.code == "lr_too_high" for f in findings):
+            findings += self.update_rule.check(inp, lr)
         findings += self.depth_rule.check(inp)
         findings += self.missing_rule.check(inp)
         findings += self.clip_rule.check(inp)

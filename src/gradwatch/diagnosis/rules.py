@@ -48,6 +48,10 @@ SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
 DEAD_SHARE = 0.6  # "most units" dead for every example of the batch (healthy deep nets reach 0.3-0.5)
 SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
 MISSING_AFTER = 5  # steps with no gradient at all before a parameter is reported
+# Update-to-weight ratio ||dw||/||w||: ~1e-3 per step is the usual healthy range; above 0.1 for three
+# measurements in a row every step rewrites a tenth of the weights (healthy controls: < 0.03).
+UPDATE_RATIO_MAX = 0.1
+UPDATE_RATIO_RUNS = 3
 
 
 class Episode:
@@ -283,6 +287,45 @@ class LrRule:
                       "recent_grad_norms": [float(v) for v in norms[-8:]], "loss": record.loss, "lr": lr},
             location={},
             fixes=[f"lower lr {lr_text}", "add a learning-rate warm-up", "clip_norm=1.0 bounds each step"],
+        )]
+
+
+class UpdateRatioRule:
+    """``lr_too_high`` from the update-to-weight ratio: each update rewrites a large share of the weights.
+
+    Catches what the norm-growth rule cannot: Adam at a far too high learning rate
+    (the update size does not follow the gradient norm) and runs whose norms do not
+    grow because the units died. Reads ``record.update_ratio`` (measured every
+    ``update_ratio_every`` steps); the median over layers, above
+    ``UPDATE_RATIO_MAX`` on ``UPDATE_RATIO_RUNS`` measurements in a row.
+    """
+
+    def __init__(self) -> None:
+        self.medians: list[float] = []
+        self.episode = Episode(quiet=5)
+
+    def check(self, inp: RuleInput, lr: float | None) -> list[Finding]:
+        ratios = inp.record.update_ratio
+        if ratios is None or not inp.record.finite:
+            return []
+        finite = ratios[np.isfinite(ratios)]
+        if finite.size == 0:
+            return []
+        self.medians = (self.medians + [float(np.median(finite))])[-UPDATE_RATIO_RUNS:]
+        hit = len(self.medians) == UPDATE_RATIO_RUNS and min(self.medians) > UPDATE_RATIO_MAX
+        if not self.episode.update(hit) or not hit:
+            return []
+        worst = int(np.nanargmax(ratios))
+        lr_text = f"from {lr:.3g} to {lr / 10:.3g}" if lr else "by 10x"
+        return [Finding(
+            "lr_too_high", "warning", inp.step,
+            f"The learning rate is too high: each update changes the weights by {_fmt(self.medians[-1])} of their "
+            f"norm (median over layers, {UPDATE_RATIO_RUNS} measurements in a row; ~1e-3 is usual), so every step "
+            f"rewrites a large part of what was learned (worst: {inp.record.layer_names[worst]}, {_fmt(float(ratios[worst]))}).",
+            evidence={"update_ratio_median": self.medians[-1], "recent_medians": list(self.medians),
+                      "threshold": UPDATE_RATIO_MAX, "lr": lr},
+            location={"layer": inp.record.layer_names[worst]},
+            fixes=[f"lower lr {lr_text}", "add a learning-rate warm-up"],
         )]
 
 
