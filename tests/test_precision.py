@@ -568,3 +568,20 @@ def test_default_sampling_interval_depends_on_the_precision(precision: str, ever
     assert precision_plugin(watch).every == every
     assert precision_plugin(gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision,
                                      precision_every=7)).every == 7
+
+
+def test_fp16_range_overflow_is_fp16_overflow_only_even_after_the_replay_budget() -> None:
+    """Inputs in raw units overflow float16 in the first layer, but stay finite in float32: the NaN
+    root-cause plugin leaves these steps to fp16_overflow, also once its replays are used up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), precision="fp16", max_replays=3)
+    for step in range(1, 16):
+        x, y = _data(seed=step)
+        if step >= 5:
+            x = x * 1e5  # activations of ~1e5 > 65504
+        watch.step(lambda: nn.functional.mse_loss(model(x).float(), y), batch=(x, y))
+    codes = [f.code for f in watch.findings if f.severity != "info"]
+    assert "fp16_overflow" in codes
+    assert not {"nonfinite_forward", "nonfinite_backward", "loss_numerics"} & set(codes), codes
+    watch.close()

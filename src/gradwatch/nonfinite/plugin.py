@@ -110,6 +110,7 @@ class NonFinitePlugin(WatchPlugin):
         self.max_bundles = _check_count("max_bundles", max_bundles)
         self.replays = 0
         self.bundles = 0
+        self._fp16_overflows = 0  # steps found to be float16 range overflows (finite in float32)
         self.rollback: Rollback | None = None
         self._rng: dict[str, Any] | None = None
         self._first_norm: float | None = None
@@ -170,6 +171,11 @@ class NonFinitePlugin(WatchPlugin):
             return []  # an fp16 overflow of the scaled gradients: the scaler's (and the AMP diagnosis's) business
         batch = self._check_batch(ctx.batch)
         outcome = self._replay(ctx, record)
+        if self._fp16_range_overflow(ctx, outcome):
+            self._fp16_overflows += 1
+            return []  # finite in float32: a float16 range overflow, which the AMP plugin reports (fp16_overflow)
+        if outcome is None and self._fp16_overflows and (batch is None or not batch.degenerate):
+            return []  # replays used up on a run whose failures were float16 range overflows: still the AMP plugin's
         history = [r for r in watch.history if r.step <= ctx.step]
         norms = [r.grad_norm for r in history]
         skipped = [r.skipped for r in history]
@@ -251,6 +257,17 @@ class NonFinitePlugin(WatchPlugin):
             self.watch.errors.report("nonfinite.replay", exc)
             self._replay_note = f"the replay failed: {type(exc).__name__}"
             return None
+
+    def _fp16_range_overflow(self, ctx: StepContext, outcome: ReplayOutcome | None) -> bool:
+        """fp16 autocast: the first non-finite value was a float16 one and the same step is finite in float32."""
+        where = outcome.localization if outcome is not None else None
+        if self.watch.precision.mode != "fp16" or where is None or where.dtype != "float16" or ctx.closure is None:
+            return False
+        try:
+            return replay(_unwrap(self.watch.model), ctx.closure, self._rng).localization is None
+        except Exception as exc:
+            self.watch.errors.report("nonfinite.replay", exc)
+            return False
 
     def _lr(self) -> float | None:
         try:
