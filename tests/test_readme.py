@@ -42,3 +42,16 @@ def test_readme_block_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPatch
         return
     namespace: dict = {"__name__": "__readme__"}
     exec(compile(block, f"README.md block {index}", "exec"), namespace)
+
+
+def test_readme_commands_exist() -> None:
+    """Every `gradwatch SUBCOMMAND` the README shows answers --help (exit 0)."""
+    from gradwatch import cli
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = set(re.findall(r"^gradwatch (\w+)", "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)), flags=re.M))
+    assert commands >= {"demo", "probe", "doctor", "report", "export"}
+    for name in sorted(commands):
+        with pytest.raises(SystemExit) as info:
+            cli.main([name, "--help"])
+        assert info.value.code == 0, name
