@@ -43,21 +43,24 @@ def _workload(name: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torch
     return (lambda: models.mlp(width=128, layers=7, out=10)), (lambda m: F.cross_entropy(m(x), y))
 
 
-def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
-    make, loss_of = _workload(name)
-    out: dict[str, Callable[[], None]] = {}
-
+def clipped_loop(make: Callable[[], torch.nn.Module], loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """The baseline step: ``backward; clip_grad_norm_(1.0); step; zero_grad`` on a fresh model (seed 0)."""
     torch.manual_seed(0)
-    base_model = make()
-    base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4)
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def baseline() -> None:
-        loss_of(base_model).backward()
-        torch.nn.utils.clip_grad_norm_(base_model.parameters(), 1.0)
-        base_opt.step()
-        base_opt.zero_grad()
+        loss_of(model).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
 
-    out["baseline"] = baseline
+    return baseline
+
+
+def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
+    make, loss_of = _workload(name)
+    out: dict[str, Callable[[], None]] = {"baseline": clipped_loop(make, loss_of)}
 
     torch.manual_seed(0)
     watch_model = make()

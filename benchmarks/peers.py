@@ -210,17 +210,7 @@ def _overhead_variants(name: str, tmp: Path, available: dict[str, str | None]) -
     skipped: dict[str, str] = {}
     loops: list[PeerLoop] = []
 
-    torch.manual_seed(0)
-    base_model = make()
-    base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4)
-
-    def baseline() -> None:
-        loss_of(base_model).backward()
-        torch.nn.utils.clip_grad_norm_(base_model.parameters(), 1.0)
-        base_opt.step()
-        base_opt.zero_grad()
-
-    variants["baseline"] = baseline
+    variants["baseline"] = overhead.clipped_loop(make, loss_of)
     for peer in PEERS:
         if available.get(peer):
             skipped[peer] = available[peer]
