@@ -109,13 +109,17 @@ def warnings_off():
 DEFAULT_STEPS = {"gpt": 3, "mlp": 100}  # a round of each variant lasts ~0.1-1 s on 2 cores
 
 
-def measure(name: str, rounds: int, steps: int, tmp: Path) -> dict[str, float]:
-    variants = _variants(name, tmp)
-    for fn in variants.values():  # warm-up (and the Watch's first step, which learns the layer order)
-        for _ in range(2):
-            fn()
+def alternating_ratios(
+    variants: dict[str, Callable[[], None]], rounds: int, steps: int
+) -> tuple[dict[str, float], float]:
+    """Median over rounds of each variant's step time / the ``"baseline"`` one, and the median baseline step (s).
+
+    Each round times ``steps`` steps of every variant in turn; the order rotates
+    between rounds, so drifts of a shared machine cancel out.
+    """
     names = list(variants)
     ratios: dict[str, list[float]] = {n: [] for n in names if n != "baseline"}
+    base_times = []
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         times = {}
@@ -124,9 +128,18 @@ def measure(name: str, rounds: int, steps: int, tmp: Path) -> dict[str, float]:
             for _ in range(steps):
                 variants[n]()
             times[n] = (time.perf_counter() - start) / steps
+        base_times.append(times["baseline"])
         for n in ratios:
             ratios[n].append(times[n] / times["baseline"])
-    return {n: statistics.median(v) for n, v in ratios.items()}
+    return {n: statistics.median(v) for n, v in ratios.items()}, statistics.median(base_times)
+
+
+def measure(name: str, rounds: int, steps: int, tmp: Path) -> dict[str, float]:
+    variants = _variants(name, tmp)
+    for fn in variants.values():  # warm-up (and the Watch's first step, which learns the layer order)
+        for _ in range(2):
+            fn()
+    return alternating_ratios(variants, rounds, steps)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

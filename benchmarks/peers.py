@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -241,23 +240,10 @@ def measure_overhead(name: str, rounds: int, steps: int, tmp: Path, available: d
         except Exception as exc:
             skipped[peer] = f"failed on this workload: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             del variants[peer]
-    names = list(variants)
-    ratios: dict[str, list[float]] = {n: [] for n in names if n != "baseline"}
-    base_times = []
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        times = {}
-        for n in order:
-            start = time.perf_counter()
-            for _ in range(steps):
-                variants[n]()
-            times[n] = (time.perf_counter() - start) / steps
-        base_times.append(times["baseline"])
-        for n in ratios:
-            ratios[n].append(times[n] / times["baseline"])
+    ratios, base_time = overhead.alternating_ratios(variants, rounds, steps)
     for loop in loops:
         loop.close()
-    return {n: statistics.median(v) for n, v in ratios.items()}, skipped, statistics.median(base_times)
+    return ratios, skipped, base_time
 
 
 # ----- faults -------------------------------------------------------------------------------
