@@ -38,7 +38,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -373,9 +373,3 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         events=_read_jsonl(root / "events.jsonl"),
         step_extras=extras,
     )
-
-
-def iter_findings(paths: Iterable[str | os.PathLike[str]]) -> Iterable[Finding]:
-    """Findings of several runs, in order."""
-    for path in paths:
-        yield from load_run(path).findings
