@@ -80,3 +80,34 @@ def test_norm_pattern_skipped_steps_are_left_out_of_the_growth_run():
 def test_norm_pattern_rejects_mismatched_skipped():
     with pytest.raises(ValueError, match="skipped"):
         norm_pattern([1.0, 2.0], skipped=[False])
+
+
+def test_column_geometric_medians_equal_window_log_median() -> None:
+    from gradwatch.diagnosis.curve import column_geometric_medians, window_log_median
+
+    rng = np.random.default_rng(0)
+    for steps in (1, 2, 7, 20):
+        rows = np.exp(rng.normal(0, 3, size=(steps, 9)))
+        rows[rng.random(rows.shape) < 0.15] = np.nan  # skipped or missing entries
+        rows[rng.random(rows.shape) < 0.1] = 0.0  # dead layers
+        rows[:, 4] = np.nan  # a column with nothing usable
+        want = window_log_median(rows)
+        got = np.array(column_geometric_medians(rows.T.tolist()))
+        np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+
+
+def test_fit_depth_curve_matches_numpy_least_squares() -> None:
+    from gradwatch.diagnosis.curve import fit_depth_curve
+
+    rng = np.random.default_rng(1)
+    rms = np.exp(-0.7 * np.arange(12) + rng.normal(0, 0.3, 12))
+    rms[[3, 8]] = [0.0, np.nan]  # left out of the fit, depth kept
+    ok = np.isfinite(rms) & (rms > 0)
+    x, y = np.arange(12)[ok], np.log(rms[ok])
+    slope, intercept = np.polyfit(x, y, 1)
+    r2 = 1 - ((y - (intercept + slope * x)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    fit = fit_depth_curve(rms)
+    assert fit.slope == pytest.approx(slope, rel=1e-10)
+    assert fit.r2 == pytest.approx(r2, rel=1e-10)
+    assert fit.gain == pytest.approx(math.exp(-slope), rel=1e-10) and fit.n == 10
+    assert fit.first_last_ratio == pytest.approx(rms[0] / rms[11], rel=1e-12)

@@ -306,6 +306,11 @@ def test_loss_spike_survives_a_nan_and_is_not_duplicated(digits, skip_it):
         assert spikes[0].evidence["ratio"] > 100
 
 
+def _hooked(model) -> bool:
+    """Any forward hook on the model's modules (the depth-order tracking of step 1 uses pre-hooks only)."""
+    return any(m._forward_hooks for m in model.modules())
+
+
 def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_path):
     model = mlp(3, "relu", "kaiming")
     with pytest.raises(ValueError, match="sample_every"):
@@ -320,7 +325,7 @@ def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_pat
 
     for step in range(1, 10):
         watch.step(loss)
-        hooked.append(any(m._forward_hooks for m in model.modules()))  # armed for the next step?
+        hooked.append(_hooked(model))  # armed for the next step?
     watch.close()
     assert hooked == [False, False, True, False, False, False, True, False, False]  # before steps 4 and 8 only
     assert modes == [1, 0, 0, 1, 0, 0, 0, 1, 0]  # on steps 1, 4, 8 only
@@ -401,7 +406,7 @@ def test_a_closure_that_raises_on_a_sampled_step_leaves_no_hook_or_mode(digits):
     with pytest.raises(KeyError):
         watch.step(broken)  # step 1 is sampled: hooks and the function mode were on
     assert len(torch.overrides._get_current_function_mode_stack()) == 0
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not _hooked(model)
     watch.step(lambda: F.cross_entropy(model(x), y))  # training goes on
     watch.close()
     with pytest.raises(ValueError, match="check_every"):

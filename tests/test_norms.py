@@ -136,3 +136,19 @@ def test_measure_plan_fused_and_general_paths_agree() -> None:
     _, g2, w2 = plan.measure(grads)
     torch.testing.assert_close(w2, want_w)
     assert g2[0].item() == pytest.approx(grads[1].norm().item() ** 2, rel=1e-6)  # layer 0 keeps only its bias
+
+
+def test_norms2_fast_path_equals_clip_grad_norm_and_the_general_path() -> None:
+    model = _model_with_grads(_mlp, torch.float32, 2.0)
+    index = LayerIndex(model)
+    plan = norms.MeasurePlan(index.params, index.param_layer, len(index))
+    grads = [p.grad for p in index.params]
+    _, want_g, want_w = plan.measure(grads)
+    _, vec = plan.norms2(grads)
+    n = len(index)
+    torch.testing.assert_close(vec[:n], want_g.sqrt())
+    torch.testing.assert_close(vec[n : 2 * n], want_w.sqrt())
+    reference = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # measures, clips nothing
+    assert vec[2 * n].item() == pytest.approx(reference.item(), rel=1e-6)
+    grads[0] = None  # a missing gradient: not the fast path's business
+    assert plan.norms2(grads) is None

@@ -159,3 +159,14 @@ def test_sigkill_leaves_every_flushed_record_readable(tmp_path: Path) -> None:
     assert run.steps["step"].tolist() == list(range(1, n + 1))
     assert np.isfinite(run.steps["layer_grad_norms"]).all()
     assert run.layer_names == ["0", "2"]
+
+
+def test_json_line_writes_plain_records_directly_and_converts_the_rest() -> None:
+    import json
+
+    from gradwatch.rundir import _json_line
+
+    plain = {"step": 3, "loss": 0.25, "clipped": False, "update_ratio": [0.001, "nan"]}
+    assert _json_line(plain) == json.dumps(plain, separators=(",", ":")) + "\n"
+    odd = {"step": 4, "loss": float("nan"), "grad_norm": float("inf"), "scale": np.float32(2.0), "rows": np.arange(2)}
+    assert json.loads(_json_line(odd)) == {"step": 4, "loss": "nan", "grad_norm": "inf", "scale": 2.0, "rows": [0, 1]}

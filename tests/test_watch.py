@@ -99,13 +99,33 @@ def test_weight_norms_and_update_ratio() -> None:
     w1 = {n: math.hypot(before[n].norm().item(), before_b[n].norm().item()) for n in before}
     assert r1.layer_weight_norms == pytest.approx(w1, rel=1e-6)  # weights before the update
 
-    before = {n: (model.get_submodule(n).weight.detach().clone(), model.get_submodule(n).bias.detach().clone()) for n in w1}
-    r2 = watch.step(lambda: F.mse_loss(model(x), y))
-    ratios = dict(zip(watch.layers, r2.record.update_ratio.tolist()))
+    _assert_update_ratio_of_next_step(watch, model, list(w1), lambda: F.mse_loss(model(x), y))  # step 2
+    watch.step(lambda: F.mse_loss(model(x), y))  # step 3: not measured
+    # step 4: the snapshot buffer is reused, and still sees that step's own update
+    _assert_update_ratio_of_next_step(watch, model, list(w1), lambda: F.mse_loss(model(x), y))
+
+
+def _assert_update_ratio_of_next_step(watch, model, names, closure) -> None:
+    before = {n: (model.get_submodule(n).weight.detach().clone(), model.get_submodule(n).bias.detach().clone()) for n in names}
+    result = watch.step(closure)
+    ratios = dict(zip(watch.layers, result.record.update_ratio.tolist()))
     for name, (w, b) in before.items():
         mod = model.get_submodule(name)
         dw = math.hypot((mod.weight - w).norm().item(), (mod.bias - b).norm().item())
         assert ratios[name] == pytest.approx(dw / math.hypot(w.norm().item(), b.norm().item()), rel=1e-5)
+
+
+def test_update_ratio_of_an_all_zero_layer_is_nan() -> None:
+    model = _mlp()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    x, y = _data(1)[0]
+    ratio = watch.step(lambda: F.mse_loss(model(x), y)).record.update_ratio
+    assert math.isnan(ratio[0]) and np.isfinite(ratio[1:]).all()
 
 
 def _state_copy(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -203,7 +223,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch: pytes
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(norms, "finalize_norms", broken)
+    monkeypatch.setattr(norms.MeasurePlan, "norms2", broken)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     watch = gw.Watch(model, opt, clip_norm=1.0)
@@ -239,7 +259,7 @@ def test_internal_error_after_the_update_never_applies_it_twice(monkeypatch: pyt
 
 
 def test_internal_error_never_applies_a_nonfinite_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norms, "finalize_norms", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(norms.MeasurePlan, "norms2", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch = gw.Watch(model, opt)

@@ -124,8 +124,13 @@ def finalize_norms(powers: torch.Tensor, norm_type: float = 2.0) -> tuple[torch.
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``min(1, max_norm / (total + 1e-6))`` as a tensor, as clip_grad_norm_ computes it."""
-    return torch.clamp(max_norm / (total_norm + _EPS), max=1.0)
+    """``min(1, max_norm / (total + 1e-6))`` as a tensor, as clip_grad_norm_ computes it.
+
+    Example:
+        >>> clip_coefficient(torch.tensor(4.0), 1.0).item(), clip_coefficient(torch.tensor(0.5), 1.0).item()
+        (0.25, 1.0)
+    """
+    return (total_norm + _EPS).reciprocal_().mul_(max_norm).clamp_(max=1.0)
 
 
 def scale_(groups: TensorGroups, coefficient: torch.Tensor) -> None:
@@ -212,6 +217,11 @@ class MeasurePlan:
         }
         self._slots_by_key = {key: [self.slots[i] for i in idx] for key, idx in members.items()}
         self._weight_groups = TensorGroups({k: [self.params[i] for i in idx] for k, idx in members.items()}, dict(self._slots_by_key))
+        # norms2: one group whose members are the whole list in order (the common case)
+        self._single_key = next(iter(members)) if len(members) == 1 else None
+        n = len(self.params)
+        self._total_index = torch.full((n,), 2 * n_layers, dtype=torch.long, device=self.device)
+        self._slot_index = torch.tensor(self.slots, dtype=torch.long, device=self.device)
 
     def measure(
         self, grads: list[torch.Tensor | None], norm_type: float = 2.0
@@ -225,6 +235,56 @@ class MeasurePlan:
         powers = layer_powers(groups, self.n_layers, norm_type, self.device)
         weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device)
         return groups, powers, weights
+
+    def norms2(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
+        """The 2-norm fast path: ``(gradient groups, norms)`` with ``norms`` =
+        [per-layer gradient norms, per-layer weight norms, global gradient norm]
+        (size 2 x n_layers + 1), or None when it does not apply (a missing
+        gradient, several (device, dtype) groups, a backend without foreach).
+
+        Seven kernels whatever the model size: one foreach norm over gradients
+        and weights, stack, square, two ``index_add_`` (per layer, and the
+        total), one ``sqrt_``. No host sync.
+
+        Example:
+            >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
+            >>> _, v = MeasurePlan(w, [0, 1], 2).norms2([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
+            >>> [round(x, 4) for x in v.tolist()]
+            [3.0, 4.0, 1.4142, 1.0, 5.0]
+        """
+        key = self._single_key
+        if key is None or any(g is None for g in grads):
+            return None
+        bucket = list(grads)  # autograd keeps a gradient on its parameter's device and dtype
+        try:
+            norms = torch.stack(torch._foreach_norm(bucket + self._weight_groups.tensors[key], 2.0))
+        except (RuntimeError, NotImplementedError):  # sparse gradients, a backend without foreach
+            return None
+        if norms.dtype != self.acc_dtype or norms.device != self.device:
+            norms = norms.to(device=self.device, dtype=self.acc_dtype)
+        norms.mul_(norms)
+        out = torch.zeros(2 * self.n_layers + 1, dtype=self.acc_dtype, device=self.device)
+        out.index_add_(0, self._fused_index[key], norms)
+        out.index_add_(0, self._total_index, norms[: len(bucket)])
+        return TensorGroups({key: bucket}, self._slots_by_key), out.sqrt_()
+
+    def layer_norms2(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer 2-norms of tensors shaped like the plan's parameters (one foreach norm). No host sync.
+
+        Example:
+            >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
+            >>> MeasurePlan(w, [0, 0], 1).layer_norms2([torch.tensor([3.0, 0.0]), torch.tensor([4.0])]).tolist()
+            [5.0]
+        """
+        key = self._single_key
+        if key is None:
+            return layer_powers(group_tensors(tensors, self.slots), self.n_layers, 2.0, self.device).sqrt()
+        norms = _tensor_norms(tensors, 2.0)
+        if norms.dtype != self.acc_dtype or norms.device != self.device:
+            norms = norms.to(device=self.device, dtype=self.acc_dtype)
+        norms.mul_(norms)
+        out = torch.zeros(self.n_layers, dtype=self.acc_dtype, device=self.device)
+        return out.index_add_(0, self._slot_index, norms).sqrt_()
 
     def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor, torch.Tensor] | None:
         grad_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}

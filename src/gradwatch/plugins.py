@@ -10,6 +10,8 @@ Order of calls on step N::
                             arm hooks for step N's forward (which may run before
                             ``watch.step`` is called, in the ``step(loss)`` form)
     before_forward(ctx)     inside ``watch.step``, before the closure runs
+    after_forward(ctx)      the closure returned the loss, before backward
+                            (closure form only)
     after_backward(ctx)     gradients present (unscaled), before measuring
     veto(ctx, record)       after the one host sync: True asks to skip the update
     after_step(ctx, record) after the update (or skip): returns findings
@@ -60,6 +62,9 @@ class WatchPlugin:
         pass
 
     def before_forward(self, ctx: StepContext) -> None:
+        pass
+
+    def after_forward(self, ctx: StepContext) -> None:
         pass
 
     def after_backward(self, ctx: StepContext) -> None:

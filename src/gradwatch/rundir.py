@@ -58,6 +58,28 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _json_line(record: dict[str, Any]) -> str:
+    """One JSONL line; non-finite floats become strings ('nan', 'inf'), as :func:`~gradwatch.findings._jsonable` writes them.
+
+    The common record (plain finite numbers) is encoded in one ``json.dumps``
+    call; only a record that needs conversion walks through ``_jsonable``.
+    The writer thread holds the GIL while it encodes, so this cost is paid
+    by the training loop too.
+    """
+    try:
+        return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(record), separators=(",", ":")) + "\n"
+
+
+def _f32_rows(rows: list[np.ndarray]) -> bytes:
+    """Rows of one matrix as little-endian float32 bytes (one conversion for equal-length rows)."""
+    try:
+        return np.asarray(rows, dtype="<f4").tobytes()
+    except ValueError:  # rows of different lengths (the layer table changed): row by row
+        return b"".join(np.asarray(r, dtype="<f4").tobytes() for r in rows)
+
+
 class RunWriter:
     """Append-only writer of one run directory, with a background flushing thread.
 
@@ -190,7 +212,7 @@ class RunWriter:
                     if handle is None:
                         handle = open(self.path / f"{stream}.jsonl", "a", encoding="utf-8")
                         self._handles[stream] = handle
-                    handle.write("".join(json.dumps(_jsonable(r), separators=(",", ":")) + "\n" for r in lines))
+                    handle.write("".join(_json_line(r) for r in lines))
                     handle.flush()
                 elif kind == "bytes":
                     name, rows = payload
@@ -198,7 +220,7 @@ class RunWriter:
                     if handle is None:
                         handle = open(self.path / f"{name}.f32", "ab")
                         self._handles[name] = handle
-                    handle.write(b"".join(np.asarray(r, dtype="<f4").tobytes() for r in rows))
+                    handle.write(_f32_rows(rows))
                     handle.flush()
                 elif kind == "json":
                     name, data = payload

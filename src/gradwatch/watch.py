@@ -149,6 +149,8 @@ class Watch:
         self._step = 0
         self._closed = False
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
+        self._one = torch.ones((), device=self.device)  # the clip coefficient when nothing is clipped
+        self._before: list[torch.Tensor] | None = None  # the update-ratio snapshot buffer
 
         self._hook_cache: dict[str, list[WatchPlugin]] = {}
         self.diagnose = bool(diagnose)
@@ -245,6 +247,7 @@ class Watch:
         if ctx.closure is not None:
             with self.precision.autocast():
                 loss = ctx.closure()
+            self._call_plugins("after_forward", ctx)
             self._check_loss(loss, "the closure passed to watch.step() returned")
             backward_needed = True
         else:
@@ -434,34 +437,29 @@ class Watch:
         with torch.no_grad():
             n_layers = len(index)
             grads = [p.grad for p in index.params]
-            if self._dist is not None:  # torch.distributed: global numbers from local shards, one collective
-                groups, powers, weight_powers, loss = self._reduce_powers(grads, loss)
-            else:
-                if self._plan is None:
-                    self._plan = _norms.MeasurePlan(index.params, index.param_layer, n_layers, self.device)
-                groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
-            layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
+            groups, norms, loss = self._measure(grads, loss)
+            total = norms[2 * n_layers]
             threshold = self.clipper.threshold()
             if threshold is not None:
                 coef = self.clipper.coefficient(total, threshold)  # a tensor: no host sync
                 _norms.scale_(groups, coef)
             else:
-                coef = torch.ones((), dtype=total.dtype, device=total.device)
+                coef = self._one
             if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
                 self.clipper.clip_unitwise_(index)
-            weight_norms = weight_powers.sqrt()
             scale = self.precision.loss_scale_tensor()
-            head = [loss.detach().reshape(1), total.reshape(1), coef.reshape(1)]
+            head = [loss.detach().reshape(1), coef.reshape(1)]
             if scale is not None:
                 head.append(scale.reshape(1))
-            parts = [t if t.device == layer_norms.device else t.to(layer_norms.device) for t in head]
-            packed = torch.cat(parts + [layer_norms, weight_norms])  # cat promotes to the widest dtype
+            parts = [t if t.device == norms.device else t.to(norms.device) for t in head]
+            packed = torch.cat(parts + [norms])  # cat promotes to the widest dtype
             host = packed.cpu().numpy().astype(np.float64)  # the one host sync of the step
         width = len(head)
-        loss_value, total_value, coef_value = (float(v) for v in host[:3])
-        scale_value = float(host[3]) if scale is not None else math.nan
+        loss_value, coef_value = float(host[0]), float(host[1])
+        scale_value = float(host[2]) if scale is not None else math.nan
         layer_values = host[width : width + n_layers]
-        weight_values = host[width + n_layers :]
+        weight_values = host[width + n_layers : width + 2 * n_layers]
+        total_value = float(host[width + 2 * n_layers])
         if ctx.scratch.get("loss_unknown"):  # observe() without a loss
             loss_value = math.nan
         loss_finite = math.isfinite(loss_value) or bool(ctx.scratch.get("loss_unknown"))
@@ -501,7 +499,7 @@ class Watch:
             ctx.stepped = True
             self.precision.update()
             if before is not None:
-                record.update_ratio = self._update_ratio(before, weight_values)
+                record.update_ratio = self._update_ratio(before, norms[n_layers : 2 * n_layers])
         if apply:
             self.optimizer.zero_grad(set_to_none=True)
         if finite:
@@ -554,14 +552,26 @@ class Watch:
             )
         return result
 
-    def _reduce_powers(
+    def _measure(
         self, grads: list[torch.Tensor | None], loss: torch.Tensor
-    ) -> tuple[_norms.TensorGroups, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """torch.distributed: (local grad groups, global per-layer powers, weight powers, mean loss).
+    ) -> tuple[_norms.TensorGroups, torch.Tensor, torch.Tensor]:
+        """(gradient groups, norms, loss); norms = [per-layer gradient norms, per-layer weight norms, global norm].
 
-        One collective, no host sync; see :class:`gradwatch.distributed.DistSync`.
+        No host sync. Under torch.distributed the norms are global and the loss
+        is the mean over ranks (one collective, see :class:`gradwatch.distributed.DistSync`).
         """
-        return self._dist.measure(self.index, grads, loss, self.norm_type, self.device)
+        if self._dist is not None:
+            groups, powers, weight_powers, loss = self._dist.measure(self.index, grads, loss, self.norm_type, self.device)
+        else:
+            if self._plan is None:
+                self._plan = _norms.MeasurePlan(self.index.params, self.index.param_layer, len(self.index), self.device)
+            fast = self._plan.norms2(grads) if self.norm_type == 2.0 else None
+            if fast is not None:
+                return fast[0], fast[1], loss
+            groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
+        layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
+        norms = torch.cat([layer_norms, weight_powers.sqrt().to(layer_norms.dtype), total.reshape(1)])
+        return groups, norms, loss
 
     def _agree_veto(self, vetoed: bool) -> bool:
         """torch.distributed: skip on every rank if a plugin vetoed on any rank.
@@ -587,22 +597,43 @@ class Watch:
             p.grad = None
 
     def _snapshot_weights(self) -> list[torch.Tensor]:
+        """The weights before the update, copied into one buffer kept between measurements.
+
+        One copy of the weights lives on (allocated at the first measurement):
+        copying into it is one foreach kernel, where fresh clones every
+        ``update_ratio_every`` steps cost twice as much on small models and
+        the same memory at their peak.
+        """
         with torch.no_grad():
             params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
-            return [p.detach().clone() for p in params]
+            before = self._before
+            if before is not None and len(before) == len(params):
+                try:
+                    torch._foreach_copy_(before, params)
+                    return before
+                except (RuntimeError, NotImplementedError):  # a resized parameter, a backend without foreach
+                    pass
+            self._before = [p.detach().clone() for p in params]
+            return self._before
 
-    def _update_ratio(self, before: list[torch.Tensor], weight_norms: np.ndarray) -> np.ndarray:
-        """Per layer ||w_after - w_before|| / ||w_before|| (one extra small transfer)."""
+    def _update_ratio(self, before: list[torch.Tensor], weight_norms: torch.Tensor) -> np.ndarray:
+        """Per layer ||w_after - w_before|| / ||w_before|| (NaN for an all-zero layer); one extra small transfer.
+
+        ``weight_norms`` is the device tensor of this step's per-layer weight norms.
+        """
         with torch.no_grad():
-            params = list(self.index.params) if self._dist is None else self._dist.local_params(self.index.params)
+            params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
             torch._foreach_sub_(before, params)  # before := before - after = -dw
             if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
-                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt().cpu().numpy()
+                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt()
+            elif self._plan is not None:
+                delta = self._plan.layer_norms2(before)
             else:
                 groups = _norms.group_tensors(before, self.index.param_layer)
-                delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt().cpu().numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(weight_norms > 0, delta / weight_norms, np.nan)
+                delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt()
+            weight_norms = weight_norms.to(delta.dtype)
+            ratio = delta.div_(weight_norms).masked_fill_(weight_norms == 0, math.nan)
+            return ratio.cpu().numpy().astype(np.float64)
 
     def _plain_step(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
         """Finish the step as plain PyTorch would (after an internal error)."""

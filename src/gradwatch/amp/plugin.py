@@ -237,8 +237,8 @@ class PrecisionPlugin(WatchPlugin):
             finding = self._check_overflow(ctx, record, overflow)
             if finding is not None:
                 findings.append(finding)
-        if record.finite:
-            self._last_finite_norms = np.asarray(record.layer_grad_norms, dtype=np.float64).copy()
+        if record.finite and precision.scaling:  # read by the fp16 overflow finding only
+            self._last_finite_norms = record.layer_grad_norms  # a fresh host array each step, never written to
         hist = ctx.scratch.pop("amp_hist", None)
         before = ctx.scratch.pop("amp_before", None)
         intended = ctx.scratch.pop("amp_intended", None)

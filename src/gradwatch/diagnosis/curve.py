@@ -78,23 +78,48 @@ def fit_depth_curve(rms: Sequence[float], min_layers: int = 3) -> DepthFit | Non
         >>> round(fit.gain, 6), round(fit.total, 8), round(fit.r2, 6)
         (0.25, 0.00390625, 1.0)
     """
-    values = np.asarray(rms, dtype=np.float64).reshape(-1)
-    depth = np.arange(values.size, dtype=np.float64)
-    ok = np.isfinite(values) & (values > 0)
-    if int(ok.sum()) < max(2, min_layers):
+    # Plain Python: a fit runs every few dozen steps on a handful of numbers, inside the training
+    # loop, where numpy's per-call cost (with caches cold from the training step) dominates.
+    values = [float(v) for v in (rms.reshape(-1).tolist() if isinstance(rms, np.ndarray) else rms)]
+    points = [(float(d), math.log(v)) for d, v in enumerate(values) if math.isfinite(v) and v > 0]
+    n = len(points)
+    if n < max(2, min_layers):
         return None
-    x, y = depth[ok], np.log(values[ok])
-    x_c = x - x.mean()
-    slope = float((x_c * (y - y.mean())).sum() / (x_c * x_c).sum())
-    residual = y - (y.mean() + slope * x_c)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual**2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    span = float(x[-1] - x[0])
-    gain = math.exp(-slope)
-    total = math.exp(-slope * span)
-    first_last = float(values[ok][0] / values[ok][-1])
-    return DepthFit(gain=gain, slope=slope, total=total, first_last_ratio=first_last, r2=r2, n=int(ok.sum()),
-                    rms=[float(v) for v in values])
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    ss_tot = sum((y - mean_y) ** 2 for _, y in points)
+    ss_res = sum((y - (mean_y + slope * (x - mean_x))) ** 2 for x, y in points)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    span = points[-1][0] - points[0][0]
+    first_last = math.exp(points[0][1] - points[-1][1])
+    return DepthFit(gain=math.exp(-slope), slope=slope, total=math.exp(-slope * span), first_last_ratio=first_last,
+                    r2=r2, n=n, rms=values)
+
+
+def column_geometric_medians(columns: Sequence[Sequence[float]]) -> list[float]:
+    """Per column, ``exp(median(ln v))`` over its finite positive values (NaN for none); plain Python.
+
+    The same numbers as :func:`window_log_median` on the transposed array: the
+    median of the logs is the log of the middle value, or of the geometric mean
+    of the two middle values.
+
+    Example:
+        >>> column_geometric_medians([[1.0, 100.0, 1.0], [10.0, 10.0, float("nan")], [-1.0, 0.0]])
+        [1.0, 10.0, nan]
+    """
+    out = []
+    for column in columns:
+        ordered = sorted(v for v in column if 0 < v < math.inf)
+        half = len(ordered) // 2
+        if not ordered:
+            out.append(math.nan)
+        elif len(ordered) % 2:
+            out.append(ordered[half])
+        else:
+            out.append(math.sqrt(ordered[half - 1] * ordered[half]))
+    return out
 
 
 def window_log_median(rows: np.ndarray) -> np.ndarray:

@@ -103,6 +103,9 @@ class DiagnosisPlugin(WatchPlugin):
         if self.sampler.armed and ctx.closure is not None:
             self.sampler.enter_mode()
 
+    def after_forward(self, ctx: StepContext) -> None:
+        self.sampler.exit_mode()  # functional activations are forward ops; backward runs without the mode
+
     def after_backward(self, ctx: StepContext) -> None:
         if self.sampler.armed:
             self.sampler.disarm()

@@ -13,6 +13,7 @@ are the single source.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..findings import Finding
-from .curve import DepthFit, fit_depth_curve, window_log_median
+from .curve import DepthFit, column_geometric_medians, fit_depth_curve
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
 from .robust import robust_zscore
 from .sampler import ActivationSample
@@ -100,6 +101,12 @@ class RuleInput:
     activation_kinds: set[str] = field(default_factory=set)
 
 
+def _median_sorted(ordered: Sequence[float]) -> float:
+    """The median of an already sorted, non-empty sequence."""
+    half = len(ordered) // 2
+    return float(ordered[half]) if len(ordered) % 2 else 0.5 * (ordered[half - 1] + ordered[half])
+
+
 def _span(names: Sequence[str]) -> str:
     if not names:
         return ""
@@ -127,14 +134,13 @@ class DepthCurveRule:
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
 
     def _weight_fit(self, inp: RuleInput) -> DepthFit | None:
-        rows = [
-            r.layer_grad_norms[inp.curve_index] / np.sqrt(np.maximum(inp.curve_numel, 1))
-            for r in list(inp.history)[-CURVE_WINDOW:]
-            if r.finite
-        ]
-        if not rows:
+        rows = [r.layer_grad_norms for r in list(inp.history)[-CURVE_WINDOW:] if r.finite]
+        if not rows or any(len(row) != len(rows[0]) for row in rows):
             return None
-        return fit_depth_curve(window_log_median(np.array(rows)), MIN_CURVE_LAYERS)
+        columns = np.array(rows)[:, inp.curve_index].T.tolist()  # curve layer -> its norms over the window
+        scales = [math.sqrt(max(n, 1.0)) for n in inp.curve_numel.tolist()]
+        rms = [m / s for m, s in zip(column_geometric_medians(columns), scales)]  # RMS = norm / sqrt(numel)
+        return fit_depth_curve(rms, MIN_CURVE_LAYERS)
 
     @staticmethod
     def _activation_fit(inp: RuleInput) -> DepthFit | None:
@@ -308,10 +314,10 @@ class UpdateRatioRule:
         ratios = inp.record.update_ratio
         if ratios is None or not inp.record.finite:
             return []
-        finite = ratios[np.isfinite(ratios)]
-        if finite.size == 0:
+        finite = sorted(v for v in ratios.tolist() if math.isfinite(v))  # a few layers: plain Python beats numpy here
+        if not finite:
             return []
-        self.medians = (self.medians + [float(np.median(finite))])[-UPDATE_RATIO_RUNS:]
+        self.medians = (self.medians + [_median_sorted(finite)])[-UPDATE_RATIO_RUNS:]
         hit = len(self.medians) == UPDATE_RATIO_RUNS and min(self.medians) > UPDATE_RATIO_MAX
         if not self.episode.update(hit) or not hit:
             return []
@@ -419,28 +425,35 @@ class LossSpikeRule:
     """``loss_spike``: an order of magnitude above a robust recent baseline (NaN/inf and spikes never enter it)."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: deque[float] = deque()  # the last SPIKE_WINDOW losses (non-finite ones too)
+        self.ordered: list[float] = []  # the finite ones among them, sorted (bisect keeps it O(window))
         self.episode = Episode(quiet=1)
+
+    def _push(self, value: float) -> None:
+        self.losses.append(value)
+        if math.isfinite(value):
+            bisect.insort(self.ordered, value)
+        if len(self.losses) > SPIKE_WINDOW:
+            old = self.losses.popleft()
+            if math.isfinite(old):
+                del self.ordered[bisect.bisect_left(self.ordered, old)]
 
     def check(self, inp: RuleInput) -> list[Finding]:
         record = inp.record
         value = record.loss
-        history = self.losses[-SPIKE_WINDOW:]
-        self.losses.append(value)
-        del self.losses[: -SPIKE_WINDOW - 1]
+        ordered = list(self.ordered)  # the window before this step
+        self._push(value)
         handled = any("spike" in str(s) for s in inp.skipped_by) or any("spike" in str(k) for k in record.extra)
         if not record.finite or handled:
             return []
-        finite = [v for v in history if math.isfinite(v)]
-        if len(finite) < SPIKE_MIN_HISTORY:
+        if len(ordered) < SPIKE_MIN_HISTORY:
             self.episode.update(False)
             return []
-        ordered = sorted(finite)
-        half = len(ordered) // 2
-        median = ordered[half] if len(ordered) % 2 else 0.5 * (ordered[half - 1] + ordered[half])
+        median = _median_sorted(ordered)
         if median > 0 and value < SPIKE_RATIO * median:  # the common case: no spike, no MAD needed
             self.episode.update(False)
             return []
+        finite = ordered
         if median > 0 and ordered[0] > 0:
             ratio = value / median
             z = robust_zscore(np.log(finite), math.log(value)) if value > 0 else -math.inf

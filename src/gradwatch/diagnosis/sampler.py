@@ -6,11 +6,11 @@ On a sampled step (step 1 and every ``sample_every`` steps) the sampler
   kernel, embeddings excepted) and registers a tensor hook on that output, so
   that backward delivers ``||dL/dh_l||`` for each layer (the activation
   gradient, which the weight-gradient norm can hide: Glorot & Bengio eq. 14);
-- hooks ReLU/ReLU6, Sigmoid and Tanh *modules* and, while the closure runs
-  (``watch.step(closure)``), a :class:`torch.overrides.TorchFunctionMode`
+- hooks ReLU/ReLU6, Sigmoid and Tanh *modules* and, while the closure's
+  forward runs (``watch.step(closure)``), a :class:`torch.overrides.TorchFunctionMode`
   catches the *functional* forms (``F.relu``, ``torch.sigmoid``,
   ``Tensor.tanh``, ...), named after the layer that ran just before them
-  (``"relu after fc3"``);
+  (``"relu after fc3"``); the mode is left before backward;
 - computes every statistic as a tensor (no host sync inside hooks), and
   carries them all to the host in one transfer in :meth:`collect`.
 
@@ -93,6 +93,11 @@ class ActivationSample:
                 "activations": self.activations}
 
 
+#: Turns torch-function handling (modes included) off for the sampler's own ops; a new
+#: instance per use (one instance entered twice would not restore the state).
+_NoTorchFunction = torch._C.DisableTorchFunction
+
+
 class _FunctionalActivations(TorchFunctionMode):
     """Catches functional activations while the closure runs (only on sampled steps)."""
 
@@ -105,7 +110,8 @@ class _FunctionalActivations(TorchFunctionMode):
         family = _FAMILY.get(getattr(func, "__name__", ""))
         if family is not None and self.sampler._inside_act_module == 0 and isinstance(out, torch.Tensor):
             site = f"{func.__name__.rstrip('_')} after {self.sampler._last_layer}" if self.sampler._last_layer else func.__name__.rstrip("_")
-            self.sampler._record(site, family, out)
+            with _NoTorchFunction():
+                self.sampler._record(site, family, out)
         return out
 
 
@@ -138,7 +144,7 @@ class ActivationSampler:
         return bool(self._handles)
 
     def _reset(self) -> None:
-        self._grad_sq: dict[str, torch.Tensor] = {}
+        self._grad_norms: dict[str, list[torch.Tensor]] = {}  # layer -> ||dL/dh|| of each call
         self._grad_numel: dict[str, int] = {}
         self._alive: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, alive mask, examples)
         self._sat: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, count in tails, numel)
@@ -155,7 +161,7 @@ class ActivationSampler:
             dims = _unit_reduce_dims(y)
             if dims is None:
                 return
-            alive = (y != 0).any(dim=dims) if dims else (y != 0)
+            alive = y.ne(0).any(dim=dims) if dims else y.ne(0)
             examples = y.numel() // max(1, alive.numel())
             prev = self._alive.get(site)
             if prev is not None and prev[1].shape == alive.shape:
@@ -179,30 +185,34 @@ class ActivationSampler:
                 self._order.append(site)
             self._sat[site] = (kind, count, numel)
 
+    def _grad_hook(self, name: str) -> Callable:
+        def grad_hook(grad: torch.Tensor) -> None:
+            g = grad.detach()  # half precision is measured in float32 (its square would overflow)
+            norm = torch.linalg.vector_norm(g, dtype=torch.float32) if g.element_size() < 4 else torch.linalg.vector_norm(g)
+            self._grad_norms.setdefault(name, []).append(norm)
+            self._grad_numel[name] = self._grad_numel.get(name, 0) + grad.numel()
+
+        return grad_hook
+
     def _layer_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._last_layer = name
             out = output[0] if isinstance(output, (tuple, list)) and output else output
-            if not isinstance(out, torch.Tensor) or not out.requires_grad or not torch.is_grad_enabled():
-                return
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                sq = grad.detach().float().pow(2).sum()
-                self._grad_sq[name] = self._grad_sq[name] + sq if name in self._grad_sq else sq
-                self._grad_numel[name] = self._grad_numel.get(name, 0) + grad.numel()
-
-            out.register_hook(grad_hook)
+            with _NoTorchFunction():  # our own tensor calls must not go through the functional-activation mode
+                if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                    out.register_hook(self._grad_hook(name))
 
         return hook
 
     def _act_pre_hook(self, module: nn.Module, args: Any) -> None:
-        self._inside_act_module += 1
+        self._inside_act_module += 1  # functional activations inside an activation module are that module's
 
     def _act_hook(self, name: str, kind: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._inside_act_module = max(0, self._inside_act_module - 1)
             if isinstance(output, torch.Tensor):
-                self._record(name, kind, output)
+                with _NoTorchFunction():
+                    self._record(name, kind, output)
 
         return hook
 
@@ -219,7 +229,7 @@ class ActivationSampler:
             self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
 
     def enter_mode(self) -> None:
-        """Catch functional activations until :meth:`disarm` (call around the closure only)."""
+        """Catch functional activations until :meth:`exit_mode` (call around the closure's forward only)."""
         if self._mode is None and self._handles:
             self._mode = _FunctionalActivations(self)
             self._mode.__enter__()
@@ -239,20 +249,21 @@ class ActivationSampler:
     def collect(self, step: int) -> ActivationSample:
         """Carry every statistic to the host in one transfer and clear them."""
         sample = ActivationSample(step=step)
-        grad_names = list(self._grad_sq)
+        grad_names = list(self._grad_norms)
         dead_sites = [s for s in self._order if s in self._alive and self._alive[s][2] >= MIN_EXAMPLES]
         sat_sites = [s for s in self._order if s in self._sat]
         parts: list[torch.Tensor] = []
-        for name in grad_names:
-            parts.append(self._grad_sq[name].reshape(1).float())
+        for name in grad_names:  # ||dL/dh||^2 summed over the calls of the layer
+            norms = self._grad_norms[name]
+            parts.append((norms[0].square() if len(norms) == 1 else torch.stack(norms).square().sum()).float())
         for site in dead_sites:
-            parts.append((~self._alive[site][1]).float().mean().reshape(1))
+            parts.append(self._alive[site][1].logical_not().float().mean())
         for site in sat_sites:
-            parts.append(self._sat[site][1].float().reshape(1))  # float32: MPS has no float64
+            parts.append(self._sat[site][1].float())  # float32: MPS has no float64
         values: list[float] = []
         if parts:
             device = parts[0].device
-            values = torch.cat([p.to(device) for p in parts]).cpu().tolist()  # the one transfer
+            values = torch.stack([p.to(device) for p in parts]).cpu().tolist()  # the one transfer
         i = 0
         for name in grad_names:
             sq = values[i]

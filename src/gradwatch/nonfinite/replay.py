@@ -97,7 +97,9 @@ def capture_rng_state(device: torch.device | str | None = None) -> RngState:
         True
     """
     state: RngState = {"cpu": torch.get_rng_state()}
-    device_type = torch.device(device).type if device is not None else "cpu"
+    if device is None:
+        return state
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     module = _accelerator_module(device_type)
     if module is not None:
         if hasattr(module, "get_rng_state_all"):
