@@ -436,3 +436,26 @@ def test_update_ratio_rule_flags_updates_that_rewrite_the_weights():
     assert finding.code == "lr_too_high" and finding.step == 30  # the third high measurement
     assert finding.evidence["update_ratio_median"] == 0.5 and finding.location["layer"] == "4"
     assert finding.fixes[0] == "lower lr from 0.5 to 0.05"
+
+
+@pytest.mark.parametrize("shape", [(32, 12), (4, 8, 12), (16, 12, 3, 3)])
+def test_dead_share_is_the_share_of_units_zero_for_every_example(shape):
+    """Hand-counted: units are features / last dim / channels; a NaN output is not a dead unit."""
+    torch.manual_seed(0)
+    pre = torch.randn(*shape)
+    unit_dim = 1 if len(shape) != 3 else 2
+    index = [slice(None)] * len(shape)
+    index[unit_dim] = slice(0, 5)
+    pre[tuple(index)] = -1.0  # units 0..4: never positive
+    index[unit_dim] = 5
+    pre[tuple(index)] = -1.0
+    first = [0] * len(shape)
+    first[unit_dim] = 5
+    pre[tuple(first)] = float("nan")  # unit 5: negative except one NaN
+    sampler = ActivationSampler(nn.Sequential(nn.ReLU()))
+    sampler.arm()
+    sampler._record("site", "relu", torch.relu(pre))
+    sampler.disarm()
+    stats = sampler.collect(1).activations["site"]
+    assert stats["units"] == 12
+    assert stats["dead"] == pytest.approx(5 / 12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from gradwatch.findings import _jsonable
 from gradwatch.rundir import RunWriter
 
 
@@ -164,9 +166,33 @@ def test_sigkill_leaves_every_flushed_record_readable(tmp_path: Path) -> None:
 def test_json_line_writes_plain_records_directly_and_converts_the_rest() -> None:
     import json
 
-    from gradwatch.rundir import _json_line
+    from gradwatch.findings import json_line as _json_line
 
     plain = {"step": 3, "loss": 0.25, "clipped": False, "update_ratio": [0.001, "nan"]}
     assert _json_line(plain) == json.dumps(plain, separators=(",", ":")) + "\n"
     odd = {"step": 4, "loss": float("nan"), "grad_norm": float("inf"), "scale": np.float32(2.0), "rows": np.arange(2)}
     assert json.loads(_json_line(odd)) == {"step": 4, "loss": "nan", "grad_norm": "inf", "scale": 2.0, "rows": [0, 1]}
+
+
+@pytest.mark.parametrize("case", ["plain", "threshold_and_scale", "nan_loss", "update_ratio", "extra", "no_clip", "int_threshold"])
+def test_step_record_json_line_decodes_to_to_json_plus_row(case: str) -> None:
+    from gradwatch.records import StepRecord
+
+    record = StepRecord(7, 0.123456789, 3.5, 0.2857, 1.0, True, False, True, ["a", "b"], np.ones(2), np.ones(2),
+                        time_ms=1.234567)
+    if case == "threshold_and_scale":
+        record.loss_scale = 65536.0
+    elif case == "nan_loss":
+        record.loss, record.loss_finite, record.skipped, record.clip_coef = math.nan, False, True, math.nan
+    elif case == "update_ratio":
+        record.update_ratio = np.array([1e-3, np.nan])
+    elif case == "extra":
+        record.extra["skipped_by"] = ["spike"]
+    elif case == "no_clip":
+        record.clip_threshold, record.clip_coef, record.clipped = None, 1.0, False
+    elif case == "int_threshold":
+        record.clip_threshold = 1
+    line = record.to_json_line(41)
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    want = json.loads(json.dumps(_jsonable({**record.to_json(), "row": 41})))
+    assert json.loads(line) == want

@@ -37,7 +37,7 @@ class InternalErrorReporter:
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")
         ...     for _ in range(3):
-        ...         reporter.report("measure", ValueError("boom"))
+        ...         _ = reporter.report("measure", ValueError("boom"))
         >>> len(seen), reporter.count
         (1, 3)
     """

@@ -8,6 +8,7 @@ severity, the step it was raised on, one plain sentence, the numbers behind it
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -55,6 +56,22 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
         return _jsonable(value.tolist())
     return str(value)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line; non-finite floats become strings ('nan', 'inf'), as :func:`_jsonable` writes them.
+
+    A record of plain finite numbers is encoded in one ``json.dumps`` call;
+    only one that needs converting walks through ``_jsonable``.
+
+    Example:
+        >>> json_line({"step": 1, "loss": float("nan")})
+        '{"step":1,"loss":"nan"}\\n'
+    """
+    try:
+        return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(record), separators=(",", ":")) + "\n"
 
 
 @dataclass

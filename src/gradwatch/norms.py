@@ -127,7 +127,7 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``min(1, max_norm / (total + 1e-6))`` as a tensor, as clip_grad_norm_ computes it.
 
     Example:
-        >>> clip_coefficient(torch.tensor(4.0), 1.0).item(), clip_coefficient(torch.tensor(0.5), 1.0).item()
+        >>> round(clip_coefficient(torch.tensor(4.0), 1.0).item(), 6), clip_coefficient(torch.tensor(0.5), 1.0).item()
         (0.25, 1.0)
     """
     return (total_norm + _EPS).reciprocal_().mul_(max_norm).clamp_(max=1.0)

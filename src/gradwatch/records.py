@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .findings import Finding
+from .findings import Finding, json_line
 
 
 @dataclass
@@ -40,6 +40,40 @@ class StepRecord:
     @property
     def finite(self) -> bool:
         return self.loss_finite and math.isfinite(self.grad_norm)
+
+    def to_json_line(self, row: int) -> str:
+        """:meth:`to_json` plus the matrix ``row``, encoded as one line of ``steps.jsonl``.
+
+        The common step (finite numbers, nothing optional but the clip threshold
+        and the loss scale) is formatted directly: this runs on every step of
+        the training loop. Any other step goes through ``json.dumps``.
+
+        Example:
+            >>> r = StepRecord(3, 0.5, 2.0, 0.5, 1.0, True, False, True, ["fc"], np.ones(1), np.ones(1), time_ms=1.25)
+            >>> r.to_json_line(2)
+            '{"step":3,"loss":0.5,"grad_norm":2.0,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.25,"clip_threshold":1.0,"row":2}\\n'
+        """
+        threshold, scale = self.clip_threshold, self.loss_scale
+        plain = (
+            self.update_ratio is None and not self.extra and not self.nonfinite_layers and not self.missing_layers
+            and self.loss_finite and math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+            and math.isfinite(self.clip_coef) and math.isfinite(self.time_ms)
+            and (threshold is None or math.isfinite(threshold)) and (scale is None or math.isfinite(scale))
+        )
+        if not plain:
+            data = self.to_json()
+            data["row"] = row
+            return json_line(data)
+        line = (
+            f'{{"step":{int(self.step)},"loss":{float(self.loss)!r},"grad_norm":{float(self.grad_norm)!r},'
+            f'"clip_coef":{float(self.clip_coef)!r},"clipped":{"true" if self.clipped else "false"},'
+            f'"skipped":{"true" if self.skipped else "false"},"time_ms":{round(float(self.time_ms), 4)!r}'
+        )
+        if threshold is not None:
+            line += f',"clip_threshold":{float(threshold)!r}'
+        if scale is not None:
+            line += f',"loss_scale":{float(scale)!r}'
+        return line + f',"row":{int(row)}}}\n'
 
     def to_json(self) -> dict[str, Any]:
         """The step line of ``steps.jsonl`` (dense per-layer arrays go to the .f32 matrices)."""

@@ -38,11 +38,11 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .findings import Finding, _jsonable
+from .findings import Finding, _jsonable, json_line
 
 FORMAT_VERSION = 1
 STREAMS = ("steps", "findings", "activations", "events")
@@ -58,26 +58,22 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _json_line(record: dict[str, Any]) -> str:
-    """One JSONL line; non-finite floats become strings ('nan', 'inf'), as :func:`~gradwatch.findings._jsonable` writes them.
-
-    The common record (plain finite numbers) is encoded in one ``json.dumps``
-    call; only a record that needs conversion walks through ``_jsonable``.
-    The writer thread holds the GIL while it encodes, so this cost is paid
-    by the training loop too.
-    """
-    try:
-        return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-    except (TypeError, ValueError):
-        return json.dumps(_jsonable(record), separators=(",", ":")) + "\n"
-
-
 def _f32_rows(rows: list[np.ndarray]) -> bytes:
     """Rows of one matrix as little-endian float32 bytes (one conversion for equal-length rows)."""
     try:
         return np.asarray(rows, dtype="<f4").tobytes()
     except ValueError:  # rows of different lengths (the layer table changed): row by row
         return b"".join(np.asarray(r, dtype="<f4").tobytes() for r in rows)
+
+
+def _encode(item: Any) -> str:
+    """One buffered record as its JSONL line: a line, a ``(line_of_row, row)`` pair, or a dict."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, tuple):
+        line_of, row = item
+        return line_of(row)
+    return json_line(item)
 
 
 class RunWriter:
@@ -135,24 +131,33 @@ class RunWriter:
         """Write ``layers.json`` once (atomic)."""
         self._queue.put(("json", ("layers.json", {"layers": layers})))
 
-    def append(self, stream: str, record: dict[str, Any]) -> None:
-        """Buffer one record for ``stream``; steps count towards ``flush_every``."""
-        self._buffers[stream].append(record)  # encoded on the writer thread
+    def append(self, stream: str, record: dict[str, Any] | str | tuple[Callable[[int], str], int]) -> None:
+        """Buffer one record for ``stream`` (encoded at the next flush); steps count towards ``flush_every``."""
+        self._buffers[stream].append(record)
         if stream == "steps":
             self._pending_steps += 1
             if self._pending_steps >= self.flush_every:
                 self.flush()
 
-    def append_step(self, record: dict[str, Any], matrices: dict[str, np.ndarray]) -> None:
-        """Buffer one step: its JSON line (given its ``row``) and one float32 row per matrix."""
-        record = dict(record)
-        record["row"] = self.rows_written
+    def append_step(self, record: dict[str, Any] | Callable[[int], str], matrices: dict[str, np.ndarray]) -> None:
+        """Buffer one step: its JSON line (given its ``row``) and one float32 row per matrix.
+
+        ``record`` is the step's dict, or a function of the row index that returns
+        the encoded line (``StepRecord.to_json_line``), called at the next flush:
+        a step costs two list appends, and the lines of ``flush_every`` steps
+        are encoded in one pass.
+        """
+        if callable(record):
+            line: Any = (record, self.rows_written)
+        else:
+            line = dict(record)
+            line["row"] = self.rows_written
         self.rows_written += 1
         for name in MATRICES:
             row = matrices.get(name)
             if row is not None:
                 self._rows[name].append(row)
-        self.append("steps", record)
+        self.append("steps", line)
 
     def append_finding(self, finding: Finding) -> None:
         self.append("findings", finding.to_dict())
@@ -171,13 +176,15 @@ class RunWriter:
 
     def flush(self, wait: bool = False) -> None:
         """Hand buffered lines to the writer thread; with ``wait``, block until written."""
+        # Encoded here, on the loop's thread, in one pass: the writer thread then only writes
+        # (encoding there would hold the GIL that the training loop waits for just the same).
         for name, rows in self._rows.items():  # matrices first: a step line never precedes its row
             if rows:
-                self._queue.put(("bytes", (name, rows)))
+                self._queue.put(("bytes", (name, _f32_rows(rows))))
                 self._rows[name] = []
-        for stream, lines in self._buffers.items():
-            if lines:
-                self._queue.put(("lines", (stream, lines)))
+        for stream, items in self._buffers.items():
+            if items:
+                self._queue.put(("text", (stream, "".join(_encode(item) for item in items))))
                 self._buffers[stream] = []
         self._pending_steps = 0
         if wait:
@@ -206,21 +213,21 @@ class RunWriter:
                 break
             kind, payload = item
             try:
-                if kind == "lines":
-                    stream, lines = payload
+                if kind == "text":
+                    stream, text = payload
                     handle = self._handles.get(stream)
                     if handle is None:
                         handle = open(self.path / f"{stream}.jsonl", "a", encoding="utf-8")
                         self._handles[stream] = handle
-                    handle.write("".join(_json_line(r) for r in lines))
+                    handle.write(text)
                     handle.flush()
                 elif kind == "bytes":
-                    name, rows = payload
+                    name, data = payload
                     handle = self._handles.get(name)
                     if handle is None:
                         handle = open(self.path / f"{name}.f32", "ab")
                         self._handles[name] = handle
-                    handle.write(_f32_rows(rows))
+                    handle.write(data)
                     handle.flush()
                 elif kind == "json":
                     name, data = payload

@@ -453,13 +453,14 @@ class Watch:
                 head.append(scale.reshape(1))
             parts = [t if t.device == norms.device else t.to(norms.device) for t in head]
             packed = torch.cat(parts + [norms])  # cat promotes to the widest dtype
-            host = packed.cpu().numpy().astype(np.float64)  # the one host sync of the step
+            host = packed.cpu().numpy()  # the one host sync of the step (float32 unless a parameter is float64)
         width = len(head)
-        loss_value, coef_value = float(host[0]), float(host[1])
-        scale_value = float(host[2]) if scale is not None else math.nan
+        scalars = host[:width].tolist()
+        loss_value, coef_value = scalars[0], scalars[1]
+        scale_value = scalars[2] if scale is not None else math.nan
         layer_values = host[width : width + n_layers]
         weight_values = host[width + n_layers : width + 2 * n_layers]
-        total_value = float(host[width + 2 * n_layers])
+        total_value = host[width + 2 * n_layers].item()
         if ctx.scratch.get("loss_unknown"):  # observe() without a loss
             loss_value = math.nan
         loss_finite = math.isfinite(loss_value) or bool(ctx.scratch.get("loss_unknown"))
@@ -521,7 +522,7 @@ class Watch:
             self.add_finding(finding)
         if self.writer is not None:
             self.writer.append_step(
-                record.to_json(), {"grad_norms": record.layer_grad_norms, "weight_norms": record.layer_weight_norms}
+                record.to_json_line, {"grad_norms": record.layer_grad_norms, "weight_norms": record.layer_weight_norms}
             )
             if self.writer.error is not None:
                 error, self.writer._error = self.writer.error, None

@@ -482,7 +482,7 @@ class ActivationRule:
         self.episodes: dict[tuple[str, str], Episode] = {}
 
     def check(self, inp: RuleInput) -> list[Finding]:
-        if not inp.sampled_now or inp.sample is None:
+        if not inp.sampled_now or inp.sample is None or not inp.record.finite:  # a NaN forward says nothing of units
             return []
         out: list[Finding] = []
         for site, stats in inp.sample.activations.items():

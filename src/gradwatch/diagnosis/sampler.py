@@ -161,7 +161,8 @@ class ActivationSampler:
             dims = _unit_reduce_dims(y)
             if dims is None:
                 return
-            alive = y.ne(0).any(dim=dims) if dims else y.ne(0)
+            # ReLU-family outputs are >= 0: the max over the batch says alive in one pass (NaN counts as alive)
+            alive = (y.amax(dim=dims) <= 0).logical_not_() if dims else (y <= 0).logical_not_()
             examples = y.numel() // max(1, alive.numel())
             prev = self._alive.get(site)
             if prev is not None and prev[1].shape == alive.shape:
