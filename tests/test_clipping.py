@@ -231,8 +231,7 @@ def zclip_applied(clipper: ZClip, norms: list[float]) -> list[float | None | str
         if threshold is None:
             out.append(None)
         else:
-            total = torch.tensor(g, dtype=torch.float64)
-            coef = float(clipper.coefficient(total, threshold))
+            coef = clipper.coefficient(g, threshold)
             out.append(coef * (g + 1e-6) if coef < 1.0 else None)
         clipper.observe(g)
     return out

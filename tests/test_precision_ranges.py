@@ -174,3 +174,22 @@ def test_bit_path_equals_frexp_path() -> None:
     assert torch.equal(fast, reference)
     sub = torch.tensor([1e-45, 2.0**-127, 1e-40])  # float32 subnormals: all in the bin of 2^-126
     assert _bin_index_fp32(sub).tolist() == [-126 - ranges.EXP_LO] * 3
+
+
+def test_fused_histogram_equals_the_per_tensor_histogram(monkeypatch) -> None:
+    """Small float32 models take the one-pass path; it counts exactly what the per-tensor loop counts."""
+    from gradwatch.amp import ranges as R
+
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 32) * 1e-6, torch.randn(32), torch.randn(16, 64) * 1e3, None, torch.randn(10)]
+    grads[0][0, :5] = 0.0
+    grads[1][3] = float("inf")
+    grads[1][4] = float("nan")
+    grads[2][0, 0] = 2.0**-130  # float32 subnormal
+    grads[2][0, 1] = 0.5  # an exact power of two goes one bin down
+    grads[4][0] = 3.0e38
+    slots = [0, 0, 2, 1, 1]
+    fused = R.exponent_histogram(grads, slots, 3)
+    monkeypatch.setattr(R, "_fused_histogram", lambda *a, **k: None)
+    assert torch.equal(fused, R.exponent_histogram(grads, slots, 3))
+    assert int(fused.sum()) == sum(g.numel() for g in grads if g is not None)

@@ -85,9 +85,17 @@ class NoClip:
         """The max global norm for this step (None: do not clip)."""
         return None
 
-    def coefficient(self, total: torch.Tensor, threshold: float) -> torch.Tensor:
-        """The clip coefficient (a 0-d tensor) for the pre-clip global norm ``total``. No host sync."""
-        return _norms.clip_coefficient(total, threshold)
+    def coefficient(self, total: float, threshold: float) -> float:
+        """The clip coefficient ``min(1, threshold / (total + 1e-6))`` for the finite pre-clip global norm ``total``.
+
+        A host-side number: the Watch reads the norms in its one host sync, then
+        multiplies the gradients only when the coefficient is below 1.
+
+        Example:
+            >>> FixedClip(1.0).coefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6), FixedClip(1.0).coefficient(0.5, 1.0)
+            (True, 1.0)
+        """
+        return min(1.0, threshold / (total + _norms._EPS))
 
     def observe(self, grad_norm: float) -> None:
         """Learn from a finite pre-clip global norm (the Watch never passes NaN or inf)."""
@@ -296,22 +304,16 @@ class ZClip(NoClip):
             return self.mean + self.z_threshold * sigma
         return self.mean + self.z_threshold * sigma / (z / self.z_threshold)
 
-    def coefficient(self, total: torch.Tensor, threshold: float) -> torch.Tensor:
+    def coefficient(self, total: float, threshold: float) -> float:
+        """Above the z boundary clip to the rule's value (:meth:`clip_value`), else not at all; then ``max_norm``."""
         if self.mean is None:
-            return _norms.clip_coefficient(total, threshold)
-        # On the device, no host sync: above the z boundary (z > z_threshold) clip to the rule's
-        # value - adaptive: mean + zt^2 * sigma / z with z = (g - mean) / (sigma + eps) - else
-        # not at all; then the max_norm backstop.
-        sigma = self.sigma
-        if self.rule == "boundary":
-            value = torch.full_like(total, self.mean + self.z_threshold * sigma)
-        else:
-            excess = torch.clamp(total - self.mean, min=1e-30)
-            value = self.mean + (self.z_threshold**2) * sigma * (sigma + self.eps) / excess
-        clip_to = torch.where(total > self._boundary(), value, math.inf)
+            return super().coefficient(total, threshold)
+        clip_to = self.clip_value(total)
+        if clip_to is None:
+            clip_to = math.inf
         if self.max_norm is not None:
-            clip_to = torch.clamp(clip_to, max=self.max_norm)
-        return torch.clamp(clip_to / (total + _norms._EPS), max=1.0)
+            clip_to = min(clip_to, self.max_norm)
+        return min(1.0, clip_to / (total + _norms._EPS))
 
     def observe(self, grad_norm: float) -> None:
         grad_norm = float(grad_norm)

@@ -133,10 +133,16 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (total_norm + _EPS).reciprocal_().mul_(max_norm).clamp_(max=1.0)
 
 
-def scale_(groups: TensorGroups, coefficient: torch.Tensor) -> None:
-    """Multiply every tensor in ``groups`` in place by ``coefficient`` (a 0-d tensor). No host sync."""
+def scale_(groups: TensorGroups, coefficient: torch.Tensor | float) -> None:
+    """Multiply every tensor in ``groups`` in place by ``coefficient`` (a 0-d tensor or a number). No host sync.
+
+    Example:
+        >>> g = group_tensors([torch.ones(2), torch.ones(1)], [0, 1])
+        >>> scale_(g, 0.5); [t.tolist() for t in g.tensors[(torch.device("cpu"), torch.float32)]]
+        [[0.5, 0.5], [0.5]]
+    """
     for (device, _dtype), tensors in groups.tensors.items():
-        coef = coefficient.to(device)
+        coef = coefficient.to(device) if isinstance(coefficient, torch.Tensor) else coefficient
         try:
             torch._foreach_mul_(tensors, coef)
         except (RuntimeError, NotImplementedError):

@@ -149,7 +149,6 @@ class Watch:
         self._step = 0
         self._closed = False
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
-        self._one = torch.ones((), device=self.device)  # the clip coefficient when nothing is clipped
         self._before: list[torch.Tensor] | None = None  # the update-ratio snapshot buffer
 
         self._hook_cache: dict[str, list[WatchPlugin]] = {}
@@ -438,26 +437,15 @@ class Watch:
             n_layers = len(index)
             grads = [p.grad for p in index.params]
             groups, norms, loss = self._measure(grads, loss)
-            total = norms[2 * n_layers]
-            threshold = self.clipper.threshold()
-            if threshold is not None:
-                coef = self.clipper.coefficient(total, threshold)  # a tensor: no host sync
-                _norms.scale_(groups, coef)
-            else:
-                coef = self._one
-            if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
-                self.clipper.clip_unitwise_(index)
             scale = self.precision.loss_scale_tensor()
-            head = [loss.detach().reshape(1), coef.reshape(1)]
-            if scale is not None:
-                head.append(scale.reshape(1))
+            head = [loss.detach().reshape(1)] if scale is None else [loss.detach().reshape(1), scale.reshape(1)]
             parts = [t if t.device == norms.device else t.to(norms.device) for t in head]
             packed = torch.cat(parts + [norms])  # cat promotes to the widest dtype
             host = packed.cpu().numpy()  # the one host sync of the step (float32 unless a parameter is float64)
         width = len(head)
         scalars = host[:width].tolist()
-        loss_value, coef_value = scalars[0], scalars[1]
-        scale_value = scalars[2] if scale is not None else math.nan
+        loss_value = scalars[0]
+        scale_value = scalars[1] if scale is not None else math.nan
         layer_values = host[width : width + n_layers]
         weight_values = host[width + n_layers : width + 2 * n_layers]
         total_value = host[width + 2 * n_layers].item()
@@ -465,6 +453,16 @@ class Watch:
             loss_value = math.nan
         loss_finite = math.isfinite(loss_value) or bool(ctx.scratch.get("loss_unknown"))
         finite = loss_finite and math.isfinite(total_value)  # under torch.distributed: the same on every rank
+
+        # Clip with the coefficient worked out on the host from the norm just read: the same
+        # min(1, max_norm / (total + 1e-6)) as clip_grad_norm_, and no multiply at all when it is 1.
+        threshold = self.clipper.threshold()
+        coef_value = self.clipper.coefficient(total_value, threshold) if threshold is not None and finite else 1.0
+        with torch.no_grad():
+            if coef_value < 1.0:
+                _norms.scale_(groups, coef_value)
+            if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
+                self.clipper.clip_unitwise_(index)
 
         nonfinite_layers = [] if finite else [index.names[i] for i in np.flatnonzero(~np.isfinite(layer_values))]
         missing = [index.names[i] for i in sorted({index.param_layer[j] for j, g in enumerate(grads) if g is None})] if any(g is None for g in grads) else []

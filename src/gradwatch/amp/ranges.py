@@ -117,6 +117,9 @@ def exponent_histogram(
     """
     if device is None:
         device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    fused = _fused_histogram(tensors, slots, n_layers, device)
+    if fused is not None:
+        return fused
     hist = torch.zeros(n_layers, N_BINS + 2, dtype=torch.int64, device=device)
     for tensor, slot in zip(tensors, slots):
         if tensor is None or tensor.numel() == 0:
@@ -126,6 +129,39 @@ def exponent_histogram(
             counts = torch.bincount(_bin_index(flat[start : start + _CHUNK]), minlength=N_BINS + 2)
             hist[slot].add_(counts.to(device))
     return hist
+
+
+_ROW_OFFSETS: dict[tuple, torch.Tensor] = {}  # (device, slots, sizes) -> each element's row offset
+
+
+def _fused_histogram(
+    tensors: Sequence[torch.Tensor | None], slots: Sequence[int], n_layers: int, device: torch.device
+) -> torch.Tensor | None:
+    """:func:`exponent_histogram` in one pass for small models: contiguous float32 tensors on ``device``,
+    at most one chunk of elements in all. One ``cat``, the bit arithmetic once, one ``bincount`` over
+    ``row * width + column`` (the row offsets are built once per parameter list). None when it does not apply.
+    """
+    present = [(t, slot) for t, slot in zip(tensors, slots) if t is not None and t.numel() > 0]
+    if not present:
+        return None
+    flats = [_local(t.detach()) for t, _ in present]
+    if any(f.dtype != torch.float32 or f.device != device or not f.is_contiguous() for f in flats):
+        return None
+    sizes = tuple(f.numel() for f in flats)
+    if sum(sizes) > _CHUNK:
+        return None
+    width = N_BINS + 2
+    key = (device, tuple(slot for _, slot in present), sizes)
+    offsets = _ROW_OFFSETS.get(key)
+    if offsets is None:
+        rows = torch.tensor([slot * width for _, slot in present], dtype=torch.int64, device=device)
+        offsets = torch.repeat_interleave(rows, torch.tensor(sizes, device=device))
+        if len(_ROW_OFFSETS) >= 8:
+            _ROW_OFFSETS.clear()
+        _ROW_OFFSETS[key] = offsets
+    flat = torch.cat([f.reshape(-1) for f in flats])
+    index = _bin_index_fp32(flat).to(torch.int64).add_(offsets)
+    return torch.bincount(index, minlength=n_layers * width).view(n_layers, width)
 
 
 def _log2_floor(scale: float) -> int:
