@@ -225,6 +225,24 @@ def test_dead_and_saturated_functional_activations_are_named(digits):
     assert sat.location["module"] == "sigmoid after fc3" and sat.evidence["saturated_share"] > 0.5
 
 
+def test_functional_activations_keep_the_mode_on_later_sampled_steps(digits):
+    model = FunctionalNet()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), sample_every=3)
+    x, y = digits[0][:64], digits[1][:64]
+    modes = []
+
+    def loss():
+        modes.append(len(torch.overrides._get_current_function_mode_stack()))
+        return F.cross_entropy(model(x), y)
+
+    for _ in range(7):
+        watch.step(loss)
+    watch.close()
+    assert modes == [1, 0, 1, 0, 0, 1, 0]  # steps 1, 3, 6
+    plugin = next(p for p in watch.plugins if isinstance(p, DiagnosisPlugin))
+    assert plugin.sample.step == 6 and "relu after fc2" in plugin.sample.activations
+
+
 def test_dead_relu_module_is_named(digits):
     model = mlp(4, "relu", "kaiming")
     with torch.no_grad():
@@ -328,7 +346,7 @@ def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_pat
         hooked.append(_hooked(model))  # armed for the next step?
     watch.close()
     assert hooked == [False, False, True, False, False, False, True, False, False]  # before steps 4 and 8 only
-    assert modes == [1, 0, 0, 1, 0, 0, 0, 1, 0]  # on steps 1, 4, 8 only
+    assert modes == [1, 0, 0, 0, 0, 0, 0, 0, 0]  # step 1 looked for functional activations and found none
     assert len(torch.overrides._get_current_function_mode_stack()) == 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     run = gw.load_run(tmp_path / "run")

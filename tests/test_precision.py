@@ -561,7 +561,7 @@ def test_complete_flush_is_found_by_a_float32_replay_and_leaves_the_weights_alon
     assert advice >= 2.0**10 and "GradScaler(init_scale=" in finding.fixes[0]
 
 
-@pytest.mark.parametrize("precision, every", [("fp16", 50), ("fp32", 250), ("bf16", 250)])
+@pytest.mark.parametrize("precision, every", [("fp16", 50), ("fp32", 1000), ("bf16", 1000)])
 def test_default_sampling_interval_depends_on_the_precision(precision: str, every: int) -> None:
     model = _mlp()
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision)

@@ -94,20 +94,21 @@ class DiagnosisPlugin(WatchPlugin):
         return step == 1 or step % self.sample_every == 0
 
     # ----- hooks ------------------------------------------------------------------------
+    # (these run on every step: the unsampled path is kept to a few attribute reads)
     def prepare(self, next_step: int) -> None:
-        self.sampler.exit_mode()  # a closure that raised may have left the mode on
-        if self.is_sampled(next_step):
+        if next_step == 1 or next_step % self.sample_every == 0:
             self.sampler.arm()
 
     def before_forward(self, ctx: StepContext) -> None:
-        if self.sampler.armed and ctx.closure is not None:
+        if self.sampler._handles and ctx.closure is not None:
             self.sampler.enter_mode()
 
     def after_forward(self, ctx: StepContext) -> None:
-        self.sampler.exit_mode()  # functional activations are forward ops; backward runs without the mode
+        if self.sampler._mode is not None:  # functional activations are forward ops; backward runs without the mode
+            self.sampler.exit_mode(forward_complete=True)
 
     def after_backward(self, ctx: StepContext) -> None:
-        if self.sampler.armed:
+        if self.sampler._handles:
             self.sampler.disarm()
             self._sampled_pending = ctx.step
         if self.missing_rule.watching:
@@ -129,18 +130,23 @@ class DiagnosisPlugin(WatchPlugin):
             curve_numel=numel, sample=self.sample, sampled_now=sampled_now, skipped_by=list(ctx.skipped_by),
             activation_kinds=self._kinds,
         )
-        clip = record.clip_threshold
         lr = self._lr()
+        # Every step: the rules that keep per-step state. The others only on the steps where they
+        # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []
-        findings += self.init_rule.check(inp, self._weight_scales, clip)
+        if not self.init_rule.done:
+            findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold)
         findings += self.lr_rule.check(inp, lr)
-        if not any(f.code == "lr_too_high" for f in findings):
+        if record.update_ratio is not None and not any(f.code == "lr_too_high" for f in findings):
             findings += self.update_rule.check(inp, lr)
-        findings += self.depth_rule.check(inp)
-        findings += self.missing_rule.check(inp)
+        if sampled_now or ctx.step % self.check_every == 0:
+            findings += self.depth_rule.check(inp)
+        if not self.missing_rule.done:
+            findings += self.missing_rule.check(inp)
         findings += self.clip_rule.check(inp)
         findings += self.spike_rule.check(inp)
-        findings += self.activation_rule.check(inp)
+        if sampled_now:
+            findings += self.activation_rule.check(inp)
         return findings
 
     def abort(self, ctx: StepContext) -> None:

@@ -387,15 +387,20 @@ class ClippingRule:
         self.episode = Episode(quiet=CLIP_MIN_STEPS)
         self.flags: deque[bool] = deque(maxlen=CLIP_MIN_STEPS)  # clipped? on recent finite steps
         self.norms: deque[float] = deque(maxlen=CLIP_MIN_STEPS)
+        self.clipped_count = 0  # sum(self.flags), kept as the window slides
 
     def check(self, inp: RuleInput) -> list[Finding]:
         if not self.fixed_threshold or inp.record.clip_threshold is None or not inp.record.finite:
             return []
-        self.flags.append(bool(inp.record.clipped))
+        clipped = bool(inp.record.clipped)
+        if len(self.flags) == CLIP_MIN_STEPS:
+            self.clipped_count -= self.flags[0]
+        self.flags.append(clipped)
+        self.clipped_count += clipped
         self.norms.append(float(inp.record.grad_norm))
         if len(self.flags) < CLIP_MIN_STEPS:
             return []
-        share = sum(self.flags) / len(self.flags)
+        share = self.clipped_count / len(self.flags)
         hit = share >= CLIP_SHARE
         if not self.episode.update(hit) or not hit:
             return []

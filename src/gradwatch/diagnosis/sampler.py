@@ -10,7 +10,9 @@ On a sampled step (step 1 and every ``sample_every`` steps) the sampler
   forward runs (``watch.step(closure)``), a :class:`torch.overrides.TorchFunctionMode`
   catches the *functional* forms (``F.relu``, ``torch.sigmoid``,
   ``Tensor.tanh``, ...), named after the layer that ran just before them
-  (``"relu after fc3"``); the mode is left before backward;
+  (``"relu after fc3"``); the mode is left before backward. The first sampled
+  closure looks for them; later sampled steps use the mode only if it found
+  some (a model of activation modules alone then pays nothing for it);
 - computes every statistic as a tensor (no host sync inside hooks), and
   carries them all to the host in one transfer in :meth:`collect`.
 
@@ -109,6 +111,7 @@ class _FunctionalActivations(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         family = _FAMILY.get(getattr(func, "__name__", ""))
         if family is not None and self.sampler._inside_act_module == 0 and isinstance(out, torch.Tensor):
+            self.sampler._found_functional = True
             site = f"{func.__name__.rstrip('_')} after {self.sampler._last_layer}" if self.sampler._last_layer else func.__name__.rstrip("_")
             with _NoTorchFunction():
                 self.sampler._record(site, family, out)
@@ -137,6 +140,9 @@ class ActivationSampler:
         self.act_modules = {n: (m, activation_family(m)) for n, m in modules.items() if activation_family(m)}
         self._handles: list[Any] = []
         self._mode: _FunctionalActivations | None = None
+        #: whether the model calls functional activations: None until a whole sampled forward ran under the mode
+        self.functional: bool | None = None
+        self._found_functional = False
         self._reset()
 
     @property
@@ -230,15 +236,22 @@ class ActivationSampler:
             self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
 
     def enter_mode(self) -> None:
-        """Catch functional activations until :meth:`exit_mode` (call around the closure's forward only)."""
-        if self._mode is None and self._handles:
+        """Catch functional activations until :meth:`exit_mode` (call around the closure's forward only).
+
+        Does nothing once a whole forward under the mode found no functional activation.
+        """
+        if self._mode is None and self._handles and self.functional is not False:
+            self._found_functional = False
             self._mode = _FunctionalActivations(self)
             self._mode.__enter__()
 
-    def exit_mode(self) -> None:
+    def exit_mode(self, forward_complete: bool = False) -> None:
+        """Leave the mode; ``forward_complete``: the forward ran to its end, so what it found is final."""
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
+            if forward_complete:
+                self.functional = bool(self.functional) or self._found_functional
 
     def disarm(self) -> None:
         """Leave the mode and remove every hook (tensor hooks already fired in backward)."""
