@@ -19,12 +19,13 @@ in a hand-written GradScaler loop: same skipped steps, same scale sequence.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, ContextManager
 
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
 
 class Precision:
@@ -70,14 +71,11 @@ class Precision:
     def scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Context for the forward pass and the loss."""
+    def autocast(self) -> ContextManager[Any]:
+        """Context for the forward pass and the loss (nothing at all in fp32)."""
         if self.mode == "fp32":
-            yield
-            return
-        with torch.autocast(device_type=self.device_type, dtype=_DTYPES[self.mode]):
-            yield
+            return _NO_CONTEXT
+        return torch.autocast(device_type=self.device_type, dtype=_DTYPES[self.mode])
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, scaled under fp16."""

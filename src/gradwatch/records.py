@@ -45,35 +45,34 @@ class StepRecord:
         """:meth:`to_json` plus the matrix ``row``, encoded as one line of ``steps.jsonl``.
 
         The common step (finite numbers, nothing optional but the clip threshold
-        and the loss scale) is formatted directly: this runs on every step of
-        the training loop. Any other step goes through ``json.dumps``.
+        and the loss scale) is formatted directly, numbers with 9 significant
+        digits (a float32 exactly; the norms are float32 on the device): this
+        runs on every step of the training loop. Any other step goes through
+        ``json.dumps`` with full precision.
 
         Example:
             >>> r = StepRecord(3, 0.5, 2.0, 0.5, 1.0, True, False, True, ["fc"], np.ones(1), np.ones(1), time_ms=1.25)
             >>> r.to_json_line(2)
-            '{"step":3,"loss":0.5,"grad_norm":2.0,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.25,"clip_threshold":1.0,"row":2}\\n'
+            '{"step":3,"loss":0.5,"grad_norm":2,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.25,"clip_threshold":1,"row":2}\\n'
         """
         threshold, scale = self.clip_threshold, self.loss_scale
-        plain = (
-            self.update_ratio is None and not self.extra and not self.nonfinite_layers and not self.missing_layers
-            and self.loss_finite and math.isfinite(self.loss) and math.isfinite(self.grad_norm)
-            and math.isfinite(self.clip_coef) and math.isfinite(self.time_ms)
-            and (threshold is None or math.isfinite(threshold)) and (scale is None or math.isfinite(scale))
-        )
-        if not plain:
+        if (
+            self.update_ratio is not None or self.extra or self.nonfinite_layers or self.missing_layers
+            or not self.loss_finite or not math.isfinite(self.loss + self.grad_norm + self.clip_coef + self.time_ms)
+            or (threshold is not None and not math.isfinite(threshold)) or (scale is not None and not math.isfinite(scale))
+        ):
             data = self.to_json()
             data["row"] = row
             return json_line(data)
-        line = (
-            f'{{"step":{int(self.step)},"loss":{float(self.loss)!r},"grad_norm":{float(self.grad_norm)!r},'
-            f'"clip_coef":{float(self.clip_coef)!r},"clipped":{"true" if self.clipped else "false"},'
-            f'"skipped":{"true" if self.skipped else "false"},"time_ms":{round(float(self.time_ms), 4)!r}'
+        line = '{"step":%d,"loss":%.9g,"grad_norm":%.9g,"clip_coef":%.9g,"clipped":%s,"skipped":%s,"time_ms":%.6g' % (
+            self.step, self.loss, self.grad_norm, self.clip_coef,
+            "true" if self.clipped else "false", "true" if self.skipped else "false", round(self.time_ms, 4),
         )
         if threshold is not None:
-            line += f',"clip_threshold":{float(threshold)!r}'
+            line += ',"clip_threshold":%.9g' % threshold
         if scale is not None:
-            line += f',"loss_scale":{float(scale)!r}'
-        return line + f',"row":{int(row)}}}\n'
+            line += ',"loss_scale":%.9g' % scale
+        return line + ',"row":%d}\n' % row
 
     def to_json(self) -> dict[str, Any]:
         """The step line of ``steps.jsonl`` (dense per-layer arrays go to the .f32 matrices)."""

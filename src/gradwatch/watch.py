@@ -36,6 +36,7 @@ from .records import StepRecord, StepResult
 from .rundir import RunWriter
 
 ON_NONFINITE = ("skip", "rollback", "raise")
+_NO_RESULTS: list[Any] = []  # what _call_plugins returns when no plugin takes a hook (never appended to)
 Closure = Callable[[], torch.Tensor]
 
 
@@ -404,12 +405,14 @@ class Watch:
             raise TypeError(f"{what} a tensor of dtype {loss.dtype}; the loss must be a floating-point scalar")
 
     def _call_plugins(self, method: str, *args: Any) -> list[Any]:
-        out: list[Any] = []
         callers = self._hook_cache.get(method)
         if callers is None:  # only the plugins that override this hook (per-step Python is the overhead budget)
             base = getattr(WatchPlugin, method)
             callers = [p for p in self.plugins if getattr(type(p), method, base) is not base]
             self._hook_cache[method] = callers
+        if not callers:
+            return _NO_RESULTS
+        out: list[Any] = []
         for plugin in callers:
             try:
                 value = getattr(plugin, method)(*args)
@@ -439,8 +442,10 @@ class Watch:
             groups, norms, loss = self._measure(grads, loss)
             scale = self.precision.loss_scale_tensor()
             head = [loss.detach().reshape(1)] if scale is None else [loss.detach().reshape(1), scale.reshape(1)]
-            parts = [t if t.device == norms.device else t.to(norms.device) for t in head]
-            packed = torch.cat(parts + [norms])  # cat promotes to the widest dtype
+            try:
+                packed = torch.cat(head + [norms])  # cat promotes to the widest dtype
+            except RuntimeError:  # a loss (or scale) on another device than the parameters
+                packed = torch.cat([t.to(norms.device) for t in head] + [norms])
             host = packed.cpu().numpy()  # the one host sync of the step (float32 unless a parameter is float64)
         width = len(head)
         scalars = host[:width].tolist()

@@ -72,6 +72,7 @@ class DiagnosisPlugin(WatchPlugin):
         self._curve: tuple[list[str], list[int], np.ndarray] | None = None
         self._weight_scales: dict[str, float] = {}
         self._kinds: set[str] = set()
+        self._input: RuleInput | None = None
 
     def attach(self, watch: Watch) -> None:
         self.watch = watch
@@ -124,12 +125,13 @@ class DiagnosisPlugin(WatchPlugin):
             self._kinds |= {a["kind"] for a in self.sample.activations.values()}
             if self.watch.writer is not None:
                 self.watch.writer.append("activations", self.sample.to_json())
-        names, slots, numel = self._curve_layers()
-        inp = RuleInput(
-            step=ctx.step, record=record, history=self.watch.history, layer_names=names, curve_index=slots,
-            curve_numel=numel, sample=self.sample, sampled_now=sampled_now, skipped_by=list(ctx.skipped_by),
-            activation_kinds=self._kinds,
-        )
+        inp = self._input
+        if inp is None:  # one RuleInput, updated in place each step (this runs on every step)
+            names, slots, numel = self._curve_layers()
+            inp = self._input = RuleInput(step=0, record=None, history=self.watch.history, layer_names=names,
+                                          curve_index=slots, curve_numel=numel, sample=None, sampled_now=False)
+        inp.step, inp.record, inp.history, inp.sample, inp.sampled_now = ctx.step, record, self.watch.history, self.sample, sampled_now
+        inp.skipped_by, inp.activation_kinds = ctx.skipped_by, self._kinds
         lr = self._lr()
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).

@@ -132,6 +132,7 @@ class DepthCurveRule:
     def __init__(self, check_every: int = 25) -> None:
         self.check_every = check_every
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
+        self._activation_cache: tuple[ActivationSample, DepthFit | None] | None = None
 
     def _weight_fit(self, inp: RuleInput) -> DepthFit | None:
         rows = [r.layer_grad_norms for r in list(inp.history)[-CURVE_WINDOW:] if r.finite]
@@ -142,12 +143,15 @@ class DepthCurveRule:
         rms = [m / s for m, s in zip(column_geometric_medians(columns), scales)]  # RMS = norm / sqrt(numel)
         return fit_depth_curve(rms, MIN_CURVE_LAYERS)
 
-    @staticmethod
-    def _activation_fit(inp: RuleInput) -> DepthFit | None:
+    def _activation_fit(self, inp: RuleInput) -> DepthFit | None:
         if inp.sample is None:
             return None
+        if self._activation_cache is not None and self._activation_cache[0] is inp.sample:
+            return self._activation_cache[1]  # the sample of an earlier check: same fit
         rms = [inp.sample.grad_rms.get(name, math.nan) for name in inp.layer_names]
-        return fit_depth_curve(rms, MIN_CURVE_LAYERS)
+        fit = fit_depth_curve(rms, MIN_CURVE_LAYERS)
+        self._activation_cache = (inp.sample, fit)
+        return fit
 
     def check(self, inp: RuleInput) -> list[Finding]:
         if len(inp.layer_names) < MIN_CURVE_LAYERS or not inp.record.finite:
@@ -446,19 +450,23 @@ class LossSpikeRule:
     def check(self, inp: RuleInput) -> list[Finding]:
         record = inp.record
         value = record.loss
-        ordered = list(self.ordered)  # the window before this step
-        self._push(value)
-        handled = any("spike" in str(s) for s in inp.skipped_by) or any("spike" in str(k) for k in record.extra)
+        ordered = self.ordered  # the window before this step (value joins it on the way out)
+        handled = (inp.skipped_by and any("spike" in str(s) for s in inp.skipped_by)) or (
+            record.extra and any("spike" in str(k) for k in record.extra))
         if not record.finite or handled:
+            self._push(value)
             return []
         if len(ordered) < SPIKE_MIN_HISTORY:
+            self._push(value)
             self.episode.update(False)
             return []
         median = _median_sorted(ordered)
         if median > 0 and value < SPIKE_RATIO * median:  # the common case: no spike, no MAD needed
+            self._push(value)
             self.episode.update(False)
             return []
-        finite = ordered
+        finite = list(ordered)
+        self._push(value)
         if median > 0 and ordered[0] > 0:
             ratio = value / median
             z = robust_zscore(np.log(finite), math.log(value)) if value > 0 else -math.inf

@@ -232,7 +232,8 @@ class ActivationSampler:
         for name, module in self.curve_layers.items():
             self._handles.append(module.register_forward_hook(self._layer_hook(name)))
         for name, (module, kind) in self.act_modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._act_pre_hook))
+            if self.functional is not False:  # the pre-hook only keeps the mode from counting a module twice
+                self._handles.append(module.register_forward_pre_hook(self._act_pre_hook))
             self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
 
     def enter_mode(self) -> None:
