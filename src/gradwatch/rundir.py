@@ -178,14 +178,19 @@ class RunWriter:
         """Hand buffered lines to the writer thread; with ``wait``, block until written."""
         # Encoded here, on the loop's thread, in one pass: the writer thread then only writes
         # (encoding there would hold the GIL that the training loop waits for just the same).
+        # One hand-over at the end: the writer thread wakes once, after the encoding (a thread woken
+        # earlier would take the GIL from this one in the middle of it).
+        batch: list[tuple[str, Any]] = []
         for name, rows in self._rows.items():  # matrices first: a step line never precedes its row
             if rows:
-                self._queue.put(("bytes", (name, _f32_rows(rows))))
+                batch.append(("bytes", (name, _f32_rows(rows))))
                 self._rows[name] = []
         for stream, items in self._buffers.items():
             if items:
-                self._queue.put(("text", (stream, "".join(_encode(item) for item in items))))
+                batch.append(("text", (stream, "".join(_encode(item) for item in items))))
                 self._buffers[stream] = []
+        if batch:
+            self._queue.put(("batch", batch))
         self._pending_steps = 0
         if wait:
             done = threading.Event()
@@ -211,34 +216,31 @@ class RunWriter:
             item = self._queue.get()
             if item is None:
                 break
-            kind, payload = item
-            try:
-                if kind == "text":
-                    stream, text = payload
-                    handle = self._handles.get(stream)
-                    if handle is None:
-                        handle = open(self.path / f"{stream}.jsonl", "a", encoding="utf-8")
-                        self._handles[stream] = handle
-                    handle.write(text)
-                    handle.flush()
-                elif kind == "bytes":
-                    name, data = payload
-                    handle = self._handles.get(name)
-                    if handle is None:
-                        handle = open(self.path / f"{name}.f32", "ab")
-                        self._handles[name] = handle
-                    handle.write(data)
-                    handle.flush()
-                elif kind == "json":
-                    name, data = payload
-                    _write_json_atomic(self.path / name, data)
-                elif kind == "event":
-                    payload.set()
-            except BaseException as exc:  # keep the thread alive; the Watch reports it
-                self._error = exc
+            for kind, payload in item[1] if item[0] == "batch" else [item]:
+                self._handle(kind, payload)
         for handle in self._handles.values():
             handle.close()
         self._handles = {}
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        """Carry out one queued item on the writer thread."""
+        try:
+            if kind in ("text", "bytes"):
+                name, data = payload
+                handle = self._handles.get(name)
+                if handle is None:
+                    handle = (open(self.path / f"{name}.jsonl", "a", encoding="utf-8") if kind == "text"
+                              else open(self.path / f"{name}.f32", "ab"))
+                    self._handles[name] = handle
+                handle.write(data)
+                handle.flush()
+            elif kind == "json":
+                name, data = payload
+                _write_json_atomic(self.path / name, data)
+            elif kind == "event":
+                payload.set()
+        except BaseException as exc:  # keep the thread alive; the Watch reports it
+            self._error = exc
 
     @property
     def error(self) -> BaseException | None:

@@ -5,11 +5,13 @@ Registered as a default plugin: every ``Watch(...)`` with ``diagnose=True``
 
 - ``sample_every`` (default 50): sample activation statistics and activation
   gradients on step 1 and every this many steps (hooks only on those steps).
-- ``check_every`` (default 25): fit the gradient-by-depth curve every this
-  many steps (and on every sampled step).
+- ``check_every`` (default 50, the sampling interval): fit the
+  gradient-by-depth curve every this many steps (and on every sampled step,
+  when a fresh activation-gradient curve is there too).
 
-Per step cost on an unsampled step: a few numpy operations over the per-layer
-norms already on the host (the curve fit only every ``check_every`` steps).
+Per step cost on an unsampled step: a few Python comparisons and the three
+rules that keep per-step state (loss spike, clipping share, norm growth);
+the curve fit only every ``check_every`` steps.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class DiagnosisPlugin(WatchPlugin):
 
     Args:
         sample_every: sample activations every this many steps (and step 1). Default: 50.
-        check_every: fit the depth curve every this many steps. Default: 25.
+        check_every: fit the depth curve every this many steps. Default: 50.
 
     Example:
         >>> from torch import nn
@@ -63,7 +65,7 @@ class DiagnosisPlugin(WatchPlugin):
 
     name = "diagnosis"
 
-    def __init__(self, sample_every: int = 50, check_every: int = 25) -> None:
+    def __init__(self, sample_every: int = 50, check_every: int = 50) -> None:
         self.sample_every = _positive_int("sample_every", sample_every)
         self.check_every = _positive_int("check_every", check_every)
         self.sample: ActivationSample | None = None
@@ -200,5 +202,5 @@ class DiagnosisPlugin(WatchPlugin):
 def _make_diagnosis_plugin(watch: Watch) -> DiagnosisPlugin:
     return DiagnosisPlugin(
         sample_every=watch.options.pop("sample_every", 50),
-        check_every=watch.options.pop("check_every", 25),
+        check_every=watch.options.pop("check_every", 50),
     )

@@ -129,7 +129,7 @@ class DepthCurveRule:
     carries both gains.
     """
 
-    def __init__(self, check_every: int = 25) -> None:
+    def __init__(self, check_every: int = 50) -> None:
         self.check_every = check_every
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
         self._activation_cache: tuple[ActivationSample, DepthFit | None] | None = None

@@ -96,7 +96,7 @@ def capture_rng_state(device: torch.device | str | None = None) -> RngState:
         >>> a = torch.rand(2); restore_rng_state(state); torch.equal(a, torch.rand(2))
         True
     """
-    state: RngState = {"cpu": torch.get_rng_state()}
+    state: RngState = {"cpu": torch.default_generator.get_state()}  # what torch.get_rng_state() returns
     if device is None:
         return state
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
