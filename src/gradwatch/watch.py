@@ -152,7 +152,7 @@ class Watch:
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
         self._before: list[torch.Tensor] | None = None  # the update-ratio snapshot buffer
 
-        self._hook_cache: dict[str, list[WatchPlugin]] = {}
+        self._hook_cache: dict[str, list[tuple[WatchPlugin, Callable[..., Any]]]] = {}
         self.diagnose = bool(diagnose)
         self.plugins: list[WatchPlugin] = self._default_plugins(self.diagnose)
         self.plugins.extend(plugins)
@@ -406,16 +406,16 @@ class Watch:
 
     def _call_plugins(self, method: str, *args: Any) -> list[Any]:
         callers = self._hook_cache.get(method)
-        if callers is None:  # only the plugins that override this hook (per-step Python is the overhead budget)
+        if callers is None:  # only the plugins that override this hook, as bound methods (this runs ~6 times a step)
             base = getattr(WatchPlugin, method)
-            callers = [p for p in self.plugins if getattr(type(p), method, base) is not base]
+            callers = [(p, getattr(p, method)) for p in self.plugins if getattr(type(p), method, base) is not base]
             self._hook_cache[method] = callers
         if not callers:
             return _NO_RESULTS
         out: list[Any] = []
-        for plugin in callers:
+        for plugin, bound in callers:
             try:
-                value = getattr(plugin, method)(*args)
+                value = bound(*args)
             except NonFiniteError:
                 raise
             except Exception as exc:
