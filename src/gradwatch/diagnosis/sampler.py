@@ -267,18 +267,22 @@ class ActivationSampler:
         grad_names = list(self._grad_norms)
         dead_sites = [s for s in self._order if s in self._alive and self._alive[s][2] >= MIN_EXAMPLES]
         sat_sites = [s for s in self._order if s in self._sat]
-        parts: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []  # float32 scalars (MPS has no float64), one transfer for all
         for name in grad_names:  # ||dL/dh||^2 summed over the calls of the layer
             norms = self._grad_norms[name]
-            parts.append((norms[0].square() if len(norms) == 1 else torch.stack(norms).square().sum()).float())
-        for site in dead_sites:
-            parts.append(self._alive[site][1].logical_not().float().mean())
+            sq = norms[0].square() if len(norms) == 1 else torch.stack(norms).square().sum()
+            parts.append(sq if sq.dtype == torch.float32 else sq.float())
+        for site in dead_sites:  # units alive (the dead share is worked out on the host)
+            parts.append(self._alive[site][1].sum(dtype=torch.float32))
         for site in sat_sites:
-            parts.append(self._sat[site][1].float())  # float32: MPS has no float64
+            parts.append(self._sat[site][1].float())
         values: list[float] = []
         if parts:
-            device = parts[0].device
-            values = torch.stack([p.to(device) for p in parts]).cpu().tolist()  # the one transfer
+            try:
+                packed = torch.stack(parts)
+            except RuntimeError:  # statistics on several devices
+                packed = torch.stack([p.to(parts[0].device) for p in parts])
+            values = packed.cpu().tolist()  # the one transfer
         i = 0
         for name in grad_names:
             sq = values[i]
@@ -287,7 +291,9 @@ class ActivationSampler:
             sample.grad_rms[name] = math.sqrt(sq / max(1, self._grad_numel[name])) if sq >= 0 else math.nan
         for site in dead_sites:
             kind, alive, examples = self._alive[site]
-            sample.activations[site] = {"kind": kind, "dead": values[i], "units": int(alive.numel()), "examples": examples}
+            units = alive.numel()
+            sample.activations[site] = {"kind": kind, "dead": 1.0 - values[i] / max(1, units), "units": int(units),
+                                        "examples": examples}
             i += 1
         for site in sat_sites:
             kind, _, numel = self._sat[site]

@@ -66,6 +66,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
+_cpu_generator = torch.default_generator  # capture_rng_state(cpu) is {"cpu": this.get_state()}
+
 class NonFinitePlugin(WatchPlugin):
     """Explain every non-finite step: replay, localize, classify, roll back, bundle.
 
@@ -122,6 +124,7 @@ class NonFinitePlugin(WatchPlugin):
 
     def attach(self, watch: Watch) -> None:
         super().attach(watch)
+        self._cpu = watch.device.type == "cpu"
         if watch.on_nonfinite == "rollback":
             self.rollback = Rollback(
                 watch.model,
@@ -137,8 +140,10 @@ class NonFinitePlugin(WatchPlugin):
 
     # ----- healthy path ---------------------------------------------------------------------
     def before_forward(self, ctx: StepContext) -> None:
-        self._rng = capture_rng_state(self.watch.device) if ctx.closure is not None else None
-        if self._rng is not None:
+        if ctx.closure is None:
+            self._rng = None
+        else:  # a CPU model needs the CPU generator only: read it directly (this runs on every step)
+            self._rng = {"cpu": _cpu_generator.get_state()} if self._cpu else capture_rng_state(self.watch.device)
             ctx.scratch["rng_state"] = self._rng  # shared: other plugins that replay need not copy it again
         if self.rollback is not None and not self.rollback.has_snapshot:
             self.rollback.snapshot(ctx.step - 1)  # the weights before the first step we see
