@@ -224,8 +224,10 @@ class PrecisionPlugin(WatchPlugin):
         return False
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list[Finding]:
-        findings: list[Finding] = []
         precision = self.watch.precision
+        if precision.mode == "fp32" and "amp_hist" not in ctx.scratch:
+            return []  # an unsampled fp32 step: nothing to look at (this runs on every step)
+        findings: list[Finding] = []
         overflow = precision.scaling and not math.isfinite(record.grad_norm)
         if overflow:  # the scaler saw inf/nan in the unscaled gradients: it skipped and backed off
             precision.overflow_skips += 1
