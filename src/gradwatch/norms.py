@@ -227,7 +227,6 @@ class MeasurePlan:
         self._single_key = next(iter(members)) if len(members) == 1 else None
         n = len(self.params)
         self._total_index = torch.full((n,), 2 * n_layers, dtype=torch.long, device=self.device)
-        self._slot_index = torch.tensor(self.slots, dtype=torch.long, device=self.device)
 
     def measure(
         self, grads: list[torch.Tensor | None], norm_type: float = 2.0
@@ -273,24 +272,6 @@ class MeasurePlan:
         out.index_add_(0, self._fused_index[key], norms)
         out.index_add_(0, self._total_index, norms[: len(bucket)])
         return TensorGroups({key: bucket}, self._slots_by_key), out.sqrt_()
-
-    def layer_norms2(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Per-layer 2-norms of tensors shaped like the plan's parameters (one foreach norm). No host sync.
-
-        Example:
-            >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
-            >>> MeasurePlan(w, [0, 0], 1).layer_norms2([torch.tensor([3.0, 0.0]), torch.tensor([4.0])]).tolist()
-            [5.0]
-        """
-        key = self._single_key
-        if key is None:
-            return layer_powers(group_tensors(tensors, self.slots), self.n_layers, 2.0, self.device).sqrt()
-        norms = _tensor_norms(tensors, 2.0)
-        if norms.dtype != self.acc_dtype or norms.device != self.device:
-            norms = norms.to(device=self.device, dtype=self.acc_dtype)
-        norms.mul_(norms)
-        out = torch.zeros(self.n_layers, dtype=self.acc_dtype, device=self.device)
-        return out.index_add_(0, self._slot_index, norms).sqrt_()
 
     def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor, torch.Tensor] | None:
         grad_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}

@@ -503,7 +503,7 @@ class Watch:
             ctx.stepped = True
             self.precision.update()
             if before is not None:
-                record.update_ratio = self._update_ratio(before, norms[n_layers : 2 * n_layers])
+                record.update_ratio = self._update_ratio(before, weight_values)
         if apply:
             self.optimizer.zero_grad(set_to_none=True)
         if finite:
@@ -620,24 +620,24 @@ class Watch:
             self._before = [p.detach().clone() for p in params]
             return self._before
 
-    def _update_ratio(self, before: list[torch.Tensor], weight_norms: torch.Tensor) -> np.ndarray:
+    def _update_ratio(self, before: list[torch.Tensor], weight_norms: np.ndarray) -> np.ndarray:
         """Per layer ||w_after - w_before|| / ||w_before|| (NaN for an all-zero layer); one extra small transfer.
 
-        ``weight_norms`` is the device tensor of this step's per-layer weight norms.
+        ``weight_norms`` are this step's per-layer weight norms (host values, before the update).
+        The per-tensor norms of the difference come over in one transfer and are summed per layer
+        on the host (a few dozen numbers: cheaper than a chain of small device ops).
         """
         with torch.no_grad():
             params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
             torch._foreach_sub_(before, params)  # before := before - after = -dw
             if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
-                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt()
-            elif self._plan is not None:
-                delta = self._plan.layer_norms2(before)
+                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt().cpu().tolist()
             else:
-                groups = _norms.group_tensors(before, self.index.param_layer)
-                delta = _norms.layer_powers(groups, len(self.index), 2.0, self.device).sqrt()
-            weight_norms = weight_norms.to(delta.dtype)
-            ratio = delta.div_(weight_norms).masked_fill_(weight_norms == 0, math.nan)
-            return ratio.cpu().numpy().astype(np.float64)
+                squares = [0.0] * len(self.index)
+                for slot, norm in zip(self.index.param_layer, _norms._tensor_norms(before, 2.0).cpu().tolist()):
+                    squares[slot] += norm * norm
+                delta = [math.sqrt(sq) for sq in squares]
+        return np.array([d / w if w > 0 else math.nan for d, w in zip(delta, weight_norms.tolist())])
 
     def _plain_step(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
         """Finish the step as plain PyTorch would (after an internal error)."""
