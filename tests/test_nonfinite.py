@@ -637,3 +637,34 @@ def test_a_masked_inf_in_the_forward_is_the_origin_of_a_nan_gradient() -> None:
     assert finding.location["op"] == "aten.div" and finding.location["source"].endswith(line_of("MARK-where"))
     assert "double-where" in finding.fixes[0]
     watch.close()
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_rng_state_is_copied_only_for_a_closure_that_draws_random_numbers(tmp_path, dropout: bool) -> None:
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16), nn.ReLU()] + ([nn.Dropout(0.5)] if dropout else []) + [nn.Linear(16, 1)]
+    model = nn.Sequential(*layers)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), run_dir=tmp_path / "run")
+    plugin = plugin_of(watch)
+    copies = []
+    real_capture = plugin._capture
+    plugin._capture = lambda: copies.append(watch.steps_taken) or real_capture()
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for _ in range(3):
+        watch.step(lambda: F.mse_loss(model(x), y))
+    assert plugin._rng_used is dropout
+    if dropout:
+        assert copies == [1, 1, 2, 3]  # step 1 also checked the state after backward
+    else:
+        assert copies == [1, 1]  # step 1 before and after: no random number drawn, no copy on steps 2 and 3
+    copies.clear()
+    state = torch.get_rng_state()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    result = watch.step(lambda: F.mse_loss(model(bad), y), batch=(bad, y))
+    assert result.skipped and result.findings and result.findings[0].code == "degenerate_batch"
+    assert copies == [4]  # the state kept for the replay and the bundle: before the step, or, not drawn from, now
+    bundle = torch.load(next((tmp_path / "run" / "nonfinite").glob("*.pt")), weights_only=True)
+    if not dropout:
+        assert torch.equal(bundle["rng"]["cpu"], state)  # the state the step started with
+    watch.close()

@@ -1,8 +1,14 @@
 """The Watch plugin that explains non-finite steps: replay, classify, roll back, save a bundle.
 
-Healthy steps cost one RNG-state copy when a closure is given (``before_forward``:
-``torch.get_rng_state()``, ~5 KB, plus a few bytes per GPU) and a few integer
-updates in ``after_step``; nothing runs per op. With
+Healthy steps cost one RNG-state copy when a closure that draws random numbers
+(dropout) is given (``before_forward``: ``torch.get_rng_state()``, ~5 KB, plus a
+few bytes per GPU) and a few integer updates in ``after_step``; nothing runs per
+op. Whether the closure draws random numbers is checked on step 1 and every
+``RNG_CHECK_EVERY`` (50) steps by comparing the states before and after
+backward; a closure that draws none needs no copy (its state at the end of a
+non-finite step is the one it started with, and that is what the replay and
+the bundle get). A closure that draws random numbers only now and then, between
+two checks, may then replay with other random numbers than the step had. With
 ``on_nonfinite="rollback"`` a CPU snapshot of the weights and optimizer state is
 also taken every ``rollback_every`` steps.
 
@@ -67,6 +73,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 _cpu_generator = torch.default_generator  # capture_rng_state(cpu) is {"cpu": this.get_state()}
+#: Steps between two checks that a closure still draws no random number (step 1 is always checked).
+RNG_CHECK_EVERY = 50
+
+
+def _same_rng_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two captured RNG states are equal (no random number was drawn in between)."""
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, list):
+            if len(value) != len(other) or not all(torch.equal(x, y) for x, y in zip(value, other)):
+                return False
+        elif not torch.equal(value, other):
+            return False
+    return True
 
 class NonFinitePlugin(WatchPlugin):
     """Explain every non-finite step: replay, localize, classify, roll back, bundle.
@@ -115,6 +137,8 @@ class NonFinitePlugin(WatchPlugin):
         self._fp16_overflows = 0  # steps found to be float16 range overflows (finite in float32)
         self.rollback: Rollback | None = None
         self._rng: dict[str, Any] | None = None
+        self._rng_used: bool | None = None  # does the closure draw random numbers? None: not checked yet
+        self._rng_check = False
         self._first_norm: float | None = None
         self._updates = 0
         self._last_bad_step = -1
@@ -140,13 +164,25 @@ class NonFinitePlugin(WatchPlugin):
 
     # ----- healthy path ---------------------------------------------------------------------
     def before_forward(self, ctx: StepContext) -> None:
-        if ctx.closure is None:
-            self._rng = None
-        else:  # a CPU model needs the CPU generator only: read it directly (this runs on every step)
-            self._rng = {"cpu": _cpu_generator.get_state()} if self._cpu else capture_rng_state(self.watch.device)
-            ctx.scratch["rng_state"] = self._rng  # shared: other plugins that replay need not copy it again
+        # The RNG state before the step, for a replay of a non-finite step. A closure that draws no
+        # random number (no dropout: checked on step 1 and every RNG_CHECK_EVERY steps) needs none:
+        # the state at the end of such a step is the state it started with, read then if needed.
+        self._rng = None
+        self._rng_check = False
+        if ctx.closure is not None and (self._rng_used is not False or ctx.step % RNG_CHECK_EVERY == 0):
+            self._rng = self._capture()
+            self._rng_check = self._rng_used is not True
         if self.rollback is not None and not self.rollback.has_snapshot:
             self.rollback.snapshot(ctx.step - 1)  # the weights before the first step we see
+
+    def after_backward(self, ctx: StepContext) -> None:
+        if self._rng_check and self._rng is not None:  # did the closure draw random numbers?
+            self._rng_used = not _same_rng_state(self._rng, self._capture())
+            self._rng_check = False
+
+    def _capture(self) -> dict[str, Any]:
+        # a CPU model needs the CPU generator only: read it directly (this may run on every step)
+        return {"cpu": _cpu_generator.get_state()} if self._cpu else capture_rng_state(self.watch.device)
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if ctx.step == 1:
@@ -159,6 +195,8 @@ class NonFinitePlugin(WatchPlugin):
                     keeper.snapshot(ctx.step)
             self._rng = None
             return []
+        if self._rng is None and ctx.closure is not None:  # not kept: the closure draws no random number
+            self._rng = self._capture()
         try:
             return self._explain(ctx, record)
         finally:
