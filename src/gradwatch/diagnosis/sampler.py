@@ -34,6 +34,7 @@ Statistics:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,12 +70,16 @@ def is_curve_layer(module: nn.Module) -> bool:
     return any(p.dim() >= 2 and p.requires_grad for p in module._parameters.values() if p is not None)
 
 
+_UNIT_REDUCE_DIMS = {2: (0,), 3: (0, 1), 4: (0, 2, 3), 5: (0, 2, 3, 4)}
+
+
 def _unit_reduce_dims(out: torch.Tensor) -> tuple[int, ...] | None:
-    if out.dim() < 2:
+    """Dims reduced over for one value per unit: (B, D) features, (B, T, D) last dim, (B, C, ...) channels."""
+    ndim = out.dim()
+    if ndim < 2:
         return None
-    if out.dim() == 3:  # (B, T, D): units are the last dimension
-        return (0, 1)
-    return tuple(d for d in range(out.dim()) if d != 1)  # (B, D), (B, C, H, W), (B, C, D, H, W)
+    dims = _UNIT_REDUCE_DIMS.get(ndim)
+    return dims if dims is not None else tuple(d for d in range(ndim) if d != 1)
 
 
 @dataclass
@@ -98,6 +103,7 @@ class ActivationSample:
 #: Turns torch-function handling (modes included) off for the sampler's own ops; a new
 #: instance per use (one instance entered twice would not restore the state).
 _NoTorchFunction = torch._C.DisableTorchFunction
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: keeps no state
 
 
 class _FunctionalActivations(TorchFunctionMode):
@@ -205,8 +211,11 @@ class ActivationSampler:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._last_layer = name
             out = output[0] if isinstance(output, (tuple, list)) and output else output
-            with _NoTorchFunction():  # our own tensor calls must not go through the functional-activation mode
-                if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+            if not isinstance(out, torch.Tensor):
+                return
+            # our own tensor calls must not go through the functional-activation mode (when it is on)
+            with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
+                if out.requires_grad and torch.is_grad_enabled():
                     out.register_hook(self._grad_hook(name))
 
         return hook
@@ -218,7 +227,7 @@ class ActivationSampler:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._inside_act_module = max(0, self._inside_act_module - 1)
             if isinstance(output, torch.Tensor):
-                with _NoTorchFunction():
+                with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
                     self._record(name, kind, output)
 
         return hook
