@@ -397,3 +397,55 @@ def test_record_arrays_are_numpy_in_layer_order() -> None:
     assert isinstance(r.record.layer_grad_norms, np.ndarray)
     assert list(r.layer_grad_norms) == watch.layers
     assert watch.history[-1] is r.record
+
+
+def test_quiet_plugins_are_not_called_in_the_mid_step_hooks() -> None:
+    """WatchPlugin.quiet_step: the Watch skips before_forward/after_forward/after_backward/veto for that step."""
+
+    class Counting(gw.WatchPlugin):
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, str]] = []
+
+        def before_forward(self, ctx):
+            self.calls.append((ctx.step, "before_forward"))
+
+        def after_forward(self, ctx):
+            self.calls.append((ctx.step, "after_forward"))
+
+        def after_backward(self, ctx):
+            self.calls.append((ctx.step, "after_backward"))
+
+        def veto(self, ctx, record):
+            self.calls.append((ctx.step, "veto"))
+            return False
+
+        def after_step(self, ctx, record):
+            self.calls.append((ctx.step, "after_step"))
+            self.quiet_step = ctx.step + 1 != 3  # busy on step 3 only (and on step 1: False by default)
+            return []
+
+    model = _mlp()
+    plugin = Counting()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin], diagnose=False)
+    x, y = _data(1)[0]
+    for _ in range(4):
+        watch.step(lambda: F.mse_loss(model(x), y))
+    mid = ["before_forward", "after_forward", "after_backward", "veto"]
+    assert plugin.calls == [(1, h) for h in mid] + [(1, "after_step"), (2, "after_step")] + \
+        [(3, h) for h in mid] + [(3, "after_step"), (4, "after_step")]
+    # the built-in plugins stay quiet on an ordinary step of a model without dropout
+    hooked = [p for p in watch.plugins if p is not plugin and any(getattr(type(p), h) is not getattr(gw.WatchPlugin, h) for h in mid)]
+    assert {p.name for p in hooked} >= {"nonfinite", "precision"}
+    busy = [p.name for p in hooked if not p.quiet_step]
+    assert busy == [], busy
+    watch.close()
+    diagnosing = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=10)
+    for _ in range(7):  # past step 1 and the missing-gradient rule's 5 steps; step 8 is not sampled
+        diagnosing.step(lambda: F.mse_loss(model(x), y))
+    assert [p.name for p in diagnosing.plugins if p.name == "diagnosis" and not p.quiet_step] == []
+    for _ in range(2):  # step 9 ends by arming step 10, which is sampled: busy
+        diagnosing.step(lambda: F.mse_loss(model(x), y))
+    assert [p.name for p in diagnosing.plugins if p.name == "diagnosis" and not p.quiet_step] == ["diagnosis"]
+    diagnosing.close()

@@ -54,6 +54,11 @@ class WatchPlugin:
     #: (the same on every rank), so the Watch need not agree on it with an extra
     #: all-reduce and host sync. Leave False if it reads rank-local tensors.
     veto_is_global = False
+    #: True while the plugin has nothing to do in ``before_forward``, ``after_forward``,
+    #: ``after_backward`` and ``veto`` of the coming step: the Watch then does not call them
+    #: (they would run on every step for nothing; per-step Python is the overhead budget).
+    #: A plugin sets it in ``prepare`` or ``after_step`` for the next step. Default: False.
+    quiet_step = False
 
     def attach(self, watch: "Watch") -> None:
         self.watch = watch

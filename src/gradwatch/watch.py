@@ -36,6 +36,7 @@ from .records import StepRecord, StepResult
 from .rundir import RunWriter
 
 ON_NONFINITE = ("skip", "rollback", "raise")
+_QUIETABLE = frozenset({"before_forward", "after_forward", "after_backward", "veto"})  # see WatchPlugin.quiet_step
 _NO_RESULTS: list[Any] = []  # what _call_plugins returns when no plugin takes a hook (never appended to)
 Closure = Callable[[], torch.Tensor]
 
@@ -413,7 +414,10 @@ class Watch:
         if not callers:
             return _NO_RESULTS
         out: list[Any] = []
+        quietable = method in _QUIETABLE
         for plugin, bound in callers:
+            if quietable and plugin.quiet_step:
+                continue
             try:
                 value = bound(*args)
             except NonFiniteError:

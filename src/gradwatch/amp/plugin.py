@@ -225,6 +225,8 @@ class PrecisionPlugin(WatchPlugin):
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list[Finding]:
         precision = self.watch.precision
+        # fp16 keeps an RNG copy before every forward; otherwise the mid-step hooks work on sampled steps only
+        self.quiet_step = precision.mode != "fp16" and not self._sampled(ctx.step + 1)
         if precision.mode == "fp32" and "amp_hist" not in ctx.scratch:
             return []  # an unsampled fp32 step: nothing to look at (this runs on every step)
         findings: list[Finding] = []

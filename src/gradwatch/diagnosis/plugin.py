@@ -99,8 +99,11 @@ class DiagnosisPlugin(WatchPlugin):
     # ----- hooks ------------------------------------------------------------------------
     # (these run on every step: the unsampled path is kept to a few attribute reads)
     def prepare(self, next_step: int) -> None:
-        if next_step == 1 or next_step % self.sample_every == 0:
+        sampled = next_step == 1 or next_step % self.sample_every == 0
+        if sampled:
             self.sampler.arm()
+        # the mid-step hooks matter on sampled steps, on step 1 and while the missing-gradient rule watches
+        self.quiet_step = not (sampled or self.sampler._handles or self.missing_rule.watching)
 
     def before_forward(self, ctx: StepContext) -> None:
         if self.sampler._handles and ctx.closure is not None:

@@ -180,6 +180,17 @@ class NonFinitePlugin(WatchPlugin):
             self._rng_used = not _same_rng_state(self._rng, self._capture())
             self._rng_check = False
 
+    def _quiet_next(self, step: int) -> None:
+        """Nothing to do before or after the forward of ``step``: no RNG copy, no check, no first snapshot."""
+        self._rng_check = False
+        self.quiet_step = (self._rng_used is False and step % RNG_CHECK_EVERY != 0
+                           and (self.rollback is None or self.rollback.has_snapshot))
+
+    def abort(self, ctx: StepContext) -> None:
+        """The user's closure or backward raised: drop what was kept for this step."""
+        self._rng = None
+        self._quiet_next(ctx.step + 1)
+
     def _capture(self) -> dict[str, Any]:
         # a CPU model needs the CPU generator only: read it directly (this may run on every step)
         return {"cpu": _cpu_generator.get_state()} if self._cpu else capture_rng_state(self.watch.device)
@@ -194,17 +205,15 @@ class NonFinitePlugin(WatchPlugin):
                 if keeper is not None and keeper.due(ctx.step) and np.isfinite(record.layer_weight_norms).all():
                     keeper.snapshot(ctx.step)
             self._rng = None
+            self._quiet_next(ctx.step + 1)
             return []
+        self._quiet_next(ctx.step + 1)
         if self._rng is None and ctx.closure is not None:  # not kept: the closure draws no random number
             self._rng = self._capture()
         try:
             return self._explain(ctx, record)
         finally:
             self._rng = None
-
-    def abort(self, ctx: StepContext) -> None:
-        """The user's closure or backward raised: drop what was kept for this step."""
-        self._rng = None
 
     # ----- a non-finite step -------------------------------------------------------------------
     def _explain(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
