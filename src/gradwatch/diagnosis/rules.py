@@ -456,14 +456,17 @@ class LossSpikeRule:
         if not record.finite or handled:
             self._push(value)
             return []
-        if len(ordered) < SPIKE_MIN_HISTORY:
+        n = len(ordered)
+        if n < SPIKE_MIN_HISTORY:
             self._push(value)
-            self.episode.update(False)
+            if self.episode.active:
+                self.episode.update(False)
             return []
-        median = _median_sorted(ordered)
+        median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
         if median > 0 and value < SPIKE_RATIO * median:  # the common case: no spike, no MAD needed
             self._push(value)
-            self.episode.update(False)
+            if self.episode.active:
+                self.episode.update(False)
             return []
         finite = list(ordered)
         self._push(value)
