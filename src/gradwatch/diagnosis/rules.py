@@ -133,14 +133,18 @@ class DepthCurveRule:
         self.check_every = check_every
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
         self._activation_cache: tuple[ActivationSample, DepthFit | None] | None = None
+        self._scales: list[float] | None = None  # sqrt(numel) of the curve layers (fixed for a run)
 
     def _weight_fit(self, inp: RuleInput) -> DepthFit | None:
-        rows = [r.layer_grad_norms for r in list(inp.history)[-CURVE_WINDOW:] if r.finite]
+        history = inp.history
+        recent = history[-CURVE_WINDOW:] if isinstance(history, list) else list(history)[-CURVE_WINDOW:]
+        rows = [r.layer_grad_norms for r in recent if r.finite]
         if not rows or any(len(row) != len(rows[0]) for row in rows):
             return None
         columns = np.array(rows)[:, inp.curve_index].T.tolist()  # curve layer -> its norms over the window
-        scales = [math.sqrt(max(n, 1.0)) for n in inp.curve_numel.tolist()]
-        rms = [m / s for m, s in zip(column_geometric_medians(columns), scales)]  # RMS = norm / sqrt(numel)
+        if self._scales is None or len(self._scales) != len(columns):
+            self._scales = [math.sqrt(max(n, 1.0)) for n in inp.curve_numel.tolist()]
+        rms = [m / s for m, s in zip(column_geometric_medians(columns), self._scales)]  # RMS = norm / sqrt(numel)
         return fit_depth_curve(rms, MIN_CURVE_LAYERS)
 
     def _activation_fit(self, inp: RuleInput) -> DepthFit | None:
