@@ -175,7 +175,8 @@ def test_json_line_writes_plain_records_directly_and_converts_the_rest() -> None
     assert json.loads(_json_line(odd)) == {"step": 4, "loss": "nan", "grad_norm": "inf", "scale": 2.0, "rows": [0, 1]}
 
 
-@pytest.mark.parametrize("case", ["plain", "threshold_and_scale", "nan_loss", "update_ratio", "extra", "no_clip", "int_threshold"])
+@pytest.mark.parametrize("case", ["plain", "threshold_and_scale", "nan_loss", "update_ratio", "finite_update_ratio", "extra",
+                                  "no_clip", "int_threshold"])
 def test_step_record_json_line_decodes_to_to_json_plus_row(case: str) -> None:
     from gradwatch.records import StepRecord
 
@@ -187,6 +188,8 @@ def test_step_record_json_line_decodes_to_to_json_plus_row(case: str) -> None:
         record.loss, record.loss_finite, record.skipped, record.clip_coef = math.nan, False, True, math.nan
     elif case == "update_ratio":
         record.update_ratio = np.array([1e-3, np.nan])
+    elif case == "finite_update_ratio":
+        record.update_ratio = np.array([1.234567e-3, 0.5, 2.5e-7])
     elif case == "extra":
         record.extra["skipped_by"] = ["spike"]
     elif case == "no_clip":

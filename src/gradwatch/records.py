@@ -44,8 +44,8 @@ class StepRecord:
     def to_json_line(self, row: int) -> str:
         """:meth:`to_json` plus the matrix ``row``, encoded as one line of ``steps.jsonl``.
 
-        The common step (finite numbers, nothing optional but the clip threshold
-        and the loss scale) is formatted directly, numbers with 9 significant
+        The common step (finite numbers, nothing optional but the clip threshold,
+        the loss scale and the update ratio) is formatted directly, numbers with 9 significant
         digits (a float32 exactly; the norms are float32 on the device): this
         runs on every step of the training loop. Any other step goes through
         ``json.dumps`` with full precision.
@@ -56,10 +56,12 @@ class StepRecord:
             '{"step":3,"loss":0.5,"grad_norm":2,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.25,"clip_threshold":1,"row":2}\\n'
         """
         threshold, scale = self.clip_threshold, self.loss_scale
+        ratios = self.update_ratio.tolist() if self.update_ratio is not None else None
         if (
-            self.update_ratio is not None or self.extra or self.nonfinite_layers or self.missing_layers
+            self.extra or self.nonfinite_layers or self.missing_layers
             or not self.loss_finite or not math.isfinite(self.loss + self.grad_norm + self.clip_coef + self.time_ms)
             or (threshold is not None and not math.isfinite(threshold)) or (scale is not None and not math.isfinite(scale))
+            or (ratios is not None and not all(math.isfinite(v) for v in ratios))
         ):
             data = self.to_json()
             data["row"] = row
@@ -72,6 +74,8 @@ class StepRecord:
             line += ',"clip_threshold":%.9g' % threshold
         if scale is not None:
             line += ',"loss_scale":%.9g' % scale
+        if ratios is not None:  # as to_json writes them: 5 significant digits
+            line += ',"update_ratio":[%s]' % ",".join(["%.5g" % v for v in ratios])
         return line + ',"row":%d}\n' % row
 
     def to_json(self) -> dict[str, Any]:
