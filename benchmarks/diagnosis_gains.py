@@ -10,6 +10,8 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnosis_gains.py`` (a few
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,25 +21,15 @@ from torch import nn
 from gradwatch.diagnosis import fit_depth_curve
 from gradwatch.diagnosis.sampler import ActivationSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import models  # noqa: E402
+
 CASES = [("sigmoid", "xavier", "0.233"), ("sigmoid", "default", "0.1405"), ("relu", "kaiming", "0.998"),
          ("relu", "xavier", "0.705"), ("relu", "default", "0.409"), ("tanh", "xavier", "(polynomial)")]
 
 
 def mlp(depth: int, act: str, init: str, width: int = 64) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    fan = 64
-    for _ in range(depth - 1):
-        lin = nn.Linear(fan, width)
-        if init == "xavier":
-            nn.init.xavier_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        elif init == "kaiming":
-            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-            nn.init.zeros_(lin.bias)
-        mods += [lin, {"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh()}[act]]
-        fan = width
-    mods.append(nn.Linear(fan, 10))
-    return nn.Sequential(*mods)
+    return models.init_mlp(depth, act, init, width=width)
 
 
 def main() -> None:

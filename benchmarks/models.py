@@ -3,6 +3,8 @@
 ``gpt(...)``: a GPT-style decoder (pre-LayerNorm blocks, causal self-attention,
 GELU MLP, tied embeddings) - the overhead benchmark's default is 6 blocks,
 d=256, 4 heads, sequence 128, vocab 256. ``mlp(...)``: Linear+ReLU layers.
+``init_mlp(...)``: a stack with a chosen activation and initialization (the
+diagnosis benchmarks and tests).
 """
 
 from __future__ import annotations
@@ -84,4 +86,32 @@ def mlp(width: int = 128, layers: int = 7, out: int = 10) -> nn.Sequential:
     for _ in range(layers):
         mods += [nn.Linear(width, width), nn.ReLU()]
     mods.append(nn.Linear(width, out))
+    return nn.Sequential(*mods)
+
+
+def init_mlp(depth: int, act: str, init: str, width: int = 64, ln: bool = False, scale: float = 1.0,
+             out: int = 10, fan_in: int = 64) -> nn.Sequential:
+    """``depth`` Linear layers with ``act`` ("relu", "sigmoid", "tanh") and LayerNorm (``ln``) after all but the last.
+
+    ``init``: "xavier" or "kaiming" (normal, zero biases) or anything else for PyTorch's default;
+    ``scale`` multiplies the hidden weights after it.
+    """
+    mods: list[nn.Module] = []
+    fan = fan_in
+    for _ in range(depth - 1):
+        lin = nn.Linear(fan, width)
+        if init == "xavier":
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        elif init == "kaiming":
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            lin.weight.mul_(scale)
+        mods.append(lin)
+        if ln:
+            mods.append(nn.LayerNorm(width))
+        mods.append({"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh()}[act])
+        fan = width
+    mods.append(nn.Linear(fan, out))
     return nn.Sequential(*mods)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ import gradwatch as gw
 from _sync import count_host_transfers
 from gradwatch.diagnosis import DiagnosisPlugin, fit_depth_curve
 from gradwatch.diagnosis.sampler import ActivationSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.models import init_mlp  # noqa: E402  (the shared stack builder)
 
 WARN = ("warning", "error")
 
@@ -29,26 +34,8 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mlp(depth: int, act: str, init: str, width: int = 64, ln: bool = False, scale: float = 1.0, out: int = 10) -> nn.Sequential:
-    """``depth`` Linear layers, activation (and LayerNorm) after all but the last."""
-    mods: list[nn.Module] = []
-    fan = 64
-    for _ in range(depth - 1):
-        lin = nn.Linear(fan, width)
-        if init == "xavier":
-            nn.init.xavier_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        elif init == "kaiming":
-            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-            nn.init.zeros_(lin.bias)
-        with torch.no_grad():
-            lin.weight.mul_(scale)
-        mods.append(lin)
-        if ln:
-            mods.append(nn.LayerNorm(width))
-        mods.append({"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh()}[act])
-        fan = width
-    mods.append(nn.Linear(fan, out))
-    return nn.Sequential(*mods)
+    """``depth`` Linear layers, activation (and LayerNorm) after all but the last (benchmarks.models.init_mlp)."""
+    return init_mlp(depth, act, init, width=width, ln=ln, scale=scale, out=out)
 
 
 def train(model, data, steps, opt="sgd", lr=0.05, clip=1.0, batch=64, **kw) -> gw.Watch:
