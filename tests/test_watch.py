@@ -449,3 +449,27 @@ def test_quiet_plugins_are_not_called_in_the_mid_step_hooks() -> None:
         diagnosing.step(lambda: F.mse_loss(model(x), y))
     assert [p.name for p in diagnosing.plugins if p.name == "diagnosis" and not p.quiet_step] == ["diagnosis"]
     diagnosing.close()
+
+
+def test_sparse_embedding_gradients_are_measured_and_clipped_like_their_dense_form() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+    ref = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt, clip_norm=0.01)
+    x = torch.tensor([[1, 1, 3], [2, 1, 9]])  # index 1 three times: a sparse gradient with duplicates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.GradwatchWarning)  # no internal error on the way
+        for _ in range(3):
+            result = watch.step(lambda: model(x).pow(2).mean())
+            ref(x).pow(2).mean().backward()
+            dense = [p.grad.to_dense() for p in ref.parameters()]
+            total = torch.linalg.vector_norm(torch.stack([g.norm() for g in dense])).item()
+            for p in ref.parameters():
+                p.grad.mul_(min(1.0, 0.01 / (total + 1e-6)))
+            ref_opt.step()
+            ref_opt.zero_grad()
+            assert result.grad_norm == pytest.approx(total, rel=1e-6) and result.clipped and not result.skipped
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    watch.close()

@@ -62,12 +62,27 @@ def group_tensors(tensors: list[torch.Tensor | None], slots: list[int]) -> Tenso
     return TensorGroups(by_key, slot_key)
 
 
+def dense_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse tensor (duplicates summed), the tensor itself if dense: same norm.
+
+    Example:
+        >>> g = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 0.0], (4,), check_invariants=True)  # index 0 twice
+        >>> dense_values(g).tolist(), torch.linalg.vector_norm(dense_values(g)).item()
+        ([4.0, 0.0], 4.0)
+    """
+    if tensor.layout == torch.strided:
+        return tensor
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce().values()
+    return tensor.values()  # compressed layouts (CSR, ...) keep one value per stored element
+
+
 def _tensor_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """Per-tensor norms of one (device, dtype) group as one 1-D tensor."""
+    """Per-tensor norms of one (device, dtype) group as one 1-D tensor (sparse gradients too)."""
     try:
         norms = torch._foreach_norm(tensors, norm_type)
-    except (RuntimeError, NotImplementedError):  # a backend without foreach: per-tensor fallback
-        norms = [torch.linalg.vector_norm(t, norm_type) for t in tensors]
+    except (RuntimeError, NotImplementedError):  # sparse tensors, a backend without foreach: one by one
+        norms = [torch.linalg.vector_norm(dense_values(t), norm_type) for t in tensors]
     return torch.stack(norms)
 
 

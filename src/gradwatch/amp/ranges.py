@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..norms import dense_values
+
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14  # 6.10e-5: below it fp16 keeps fewer than 11 significant bits
 FP16_MIN_SUBNORMAL = 2.0**-24  # 5.96e-8: at or below half of it a value flushes to zero
@@ -124,7 +126,7 @@ def exponent_histogram(
     for tensor, slot in zip(tensors, slots):
         if tensor is None or tensor.numel() == 0:
             continue
-        flat = _local(tensor.detach()).reshape(-1)
+        flat = dense_values(_local(tensor.detach())).reshape(-1)  # a sparse gradient: its stored values
         for start in range(0, flat.numel(), _CHUNK):
             counts = torch.bincount(_bin_index(flat[start : start + _CHUNK]), minlength=N_BINS + 2)
             hist[slot].add_(counts.to(device))
@@ -145,7 +147,7 @@ def _fused_histogram(
     if not present:
         return None
     flats = [_local(t.detach()) for t, _ in present]
-    if any(f.dtype != torch.float32 or f.device != device or not f.is_contiguous() for f in flats):
+    if any(f.layout != torch.strided or f.dtype != torch.float32 or f.device != device or not f.is_contiguous() for f in flats):
         return None
     sizes = tuple(f.numel() for f in flats)
     if sum(sizes) > _CHUNK:
