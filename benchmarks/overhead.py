@@ -134,12 +134,13 @@ def alternating_ratios(
     return {n: statistics.median(v) for n, v in ratios.items()}, statistics.median(base_times)
 
 
-def measure(name: str, rounds: int, steps: int, tmp: Path) -> dict[str, float]:
+def measure(name: str, rounds: int, steps: int, tmp: Path) -> tuple[dict[str, float], float]:
+    """(median ratio per variant, median baseline step in seconds)."""
     variants = _variants(name, tmp)
     for fn in variants.values():  # warm-up (and the Watch's first step, which learns the layer order)
         for _ in range(2):
             fn()
-    return alternating_ratios(variants, rounds, steps)[0]
+    return alternating_ratios(variants, rounds, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):
             steps = args.steps or DEFAULT_STEPS.get(name, 5)
-            result = measure(name, args.rounds, steps, Path(tmp))
+            result, base_step = measure(name, args.rounds, steps, Path(tmp))
             cells = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
-            print(f"{name:4s}  {cells}")
+            # the baseline step says which state a shared machine was in (ratios drift with it)
+            print(f"{name:4s}  {cells}  (baseline step {base_step * 1e3:.2f} ms)")
     if args.ddp:
         ddp = Path(__file__).with_name("ddp_overhead.py")
         if not ddp.exists():
