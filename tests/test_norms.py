@@ -152,3 +152,18 @@ def test_norms2_fast_path_equals_clip_grad_norm_and_the_general_path() -> None:
     assert vec[2 * n].item() == pytest.approx(reference.item(), rel=1e-6)
     grads[0] = None  # a missing gradient: not the fast path's business
     assert plan.norms2(grads) is None
+
+
+def test_norms2_over_several_dtype_groups_equals_the_general_path() -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(5))]
+    grads = [torch.randn_like(p) for p in params]
+    slots = [0, 0, 1]
+    plan = norms.MeasurePlan(params, slots, 2)
+    _, vec = plan.norms2(grads)
+    want_g = norms.layer_powers(norms.group_tensors(grads, slots), 2, 2.0).sqrt()
+    want_w = norms.layer_powers(norms.group_tensors(list(params), slots), 2, 2.0).sqrt()
+    torch.testing.assert_close(vec[:2], want_g)
+    torch.testing.assert_close(vec[2:4], want_w.to(vec.dtype))
+    assert vec[4].item() == pytest.approx(math.sqrt(sum(g.norm().item() ** 2 for g in grads)), rel=1e-12)

@@ -207,10 +207,10 @@ def per_layer_grad_norms_(
 class MeasurePlan:
     """A fixed parameter list, grouped once, for one fused norm pass per step.
 
-    On the common path (2-norm, every parameter has a gradient of its own dtype
-    and device) each (device, dtype) group makes ONE foreach norm call over its
-    gradients *and* its weights, and one ``index_add_`` into a tensor of
-    2 x n_layers: per-layer gradient powers and weight powers together. Index
+    On the common path (2-norm, every parameter has a gradient) each (device,
+    dtype) group makes ONE foreach norm call over its gradients *and* its
+    weights, and ``index_add_`` into a tensor of 2 x n_layers + 1: per-layer
+    gradient powers, weight powers and the global power together. Index
     tensors are built once. Any other case takes the general path
     (:func:`group_tensors` + :func:`layer_powers` twice).
 
@@ -238,10 +238,9 @@ class MeasurePlan:
         }
         self._slots_by_key = {key: [self.slots[i] for i in idx] for key, idx in members.items()}
         self._weight_groups = TensorGroups({k: [self.params[i] for i in idx] for k, idx in members.items()}, dict(self._slots_by_key))
-        # norms2: one group whose members are the whole list in order (the common case)
-        self._single_key = next(iter(members)) if len(members) == 1 else None
-        n = len(self.params)
-        self._total_index = torch.full((n,), 2 * n_layers, dtype=torch.long, device=self.device)
+        # every gradient of a group also adds into the last slot: the global power
+        self._total_index = {key: torch.full((len(idx),), 2 * n_layers, dtype=torch.long, device=self.device)
+                             for key, idx in members.items()}
 
     def measure(
         self, grads: list[torch.Tensor | None], norm_type: float = 2.0
@@ -250,7 +249,8 @@ class MeasurePlan:
         if float(norm_type) == 2.0:
             fused = self._fused(grads)
             if fused is not None:
-                return fused
+                groups, out = fused
+                return groups, out[: self.n_layers], out[self.n_layers : 2 * self.n_layers]
         groups = group_tensors(grads, self.slots)
         powers = layer_powers(groups, self.n_layers, norm_type, self.device)
         weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device)
@@ -259,12 +259,11 @@ class MeasurePlan:
     def norms2(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
         """The 2-norm fast path: ``(gradient groups, norms)`` with ``norms`` =
         [per-layer gradient norms, per-layer weight norms, global gradient norm]
-        (size 2 x n_layers + 1), or None when it does not apply (a missing
-        gradient, several (device, dtype) groups, a backend without foreach).
+        (size 2 x n_layers + 1), or None when a parameter has no gradient.
 
-        Seven kernels whatever the model size: one foreach norm over gradients
-        and weights, stack, square, two ``index_add_`` (per layer, and the
-        total), one ``sqrt_``. No host sync.
+        Per (device, dtype) group: one foreach norm over gradients and weights,
+        stack, square, two ``index_add_`` (per layer, and the total); then one
+        ``sqrt_``. No host sync.
 
         Example:
             >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
@@ -272,34 +271,27 @@ class MeasurePlan:
             >>> [round(x, 4) for x in v.tolist()]
             [3.0, 4.0, 1.4142, 1.0, 5.0]
         """
-        key = self._single_key
-        if key is None or any(g is None for g in grads):
+        fused = self._fused(grads)
+        if fused is None:
             return None
-        bucket = list(grads)  # autograd keeps a gradient on its parameter's device and dtype
-        try:
-            norms = torch.stack(torch._foreach_norm(bucket + self._weight_groups.tensors[key], 2.0))
-        except (RuntimeError, NotImplementedError):  # sparse gradients, a backend without foreach
-            return None
-        if norms.dtype != self.acc_dtype or norms.device != self.device:
-            norms = norms.to(device=self.device, dtype=self.acc_dtype)
-        norms.mul_(norms)
-        out = torch.zeros(2 * self.n_layers + 1, dtype=self.acc_dtype, device=self.device)
-        out.index_add_(0, self._fused_index[key], norms)
-        out.index_add_(0, self._total_index, norms[: len(bucket)])
-        return TensorGroups({key: bucket}, self._slots_by_key), out.sqrt_()
+        groups, out = fused
+        return groups, out.sqrt_()
 
-    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor, torch.Tensor] | None:
+    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
+        """(gradient groups, powers [per-layer gradient, per-layer weight, global gradient]), or None
+        when a parameter has no gradient."""
         grad_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for key, idx in self.members.items():
             bucket = [grads[i] for i in idx]
-            for g in bucket:
-                if g is None or g.dtype != key[1] or g.device != key[0] or g.layout != torch.strided:
-                    return None
+            if any(g is None for g in bucket):  # autograd keeps a gradient on its parameter's device and dtype
+                return None
             grad_groups[key] = bucket
-        out = torch.zeros(2 * self.n_layers, dtype=self.acc_dtype, device=self.device)
+        out = torch.zeros(2 * self.n_layers + 1, dtype=self.acc_dtype, device=self.device)
         for key, bucket in grad_groups.items():
-            norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0)
+            norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0)  # sparse gradients too
             if norms.device != self.device or norms.dtype != self.acc_dtype:
                 norms = norms.to(device=self.device, dtype=self.acc_dtype)
-            out.index_add_(0, self._fused_index[key], norms * norms)
-        return TensorGroups(grad_groups, self._slots_by_key), out[: self.n_layers], out[self.n_layers :]
+            norms.mul_(norms)
+            out.index_add_(0, self._fused_index[key], norms)
+            out.index_add_(0, self._total_index[key], norms[: len(bucket)])
+        return TensorGroups(grad_groups, self._slots_by_key), out

@@ -72,7 +72,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
-_cpu_generator = torch.default_generator  # capture_rng_state(cpu) is {"cpu": this.get_state()}
 #: Steps between two checks that a closure still draws no random number (step 1 is always checked).
 RNG_CHECK_EVERY = 50
 
@@ -148,7 +147,6 @@ class NonFinitePlugin(WatchPlugin):
 
     def attach(self, watch: Watch) -> None:
         super().attach(watch)
-        self._cpu = watch.device.type == "cpu"
         if watch.on_nonfinite == "rollback":
             self.rollback = Rollback(
                 watch.model,
@@ -192,8 +190,7 @@ class NonFinitePlugin(WatchPlugin):
         self._quiet_next(ctx.step + 1)
 
     def _capture(self) -> dict[str, Any]:
-        # a CPU model needs the CPU generator only: read it directly (this may run on every step)
-        return {"cpu": _cpu_generator.get_state()} if self._cpu else capture_rng_state(self.watch.device)
+        return capture_rng_state(self.watch.device)
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if ctx.step == 1:

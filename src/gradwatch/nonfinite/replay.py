@@ -100,6 +100,8 @@ def capture_rng_state(device: torch.device | str | None = None) -> RngState:
     if device is None:
         return state
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if device_type == "cpu":  # the common case, on every step of a closure that draws random numbers
+        return state
     module = _accelerator_module(device_type)
     if module is not None:
         if hasattr(module, "get_rng_state_all"):
