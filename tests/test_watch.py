@@ -86,7 +86,15 @@ def test_layer_norms_are_measured_before_clipping() -> None:
     assert watch.layers == ["0", "2", "4"]
 
 
-def test_weight_norms_and_update_ratio() -> None:
+@pytest.fixture(params=["numpy", "torch"])
+def weights_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the Watch reads CPU weights: numpy views (the default for float32) and torch's foreach kernels."""
+    if request.param == "torch":
+        monkeypatch.setattr(norms.HostWeights, "of", classmethod(lambda cls, params: None))
+    return request.param
+
+
+def test_weight_norms_and_update_ratio(weights_path: str) -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2)
@@ -113,6 +121,35 @@ def _assert_update_ratio_of_next_step(watch, model, names, closure) -> None:
         mod = model.get_submodule(name)
         dw = math.hypot((mod.weight - w).norm().item(), (mod.bias - b).norm().item())
         assert ratios[name] == pytest.approx(dw / math.hypot(w.norm().item(), b.norm().item()), rel=1e-5)
+
+
+def test_weights_replaced_between_and_during_steps_are_read_where_they_now_live(weights_path: str) -> None:
+    class Replacing(torch.optim.SGD):  # an optimizer that writes new storages instead of updating in place
+        def step(self, closure=None):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for q in group["params"]:
+                        q.data = q.data - group["lr"] * q.grad
+            return None
+
+    model = _mlp()
+    opt = Replacing(model.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    x, y = _data(1)[0]
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                model[0].weight.data = model[0].weight.data * 2.0  # between steps, as a user might
+        names = watch.layers or ["0", "2", "4"]
+        before = {n: (model.get_submodule(n).weight.detach().clone(), model.get_submodule(n).bias.detach().clone()) for n in names}
+        record = watch.step(lambda: F.mse_loss(model(x), y)).record
+        for i, name in enumerate(watch.layers):
+            w, b = before[name]
+            mod = model.get_submodule(name)
+            norm = math.hypot(w.norm().item(), b.norm().item())
+            assert record.layer_weight_norms[i] == pytest.approx(norm, rel=1e-6)
+            dw = math.hypot((mod.weight - w).norm().item(), (mod.bias - b).norm().item())
+            assert record.update_ratio[i] == pytest.approx(dw / norm, rel=1e-5) and dw > 0
 
 
 def test_update_ratio_of_an_all_zero_layer_is_nan() -> None:
@@ -223,7 +260,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch: pytes
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(norms.MeasurePlan, "norms2", broken)
+    monkeypatch.setattr(norms.MeasurePlan, "tensor_norms2", broken)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     watch = gw.Watch(model, opt, clip_norm=1.0)
@@ -259,7 +296,7 @@ def test_internal_error_after_the_update_never_applies_it_twice(monkeypatch: pyt
 
 
 def test_internal_error_never_applies_a_nonfinite_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norms.MeasurePlan, "norms2", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(norms.MeasurePlan, "tensor_norms2", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch = gw.Watch(model, opt)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 _EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
@@ -204,6 +206,91 @@ def per_layer_grad_norms_(
     return layer_norms, total, coef
 
 
+_HOST_DTYPES = (torch.float32, torch.float64)
+
+
+def _host_eligible(p: torch.Tensor) -> bool:
+    """A parameter numpy can read in place: a dense, contiguous float32/float64 CPU tensor."""
+    return (p.device.type == "cpu" and p.layout == torch.strided and p.dtype in _HOST_DTYPES
+            and p.is_contiguous() and not p.is_conj() and not p.is_neg())
+
+
+class HostWeights:
+    """Flat numpy views of CPU weights, for their squared norms with no torch call per tensor.
+
+    On CPU a foreach kernel is a loop of per-tensor ATen calls (1-2 us each, most
+    of it dispatch on a small model); ``numpy.dot`` on a view that shares the
+    parameter's memory costs about a third of that (and sums in float32 at least
+    as accurately as ``linalg.vector_norm``). The views are built once and
+    checked against the parameters' data pointers and sizes on every use, so a
+    parameter whose storage was replaced (``p.data = ...``) is read through new
+    views; :meth:`of` returns None for parameters numpy cannot read in place
+    (CUDA, half precision, non-contiguous): those take the foreach path.
+
+    Example:
+        >>> w = [torch.nn.Parameter(torch.tensor([3.0, 4.0])), torch.nn.Parameter(torch.ones(2, 2))]
+        >>> host = HostWeights.of(w)
+        >>> [float(x) for x in host.squares()]
+        [25.0, 4.0]
+        >>> with torch.no_grad():
+        ...     _ = w[0].mul_(2.0)  # an in-place update is seen through the same view
+        >>> host.current(), float(host.squares()[0])
+        (True, 100.0)
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = list(params)
+        self._bind()
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor]) -> HostWeights | None:
+        """Views of ``params``, or None when numpy cannot read one of them in place."""
+        if not params or not all(_host_eligible(p) for p in params):
+            return None
+        return cls(params)
+
+    def _bind(self) -> None:
+        self._where = [(p.data_ptr(), p.numel()) for p in self.params]
+        # detach().numpy() shares the parameter's memory (and keeps it alive while the view lives)
+        self.views = [p.detach().numpy().reshape(-1) for p in self.params]
+
+    def current(self) -> bool:
+        """Whether the views show the parameters' memory (rebound here if a storage moved);
+        False when a parameter can no longer be read in place."""
+        if [(p.data_ptr(), p.numel()) for p in self.params] == self._where:
+            return True
+        if not all(_host_eligible(p) for p in self.params):
+            return False
+        self._bind()
+        return True
+
+    def squares(self) -> list[Any]:
+        """Per parameter ``sum(w ** 2)`` (numpy scalars, the parameter's dtype)."""
+        dot = np.dot
+        with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch's norm gives, without a warning
+            return [dot(v, v) for v in self.views]
+
+    def copy_into(self, buffers: list[np.ndarray] | None) -> list[np.ndarray]:
+        """The weights copied into ``buffers`` (new ones when None or of other sizes)."""
+        if buffers is None or len(buffers) != len(self.views) or any(b.shape != v.shape or b.dtype != v.dtype
+                                                                     for b, v in zip(buffers, self.views)):
+            return [v.copy() for v in self.views]
+        copy = np.copyto
+        for buffer, view in zip(buffers, self.views):
+            copy(buffer, view)
+        return buffers
+
+    def delta_squares(self, before: list[np.ndarray]) -> list[float]:
+        """Per parameter ``sum((before - w) ** 2)``; ``before`` is overwritten with the difference."""
+        dot, subtract = np.dot, np.subtract
+        out = []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for buffer, view in zip(before, self.views):
+                subtract(buffer, view, out=buffer)
+                out.append(float(dot(buffer, buffer)))
+        return out
+
+
 class MeasurePlan:
     """A fixed parameter list, grouped once, for one fused norm pass per step.
 
@@ -241,6 +328,14 @@ class MeasurePlan:
         # every gradient of a group also adds into the last slot: the global power
         self._total_index = {key: torch.full((len(idx),), 2 * n_layers, dtype=torch.long, device=self.device)
                              for key, idx in members.items()}
+        # tensor_norms2's order on the host: per group its gradients (layer slot), then its weights (n_layers + slot)
+        self._host_slots = np.array([s for idx in members.values() for s in
+                                     [self.slots[i] for i in idx] + [self.slots[i] + n_layers for i in idx]], dtype=np.intp)
+        #: CPU weights that numpy reads in place (None otherwise): their norms are taken on the host
+        self.host = HostWeights.of(self.params)
+        # ... then the device brings the gradients only (group order) and numpy adds the weights (parameter order)
+        self._grad_then_weight_slots = np.array([self.slots[i] for idx in members.values() for i in idx]
+                                                + [s + n_layers for s in self.slots], dtype=np.intp)
 
     def measure(
         self, grads: list[torch.Tensor | None], norm_type: float = 2.0
@@ -256,36 +351,81 @@ class MeasurePlan:
         weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device)
         return groups, powers, weights
 
-    def norms2(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
-        """The 2-norm fast path: ``(gradient groups, norms)`` with ``norms`` =
-        [per-layer gradient norms, per-layer weight norms, global gradient norm]
-        (size 2 x n_layers + 1), or None when a parameter has no gradient.
+    def tensor_norms2(
+        self, grads: list[torch.Tensor | None]
+    ) -> tuple[TensorGroups, list[torch.Tensor], Callable[[np.ndarray], np.ndarray]] | None:
+        """The 2-norm fast path, device side: ``(gradient groups, per-tensor norms, on_host)``,
+        or None when a parameter has no gradient.
 
-        Per (device, dtype) group: one foreach norm over gradients and weights,
-        stack, square, two ``index_add_`` (per layer, and the total); then one
-        ``sqrt_``. No host sync.
+        Per (device, dtype) group ONE foreach norm over its gradients and its
+        weights (its gradients only when numpy reads the weights in place, see
+        :class:`HostWeights`); the norms come back as 0-d tensors. ``on_host``
+        turns their values, once the step's one transfer has brought them over,
+        into [per-layer gradient norms, per-layer weight norms, global norm]
+        (:meth:`layer_norms2`). No host sync, no other kernel.
 
         Example:
             >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
-            >>> _, v = MeasurePlan(w, [0, 1], 2).norms2([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
-            >>> [round(x, 4) for x in v.tolist()]
+            >>> _, norms, on_host = MeasurePlan(w, [0, 1], 2).tensor_norms2([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
+            >>> on_host(torch.stack(norms).numpy()).round(4).tolist()  # gradients 3, 4; weights sqrt(2), 1; total 5
             [3.0, 4.0, 1.4142, 1.0, 5.0]
         """
-        fused = self._fused(grads)
-        if fused is None:
+        grad_groups = self._grad_groups(grads)
+        if grad_groups is None:
             return None
-        groups, out = fused
-        return groups, out.sqrt_()
+        host = self.host is not None and self.host.current()
+        norms: list[torch.Tensor] = []
+        for key, bucket in grad_groups.items():
+            tensors = bucket if host else bucket + self._weight_groups.tensors[key]
+            try:
+                norms += torch._foreach_norm(tensors, 2.0)
+            except (RuntimeError, NotImplementedError):  # sparse gradients, a backend without foreach
+                norms += [torch.linalg.vector_norm(dense_values(t)) for t in tensors]
+        return TensorGroups(grad_groups, self._slots_by_key), norms, self._layer_norms2_host if host else self.layer_norms2
 
-    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
-        """(gradient groups, powers [per-layer gradient, per-layer weight, global gradient]), or None
-        when a parameter has no gradient."""
+    def layer_norms2(self, tensor_norms: np.ndarray) -> np.ndarray:
+        """Host side of the fast path: [per-layer gradient norms, per-layer weight norms, global
+        gradient norm] (float64, size 2 x n_layers + 1) from the values of :meth:`tensor_norms2`'s
+        norms (each group's gradients, then its weights).
+
+        Squares summed in float64 per layer (one ``bincount``), the global norm from
+        the per-layer gradient sums: the numbers clip_grad_norm_ takes from the same
+        per-tensor norms, with no float32 overflow of their squares.
+
+        Example:
+            >>> w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
+            >>> MeasurePlan(w, [0, 0], 1).layer_norms2(np.array([3.0, 4.0, 1.0, 0.0])).tolist()
+            [5.0, 1.0, 5.0]
+        """
+        return self._finish(np.square(tensor_norms, dtype=np.float64), self._host_slots)
+
+    def _layer_norms2_host(self, grad_norms: np.ndarray) -> np.ndarray:
+        """:meth:`layer_norms2` when the device brought the gradients' norms only: the weights' squares come from numpy."""
+        squares = np.concatenate((np.square(grad_norms, dtype=np.float64), np.array(self.host.squares(), dtype=np.float64)))
+        return self._finish(squares, self._grad_then_weight_slots)
+
+    def _finish(self, squares: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        n = self.n_layers
+        powers = np.bincount(slots, weights=squares, minlength=2 * n + 1)
+        powers[2 * n] = powers[:n].sum()
+        return np.sqrt(powers, out=powers)
+
+    def _grad_groups(self, grads: list[torch.Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] | None:
+        """The gradients split like the parameters, or None when one of them is None."""
         grad_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for key, idx in self.members.items():
             bucket = [grads[i] for i in idx]
             if any(g is None for g in bucket):  # autograd keeps a gradient on its parameter's device and dtype
                 return None
             grad_groups[key] = bucket
+        return grad_groups
+
+    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
+        """(gradient groups, powers [per-layer gradient, per-layer weight, global gradient]), or None
+        when a parameter has no gradient."""
+        grad_groups = self._grad_groups(grads)
+        if grad_groups is None:
+            return None
         out = torch.zeros(2 * self.n_layers + 1, dtype=self.acc_dtype, device=self.device)
         for key, bucket in grad_groups.items():
             norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0)  # sparse gradients too

@@ -43,6 +43,30 @@ _NO_RESULTS: list[Any] = []  # what _call_plugins returns when no plugin takes a
 Closure = Callable[[], torch.Tensor]
 
 
+def _to_host(scalars: list[torch.Tensor], body: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
+    """``scalars`` (one element each) then ``body`` (a vector, or 0-d tensors) in ONE device-to-host transfer.
+
+    float32 or wider (the widest dtype among them); a tensor on another device
+    than the body's last one is moved there first.
+
+    Example:
+        >>> _to_host([torch.tensor(2.0)], [torch.tensor(3.0), torch.tensor(4.0, dtype=torch.float64)]).tolist()
+        [2.0, 3.0, 4.0]
+    """
+    if isinstance(body, list):
+        parts, join = [t.reshape(()) for t in scalars] + body, torch.stack
+    else:
+        parts, join = [t.reshape(1) for t in scalars] + [body], torch.cat
+    try:
+        packed = join(parts)  # promotes to the widest dtype
+    except RuntimeError:  # a loss (or scale) on another device than the parameters
+        device = parts[-1].device
+        packed = join([t.to(device) for t in parts])
+    if packed.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float16 norms overflow sooner
+        packed = packed.float()
+    return packed.cpu().numpy()
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -445,21 +469,19 @@ class Watch:
         with torch.no_grad():
             n_layers = len(index)
             grads = [p.grad for p in index.params]
-            groups, norms, loss = self._measure(grads, loss)
+            groups, norms, loss, on_host = self._measure(grads, loss)
             scale = self.precision.loss_scale_tensor()
-            head = [loss.detach().reshape(1)] if scale is None else [loss.detach().reshape(1), scale.reshape(1)]
-            try:
-                packed = torch.cat(head + [norms])  # cat promotes to the widest dtype
-            except RuntimeError:  # a loss (or scale) on another device than the parameters
-                packed = torch.cat([t.to(norms.device) for t in head] + [norms])
-            host = packed.cpu().numpy()  # the one host sync of the step (float32 unless a parameter is float64)
+            head = [loss.detach()] if scale is None else [loss.detach(), scale]
+            host = _to_host(head, norms)  # the one host sync of the step
         width = len(head)
         scalars = host[:width].tolist()
         loss_value = scalars[0]
         scale_value = scalars[1] if scale is not None else math.nan
-        layer_values = host[width : width + n_layers]
-        weight_values = host[width + n_layers : width + 2 * n_layers]
-        total_value = host[width + 2 * n_layers].item()
+        # the fast path brought per-tensor norms: per-layer and global norms from them, here
+        values = host[width:] if on_host is None else on_host(host[width:])
+        layer_values = values[:n_layers]
+        weight_values = values[n_layers : 2 * n_layers]
+        total_value = values[2 * n_layers].item()
         if ctx.scratch.get("loss_unknown"):  # observe() without a loss
             loss_value = math.nan
         loss_finite = math.isfinite(loss_value) or bool(ctx.scratch.get("loss_unknown"))
@@ -564,24 +586,29 @@ class Watch:
 
     def _measure(
         self, grads: list[torch.Tensor | None], loss: torch.Tensor
-    ) -> tuple[_norms.TensorGroups, torch.Tensor, torch.Tensor]:
-        """(gradient groups, norms, loss); norms = [per-layer gradient norms, per-layer weight norms, global norm].
+    ) -> tuple[_norms.TensorGroups, torch.Tensor | list[torch.Tensor], torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]:
+        """(gradient groups, norms, loss, on_host). No host sync.
 
-        No host sync. Under torch.distributed the norms are global and the loss
-        is the mean over ranks (one collective, see :class:`gradwatch.distributed.DistSync`).
+        ``norms`` is [per-layer gradient norms, per-layer weight norms, global norm]
+        as one tensor, or (the 2-norm fast path) the per-tensor norms as 0-d tensors
+        with ``on_host`` the function that turns their values into those numbers once
+        the step's one transfer has brought them over. Under torch.distributed the
+        norms are global and the loss is the mean over ranks (one collective, see
+        :class:`gradwatch.distributed.DistSync`).
         """
         if self._dist is not None:
             groups, powers, weight_powers, loss = self._dist.measure(self.index, grads, loss, self.norm_type, self.device)
         else:
-            if self._plan is None:
-                self._plan = _norms.MeasurePlan(self.index.params, self.index.param_layer, len(self.index), self.device)
-            fast = self._plan.norms2(grads) if self.norm_type == 2.0 else None
+            plan = self._plan
+            if plan is None:
+                plan = self._plan = _norms.MeasurePlan(self.index.params, self.index.param_layer, len(self.index), self.device)
+            fast = plan.tensor_norms2(grads) if self.norm_type == 2.0 else None
             if fast is not None:
-                return fast[0], fast[1], loss
-            groups, powers, weight_powers = self._plan.measure(grads, self.norm_type)
+                return fast[0], fast[1], loss, fast[2]
+            groups, powers, weight_powers = plan.measure(grads, self.norm_type)
         layer_norms, total = _norms.finalize_norms(powers, self.norm_type)
         norms = torch.cat([layer_norms, weight_powers.sqrt().to(layer_norms.dtype), total.reshape(1)])
-        return groups, norms, loss
+        return groups, norms, loss, None
 
     def _agree_veto(self, vetoed: bool) -> bool:
         """torch.distributed: skip on every rank if a plugin vetoed on any rank.
@@ -606,18 +633,24 @@ class Watch:
         for p in self.index.params:
             p.grad = None
 
-    def _snapshot_weights(self) -> list[torch.Tensor]:
+    def _snapshot_weights(self) -> list[torch.Tensor] | list[np.ndarray]:
         """The weights before the update, copied into one buffer kept between measurements.
 
         One copy of the weights lives on (allocated at the first measurement):
-        copying into it is one foreach kernel, where fresh clones every
-        ``update_ratio_every`` steps cost twice as much on small models and
-        the same memory at their peak.
+        copying into it is one foreach kernel (on CPU, with the weights numpy
+        reads in place, one ``numpy.copyto`` per tensor: a third of the cost),
+        where fresh clones every ``update_ratio_every`` steps cost twice as much
+        on small models and the same memory at their peak.
         """
+        host = self._plan.host if self._dist is None and self._plan is not None else None
+        if host is not None and host.current():
+            before = self._before
+            self._before = host.copy_into(before if before and isinstance(before[0], np.ndarray) else None)
+            return self._before
         with torch.no_grad():
             params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
             before = self._before
-            if before is not None and len(before) == len(params):
+            if before is not None and len(before) == len(params) and isinstance(before[0], torch.Tensor):
                 try:
                     torch._foreach_copy_(before, params)
                     return before
@@ -626,7 +659,7 @@ class Watch:
             self._before = [p.detach().clone() for p in params]
             return self._before
 
-    def _update_ratio(self, before: list[torch.Tensor], weight_norms: np.ndarray) -> np.ndarray:
+    def _update_ratio(self, before: list[torch.Tensor] | list[np.ndarray], weight_norms: np.ndarray) -> np.ndarray:
         """Per layer ||w_after - w_before|| / ||w_before|| (NaN for an all-zero layer); one extra small transfer.
 
         ``weight_norms`` are this step's per-layer weight norms (host values, before the update).
@@ -635,15 +668,23 @@ class Watch:
         """
         with torch.no_grad():
             params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
-            torch._foreach_sub_(before, params)  # before := before - after = -dw
-            if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
-                delta = self._dist.layer_sq_norms(self.index, before, self.device).sqrt().cpu().tolist()
+            host = self._plan.host if self._dist is None and self._plan is not None else None
+            if isinstance(before[0], np.ndarray):  # numpy copied the weights: numpy takes the difference
+                if host is not None and host.current():
+                    tensor_squares = host.delta_squares(before)
+                else:  # a parameter moved during the optimizer step: the same numbers through torch
+                    deltas = [torch.from_numpy(b).view_as(p).sub_(p) for b, p in zip(before, params)]
+                    tensor_squares = [n * n for n in _norms._tensor_norms(deltas, 2.0).cpu().tolist()]
             else:
-                squares = [0.0] * len(self.index)
-                for slot, norm in zip(self.index.param_layer, _norms._tensor_norms(before, 2.0).cpu().tolist()):
-                    squares[slot] += norm * norm
-                delta = [math.sqrt(sq) for sq in squares]
-        return np.array([d / w if w > 0 else math.nan for d, w in zip(delta, weight_norms.tolist())])
+                torch._foreach_sub_(before, params)  # before := before - after = -dw
+                if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
+                    layer_squares = self._dist.layer_sq_norms(self.index, before, self.device).cpu().tolist()
+                    return np.array([math.sqrt(d) / w if w > 0 else math.nan for d, w in zip(layer_squares, weight_norms.tolist())])
+                tensor_squares = [n * n for n in _norms._tensor_norms(before, 2.0).cpu().tolist()]
+        squares = [0.0] * len(self.index)
+        for slot, square in zip(self.index.param_layer, tensor_squares):
+            squares[slot] += square
+        return np.array([math.sqrt(d) / w if w > 0 else math.nan for d, w in zip(squares, weight_norms.tolist())])
 
     def _plain_step(self, ctx: StepContext, loss: torch.Tensor, started: float) -> StepResult:
         """Finish the step as plain PyTorch would (after an internal error)."""
