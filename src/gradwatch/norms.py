@@ -211,8 +211,8 @@ _HOST_DTYPES = (torch.float32, torch.float64)
 
 def _host_eligible(p: torch.Tensor) -> bool:
     """A parameter numpy can read in place: a dense, contiguous float32/float64 CPU tensor."""
-    return (p.device.type == "cpu" and p.layout == torch.strided and p.dtype in _HOST_DTYPES
-            and p.is_contiguous() and not p.is_conj() and not p.is_neg())
+    return (type(p.data) is torch.Tensor and p.device.type == "cpu" and p.layout == torch.strided  # no DTensor etc.
+            and p.dtype in _HOST_DTYPES and p.is_contiguous() and not p.is_conj() and not p.is_neg())
 
 
 class HostWeights:
@@ -247,12 +247,15 @@ class HostWeights:
         """Views of ``params``, or None when numpy cannot read one of them in place."""
         if not params or not all(_host_eligible(p) for p in params):
             return None
-        return cls(params)
+        try:
+            return cls(params)
+        except (RuntimeError, TypeError, ValueError):  # a tensor numpy refuses after all: the foreach path
+            return None
 
     def _bind(self) -> None:
-        self._where = [(p.data_ptr(), p.numel()) for p in self.params]
         # detach().numpy() shares the parameter's memory (and keeps it alive while the view lives)
         self.views = [p.detach().numpy().reshape(-1) for p in self.params]
+        self._where = [(p.data_ptr(), p.numel()) for p in self.params]  # last: a failed rebind stays stale
 
     def current(self) -> bool:
         """Whether the views show the parameters' memory (rebound here if a storage moved);
@@ -261,7 +264,10 @@ class HostWeights:
             return True
         if not all(_host_eligible(p) for p in self.params):
             return False
-        self._bind()
+        try:
+            self._bind()
+        except (RuntimeError, TypeError, ValueError):
+            return False
         return True
 
     def squares(self) -> list[Any]:
