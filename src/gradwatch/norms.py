@@ -13,7 +13,12 @@ numbers. One pass does all of it:
    :func:`torch.nn.utils.clip_grad_norm_`, without a host sync.
 
 Step 2's per-layer powers are what a distributed run all-reduces (one
-collective of size n_layers) before step 3.
+collective of size n_layers) before step 3. On a single process with the
+2-norm (:meth:`MeasurePlan.tensor_norms2`), steps 2-3 run on the host instead:
+the per-tensor norms ride in the step's one device-to-host transfer and are
+summed per layer there (a few dozen numbers), and on CPU numpy reads float32/
+float64 weights in place (:class:`HostWeights`) rather than paying a torch
+call per tensor for their norms.
 """
 
 from __future__ import annotations
@@ -302,10 +307,13 @@ class MeasurePlan:
 
     On the common path (2-norm, every parameter has a gradient) each (device,
     dtype) group makes ONE foreach norm call over its gradients *and* its
-    weights, and ``index_add_`` into a tensor of 2 x n_layers + 1: per-layer
-    gradient powers, weight powers and the global power together. Index
-    tensors are built once. Any other case takes the general path
-    (:func:`group_tensors` + :func:`layer_powers` twice).
+    weights (:meth:`tensor_norms2`, per-layer sums on the host; on CPU the
+    weights' norms come from numpy, :class:`HostWeights`). The distributed
+    path (:meth:`measure`) makes the same call and ``index_add_`` into a
+    tensor of 2 x n_layers + 1: per-layer gradient powers, weight powers and
+    the global power together, ready for one all-reduce. Index tensors are
+    built once. Any other case takes the general path (:func:`group_tensors`
+    + :func:`layer_powers` twice).
 
     Example:
         >>> w = [torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([4.0]))]

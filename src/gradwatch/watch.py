@@ -5,9 +5,10 @@ backward (scaled under fp16), unscale, per-layer norms *before* clipping, clip,
 finite check, ``optimizer.step()`` or skip, ``zero_grad``, record, diagnose.
 
 Cost on a healthy step: the fused norm pass (:mod:`gradwatch.norms`: one
-foreach norm over the gradients *and* the weights, a few small kernels), one
-host sync (the skip decision, which carries every per-layer number to the host
-in one small transfer), the clip multiply only when the coefficient, worked out
+foreach norm over the gradients *and* the weights; on CPU numpy reads the
+weights' norms in place), one host sync (the skip decision, which carries the
+loss and every per-tensor norm to the host in one small transfer, where they
+are summed per layer), the clip multiply only when the coefficient, worked out
 on the host, is below 1, and some Python. Every ``update_ratio_every`` steps
 (default 10) the weights are also copied before the update (into a buffer kept
 between measurements: one copy of the weights stays allocated) to measure
