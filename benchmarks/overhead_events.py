@@ -9,10 +9,13 @@ are classed by what the defaults do on them:
 
 - ``plain``: norms, clip decision, record, per-step rules;
 - ``ratio``: every ``update_ratio_every`` (10) steps, the update-to-weight ratio;
-- ``sampled``: every ``sample_every`` (50) steps, activation statistics, the
-  depth-curve check and (every 50 steps by default) the run-directory flush;
+- ``sampled``: every ``sample_every`` (50) steps, activation statistics and the
+  depth-curve check (and that step's update ratio);
 - ``pre-sample``: the step before, which arms the sampling hooks;
-- ``block start``: the first step of a block (caches cold after the other loop).
+- ``post-sample``: the step after, which flushes the run directory (every 50
+  steps by default, when the 51st line arrives);
+- ``block start``: the first step of a block (caches cold after the other loop;
+  with blocks of 100 it is also a step that flushes).
 
 Printed per class: the median extra microseconds over the baseline's median
 step, and what each class adds per step on average (its share of 100 steps).
@@ -45,6 +48,8 @@ def step_class(step: int, ratio_every: int = 10, sample_every: int = 50) -> str:
         return "sampled"
     if (step + 1) % sample_every == 0:
         return "pre-sample"
+    if step % sample_every == 1:
+        return "post-sample"
     if step % ratio_every == 0:
         return "ratio"
     return "plain"
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} blocks of {BLOCK} steps; "
           f"{args.workload} baseline step {base * 1e6:.0f} us (median)")
     total = 0.0
-    for name in ("plain", "ratio", "pre-sample", "sampled", "block start"):
+    for name in ("plain", "ratio", "pre-sample", "sampled", "post-sample", "block start"):
         extra = (statistics.median(by_class[name]) - base) * 1e6
         share = extra * counts[name] / BLOCK
         total += share

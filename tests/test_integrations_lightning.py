@@ -55,6 +55,7 @@ class Probe(pl.Callback):
         self.pre: list[dict[str, float]] = []
         self.post: list[float] = []
         self.changed: list[bool] = []
+        self.ratios: list[dict[str, float]] = []  # ||dw|| / ||w|| per layer, around each step
         self._before: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -71,6 +72,13 @@ class Probe(pl.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.post.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0)
         self.changed.append(any(not torch.equal(a, b) for a, b in zip(self._before, pl_module.parameters())))
+        dw: dict[str, float] = {}
+        w: dict[str, float] = {}
+        for (name, p), b in zip(pl_module.named_parameters(), self._before):
+            layer = name.rpartition(".")[0]
+            dw[layer] = dw.get(layer, 0.0) + float((p.detach().double() - b.double()).pow(2).sum())
+            w[layer] = w.get(layer, 0.0) + float(b.double().pow(2).sum())
+        self.ratios.append({k: math.sqrt(dw[k] / w[k]) for k in dw})
 
 
 def _loader():
@@ -85,7 +93,7 @@ def _loader():
 def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(tmp_path, precision):
     module = TinyModule()
     probe = Probe()
-    gw_cb = GradwatchCallback(run_dir=tmp_path / "run", log_layers=True)
+    gw_cb = GradwatchCallback(run_dir=tmp_path / "run", log_layers=True, update_ratio_every=2)
     trainer = pl.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, precision=precision,
         gradient_clip_val=CLIP, callbacks=[probe, gw_cb],
@@ -108,6 +116,12 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
         assert probe.post[i] == pytest.approx(CLIP, rel=1e-3)
     # the non-finite step changed no weight; every other step did
     assert probe.changed == [i != NAN_BATCH for i in range(STEPS)]
+    # the update ratio of every 2nd step, measured once Lightning's optimizer stepped (after its clipping)
+    for i, record in enumerate(records):
+        if (i + 1) % 2:
+            assert record.update_ratio is None
+        else:
+            assert dict(zip(record.layer_names, record.update_ratio.tolist())) == pytest.approx(probe.ratios[i], rel=1e-4)
     # the schedule advanced once per applied update only: no drift from the skipped step
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == STEPS - 1

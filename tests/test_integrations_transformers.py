@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,7 +93,7 @@ def test_trainer_callback_pre_clip_norms_skip_and_lr_schedule(tmp_path):
         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )
     probe, post = Probe(), PostClip()
-    gw_cb = GradwatchCallback(run_dir=tmp_path / "run")
+    gw_cb = GradwatchCallback(run_dir=tmp_path / "run", update_ratio_every=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(4 * STEPS), callbacks=[probe, gw_cb, post])
     trainer.train()
 
@@ -111,6 +112,7 @@ def test_trainer_callback_pre_clip_norms_skip_and_lr_schedule(tmp_path):
         assert record.grad_norm > CLIP
         assert post.norms[i] == pytest.approx(CLIP, rel=1e-3)  # gradwatch clipped to args.max_grad_norm
         assert math.isfinite(record.loss) and record.loss > 0
+        assert record.update_ratio is not None and (record.update_ratio[np.isfinite(record.update_ratio)] > 0).any()
     assert args.max_grad_norm == CLIP  # restored after training
     # the linear schedule advanced once per applied update
     sched = trainer.lr_scheduler

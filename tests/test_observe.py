@@ -103,3 +103,58 @@ def test_docs_compile_snippet_runs(capsys):
     torch._dynamo.reset()
     exec(compile(doc_block("integrations.md", "compile"), "docs/integrations.md", "exec"), {"__name__": "__doc__"})
     assert "['0', '2']" in capsys.readouterr().out
+
+
+def _ratio_by_hand(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, float]:
+    """||w_after - w_before|| / ||w_before|| per layer, from the named parameters."""
+    dw: dict[str, float] = {}
+    w: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        layer = name.rpartition(".")[0]
+        dw[layer] = dw.get(layer, 0.0) + float((p.detach().double() - before[name].double()).pow(2).sum())
+        w[layer] = w.get(layer, 0.0) + float(before[name].double().pow(2).sum())
+    return {k: math.sqrt(dw[k] / w[k]) for k in dw}
+
+
+def test_observe_measures_the_update_ratio_once_the_callers_optimizer_stepped(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2, run_dir=tmp_path / "run", flush_every=2)
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    want = {}
+    for step in range(1, 9):
+        F.mse_loss(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        record = watch.observe(None).record
+        if step == 4:  # no optimizer.step() follows (a GradScaler that found inf): no ratio for this step
+            opt.zero_grad()
+            continue
+        opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            want[step] = _ratio_by_hand(before, model)
+            assert dict(zip(watch.layers, record.update_ratio.tolist())) == pytest.approx(want[step], rel=1e-5)
+        else:
+            assert record.update_ratio is None  # measured every 2nd step only
+    assert watch.history[3].update_ratio is None  # step 4: the hook was dropped by the next observe()
+    watch.close()
+    run = gw.load_run(tmp_path / "run")
+    ratios = run.steps["update_ratio"]  # the lines were encoded after the caller's step: they carry the ratio
+    for step, expect in want.items():
+        assert ratios[step - 1].tolist() == pytest.approx(list(expect.values()), rel=1e-4)
+    assert all(math.isnan(v) for v in ratios[3])
+
+
+def test_observe_update_ratio_raises_lr_too_high_for_updates_that_rewrite_the_weights():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)  # each update moves every weight by ~1: ratio >> 0.1
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    for _ in range(4):
+        F.mse_loss(model(x), y).backward()
+        watch.observe(None)
+        opt.step()
+        opt.zero_grad()
+    found = [f for f in watch.findings if f.code == "lr_too_high"]
+    assert found and found[0].evidence["update_ratio_median"] > 0.1
+    watch.close()

@@ -15,6 +15,8 @@ Order of calls on step N::
     after_backward(ctx)     gradients present (unscaled), before measuring
     veto(ctx, record)       after the one host sync: True asks to skip the update
     after_step(ctx, record) after the update (or skip): returns findings
+    after_update(record)    ``observe()`` only: the caller's ``optimizer.step()`` ran and
+                            ``record.update_ratio`` is now measured: returns findings
     abort(ctx)              instead of the rest, when the user's closure or backward
                             raised: remove whatever was armed for this step
     close()
@@ -79,6 +81,9 @@ class WatchPlugin:
         return False
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list["Finding"]:
+        return []
+
+    def after_update(self, record: "StepRecord") -> list["Finding"]:
         return []
 
     def abort(self, ctx: StepContext) -> None:

@@ -133,12 +133,18 @@ class RunWriter:
         self._queue.put(("json", ("layers.json", {"layers": layers})))
 
     def append(self, stream: str, record: dict[str, Any] | str | tuple[Callable[[int], str], int]) -> None:
-        """Buffer one record for ``stream`` (encoded at the next flush); steps count towards ``flush_every``."""
-        self._buffers[stream].append(record)
+        """Buffer one record for ``stream`` (encoded at the next flush); steps count towards ``flush_every``.
+
+        The buffer is flushed when the step *after* ``flush_every`` buffered ones
+        arrives: a step's line is encoded one step later at the soonest, so what
+        is measured after the step returns (``observe()``'s update ratio, taken
+        when the caller's optimizer has stepped) is still in it.
+        """
         if stream == "steps":
-            self._pending_steps += 1
             if self._pending_steps >= self.flush_every:
                 self.flush()
+            self._pending_steps += 1
+        self._buffers[stream].append(record)
 
     def append_step(self, record: dict[str, Any] | Callable[[int], str], matrices: dict[str, np.ndarray]) -> None:
         """Buffer one step: its JSON line (given its ``row``) and one float32 row per matrix.

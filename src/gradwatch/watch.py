@@ -68,6 +68,25 @@ def _to_host(scalars: list[torch.Tensor], body: torch.Tensor | list[torch.Tensor
     return packed.cpu().numpy()
 
 
+def _hookable_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer whose step hooks fire for ``optimizer``: itself, or the one a wrapper
+    (accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer) steps; None if there is none.
+
+    Example:
+        >>> opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> _hookable_optimizer(opt) is opt, _hookable_optimizer(object())
+        (True, None)
+    """
+    for _ in range(4):
+        if isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        optimizer = inner if inner is not None else getattr(optimizer, "_optimizer", None)
+        if optimizer is None:
+            return None
+    return None
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -179,6 +198,7 @@ class Watch:
         self._closed = False
         self._plan: _norms.MeasurePlan | None = None  # built once the depth order is known
         self._before: list[torch.Tensor] | None = None  # the update-ratio snapshot buffer
+        self._caller_update: Any = None  # observe(): the one-shot optimizer hook that measures the update
 
         self._hook_cache: dict[str, list[tuple[WatchPlugin, Callable[..., Any]]]] = {}
         self.diagnose = bool(diagnose)
@@ -303,8 +323,10 @@ class Watch:
         It never calls ``optimizer.step()`` or ``zero_grad()``: on a step to skip
         it sets every gradient to None, so the ``optimizer.step()`` that follows
         leaves the weights and the optimizer state unchanged (torch optimizers
-        pass over parameters without a gradient). ``update_ratio`` is not
-        measured on this path (the update happens after the call).
+        pass over parameters without a gradient). ``update_ratio`` (every
+        ``update_ratio_every`` steps) is measured when the caller's
+        ``optimizer.step()`` has run, by a one-shot optimizer hook (not under
+        torch.distributed on this path).
 
         Args:
             loss: the step's loss (tensor or float), for the record and the
@@ -340,6 +362,7 @@ class Watch:
             loss = torch.tensor(float(loss), dtype=torch.float64)
         elif loss is not None:
             self._check_loss(loss, "the loss passed to watch.observe() is")
+        self._drop_caller_update()  # still armed: no optimizer.step() followed the last observe()
         started = time.perf_counter()
         self._step += 1
         ctx = StepContext(step=self._step, closure=None, batch=batch)
@@ -361,6 +384,7 @@ class Watch:
         if self._closed:
             return
         self._closed = True
+        self._drop_caller_update()
         self.index.finish_order_tracking()
         for plugin in self.plugins:
             try:
@@ -520,11 +544,15 @@ class Watch:
         skip = (not finite) or (self._agree_veto(bool(vetoes)) if finite else bool(vetoes))
         record.skipped = skip
 
-        measure_update = apply and finite and not skip and ctx.step % self.update_ratio_every == 0
+        measure_update = finite and not skip and ctx.step % self.update_ratio_every == 0
+        if not apply:  # observe(): the caller's optimizer.step() will make the update (measured by a one-shot hook)
+            measure_update = measure_update and self._dist is None and _hookable_optimizer(self.optimizer) is not None
         before = self._snapshot_weights() if measure_update else None
         if not apply:  # observe(): the caller steps; a skipped step must leave weights and optimizer state as they are
             if skip:
                 self._drop_grads()
+            elif before is not None:
+                self._measure_caller_update(before, record, weight_values)
         elif skip:
             self.precision.update()
         else:
@@ -659,6 +687,35 @@ class Watch:
                     pass
             self._before = [p.detach().clone() for p in params]
             return self._before
+
+    def _measure_caller_update(self, before: list[torch.Tensor] | _norms.HostWeights, record: StepRecord,
+                               weight_norms: np.ndarray) -> None:
+        """observe(): fill ``record.update_ratio`` once the caller's ``optimizer.step()`` ran.
+
+        A one-shot ``register_step_post_hook`` on the optimizer measures the update
+        and calls the plugins' ``after_update``; the record's ``steps.jsonl`` line is
+        encoded at a later flush, so it carries the ratio. If no ``optimizer.step()``
+        follows (a GradScaler that found inf, a skipped step), the next ``observe()``
+        removes the hook and this step keeps no ratio.
+        """
+        self._drop_caller_update()
+
+        def measure(optimizer: Any, args: Any, kwargs: Any) -> None:
+            self._drop_caller_update()
+            try:
+                record.update_ratio = self._update_ratio(before, weight_norms)
+                for found in self._call_plugins("after_update", record):
+                    for finding in found:
+                        self.add_finding(finding)
+            except Exception as exc:  # never break the caller's optimizer step
+                self.errors.report("update ratio after optimizer.step()", exc)
+
+        self._caller_update = _hookable_optimizer(self.optimizer).register_step_post_hook(measure)
+
+    def _drop_caller_update(self) -> None:
+        handle, self._caller_update = self._caller_update, None
+        if handle is not None:
+            handle.remove()
 
     def _update_ratio(self, before: list[torch.Tensor] | list[np.ndarray], weight_norms: np.ndarray) -> np.ndarray:
         """Per layer ||w_after - w_before|| / ||w_before|| (NaN for an all-zero layer); one extra small transfer.

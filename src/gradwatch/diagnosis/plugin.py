@@ -156,6 +156,14 @@ class DiagnosisPlugin(WatchPlugin):
             findings += self.activation_rule.check(inp)
         return findings
 
+    def after_update(self, record: Any) -> list[Finding]:
+        """observe(): the update ratio arrived after the step's rules ran (the caller stepped)."""
+        inp = self._input
+        if inp is None or inp.record is not record or any(f.code == "lr_too_high" and f.step == record.step
+                                                          for f in self.watch.findings[-5:]):
+            return []
+        return self.update_rule.check(inp, self._lr())
+
     def abort(self, ctx: StepContext) -> None:
         self.sampler.disarm()  # the closure raised: never leave hooks or the function mode behind
 
