@@ -510,3 +510,20 @@ def test_sparse_embedding_gradients_are_measured_and_clipped_like_their_dense_fo
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
     watch.close()
+
+
+def test_a_weight_numpy_cannot_read_after_the_update_leaves_that_ratio_out_and_the_next_ones_exact() -> None:
+    class Transposing(torch.optim.SGD):  # stores one weight as a non-contiguous view after its first update
+        def step(self, closure=None):
+            super().step(closure)
+            first = self.param_groups[0]["params"][0]
+            if first.is_contiguous():
+                first.data = first.data.t().contiguous().t()
+            return None
+
+    model = _mlp()
+    opt = Transposing(model.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    x, y = _data(1)[0]
+    assert watch.step(lambda: F.mse_loss(model(x), y)).record.update_ratio is None  # snapshot by numpy, update moved it
+    _assert_update_ratio_of_next_step(watch, model, ["0", "2", "4"], lambda: F.mse_loss(model(x), y))  # foreach path now

@@ -84,13 +84,17 @@ def dense_values(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.values()  # compressed layouts (CSR, ...) keep one value per stored element
 
 
+def _tensor_norm_list(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    """Per-tensor norms of one (device, dtype) group as 0-d tensors (sparse gradients too)."""
+    try:
+        return list(torch._foreach_norm(tensors, norm_type))
+    except (RuntimeError, NotImplementedError):  # sparse tensors, a backend without foreach: one by one
+        return [torch.linalg.vector_norm(dense_values(t), norm_type) for t in tensors]
+
+
 def _tensor_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """Per-tensor norms of one (device, dtype) group as one 1-D tensor (sparse gradients too)."""
-    try:
-        norms = torch._foreach_norm(tensors, norm_type)
-    except (RuntimeError, NotImplementedError):  # sparse tensors, a backend without foreach: one by one
-        norms = [torch.linalg.vector_norm(dense_values(t), norm_type) for t in tensors]
-    return torch.stack(norms)
+    return torch.stack(_tensor_norm_list(tensors, norm_type))
 
 
 def layer_powers(
@@ -390,11 +394,7 @@ class MeasurePlan:
         host = self.host is not None and self.host.current()
         norms: list[torch.Tensor] = []
         for key, bucket in grad_groups.items():
-            tensors = bucket if host else bucket + self._weight_groups.tensors[key]
-            try:
-                norms += torch._foreach_norm(tensors, 2.0)
-            except (RuntimeError, NotImplementedError):  # sparse gradients, a backend without foreach
-                norms += [torch.linalg.vector_norm(dense_values(t)) for t in tensors]
+            norms += _tensor_norm_list(bucket if host else bucket + self._weight_groups.tensors[key], 2.0)
         return TensorGroups(grad_groups, self._slots_by_key), norms, self._layer_norms2_host if host else self.layer_norms2
 
     def layer_norms2(self, tensor_norms: np.ndarray) -> np.ndarray:

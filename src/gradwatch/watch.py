@@ -717,22 +717,22 @@ class Watch:
         if handle is not None:
             handle.remove()
 
-    def _update_ratio(self, before: list[torch.Tensor] | list[np.ndarray], weight_norms: np.ndarray) -> np.ndarray:
+    def _update_ratio(self, before: list[torch.Tensor] | list[np.ndarray], weight_norms: np.ndarray) -> np.ndarray | None:
         """Per layer ||w_after - w_before|| / ||w_before|| (NaN for an all-zero layer); one extra small transfer.
 
         ``weight_norms`` are this step's per-layer weight norms (host values, before the update).
         The per-tensor norms of the difference come over in one transfer and are summed per layer
-        on the host (a few dozen numbers: cheaper than a chain of small device ops).
+        on the host (a few dozen numbers: cheaper than a chain of small device ops). None when
+        numpy took the snapshot and a weight can no longer be read by numpy after the update
+        (it left the CPU or changed its dtype inside the optimizer step).
         """
         with torch.no_grad():
             params = self.index.params if self._dist is None else self._dist.local_params(self.index.params)
             host = self._plan.host if self._dist is None and self._plan is not None else None
             if isinstance(before[0], np.ndarray):  # numpy copied the weights: numpy takes the difference
-                if host is not None and host.current():
-                    tensor_squares = host.delta_squares(before)
-                else:  # a parameter moved during the optimizer step: the same numbers through torch
-                    deltas = [torch.from_numpy(b).view_as(p).sub_(p) for b, p in zip(before, params)]
-                    tensor_squares = [n * n for n in _norms._tensor_norms(deltas, 2.0).cpu().tolist()]
+                if host is None or not host.current():  # a weight left what numpy reads during the update
+                    return None
+                tensor_squares = host.delta_squares(before)
             else:
                 torch._foreach_sub_(before, params)  # before := before - after = -dw
                 if self._dist is not None:  # sharded: sum the local parts across ranks (one collective)
