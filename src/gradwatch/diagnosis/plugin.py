@@ -75,6 +75,7 @@ class DiagnosisPlugin(WatchPlugin):
         self._weight_scales: dict[str, float] = {}
         self._kinds: set[str] = set()
         self._input: RuleInput | None = None
+        self._lr_flagged = False  # the norm-growth rule raised lr_too_high on the latest step
 
     def attach(self, watch: Watch) -> None:
         self.watch = watch
@@ -143,8 +144,11 @@ class DiagnosisPlugin(WatchPlugin):
         findings: list[Finding] = []
         if not self.init_rule.done:
             findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold)
-        findings += self.lr_rule.check(inp, lr)
-        if record.update_ratio is not None and not any(f.code == "lr_too_high" for f in findings):
+        lr_found = self.lr_rule.check(inp, lr)  # lr_too_high from the norm's growth (or nothing)
+        self._lr_flagged = bool(lr_found)  # one lr_too_high a step is enough
+        if lr_found:
+            findings += lr_found
+        elif record.update_ratio is not None:
             findings += self.update_rule.check(inp, lr)
         if sampled_now or ctx.step % self.check_every == 0:
             findings += self.depth_rule.check(inp)
@@ -159,8 +163,7 @@ class DiagnosisPlugin(WatchPlugin):
     def after_update(self, record: Any) -> list[Finding]:
         """observe(): the update ratio arrived after the step's rules ran (the caller stepped)."""
         inp = self._input
-        if inp is None or inp.record is not record or any(f.code == "lr_too_high" and f.step == record.step
-                                                          for f in self.watch.findings[-5:]):
+        if inp is None or inp.record is not record or self._lr_flagged:  # not this step's, or already said
             return []
         return self.update_rule.check(inp, self._lr())
 
