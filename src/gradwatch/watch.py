@@ -545,14 +545,16 @@ class Watch:
         record.skipped = skip
 
         measure_update = finite and not skip and ctx.step % self.update_ratio_every == 0
-        if not apply:  # observe(): the caller's optimizer.step() will make the update (measured by a one-shot hook)
-            measure_update = measure_update and self._dist is None and _hookable_optimizer(self.optimizer) is not None
+        hookable = None
+        if not apply and measure_update:  # observe(): the caller's optimizer.step() makes the update (a one-shot hook)
+            hookable = _hookable_optimizer(self.optimizer) if self._dist is None else None
+            measure_update = hookable is not None
         before = self._snapshot_weights() if measure_update else None
         if not apply:  # observe(): the caller steps; a skipped step must leave weights and optimizer state as they are
             if skip:
                 self._drop_grads()
-            elif before is not None:
-                self._measure_caller_update(before, record, weight_values)
+            elif before is not None and hookable is not None:
+                self._measure_caller_update(hookable, before, record, weight_values)
         elif skip:
             self.precision.update()
         else:
@@ -688,11 +690,11 @@ class Watch:
             self._before = [p.detach().clone() for p in params]
             return self._before
 
-    def _measure_caller_update(self, before: list[torch.Tensor] | _norms.HostWeights, record: StepRecord,
-                               weight_norms: np.ndarray) -> None:
+    def _measure_caller_update(self, optimizer: torch.optim.Optimizer, before: list[torch.Tensor] | list[np.ndarray],
+                               record: StepRecord, weight_norms: np.ndarray) -> None:
         """observe(): fill ``record.update_ratio`` once the caller's ``optimizer.step()`` ran.
 
-        A one-shot ``register_step_post_hook`` on the optimizer measures the update
+        A one-shot ``register_step_post_hook`` on ``optimizer`` (the one the caller steps) measures the update
         and calls the plugins' ``after_update``; the record's ``steps.jsonl`` line is
         encoded at a later flush, so it carries the ratio. If no ``optimizer.step()``
         follows (a GradScaler that found inf, a skipped step), the next ``observe()``
@@ -700,7 +702,7 @@ class Watch:
         """
         self._drop_caller_update()
 
-        def measure(optimizer: Any, args: Any, kwargs: Any) -> None:
+        def measure(stepped: Any, args: Any, kwargs: Any) -> None:
             self._drop_caller_update()
             try:
                 record.update_ratio = self._update_ratio(before, weight_norms)
@@ -710,7 +712,7 @@ class Watch:
             except Exception as exc:  # never break the caller's optimizer step
                 self.errors.report("update ratio after optimizer.step()", exc)
 
-        self._caller_update = _hookable_optimizer(self.optimizer).register_step_post_hook(measure)
+        self._caller_update = optimizer.register_step_post_hook(measure)
 
     def _drop_caller_update(self) -> None:
         handle, self._caller_update = self._caller_update, None
