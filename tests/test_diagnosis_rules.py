@@ -464,3 +464,30 @@ def test_dead_share_is_the_share_of_units_zero_for_every_example(shape):
     stats = sampler.collect(1).activations["site"]
     assert stats["units"] == 12
     assert stats["dead"] == pytest.approx(5 / 12)
+
+
+def test_a_layer_called_twice_sums_its_calls():
+    """One Linear + ReLU applied twice: dL/dh norms of both calls add in squares (checked against autograd),
+    and a unit is dead only when it is zero in every example of both calls."""
+    torch.manual_seed(0)
+    layer, act = nn.Linear(6, 6), nn.ReLU()
+    with torch.no_grad():
+        layer.bias[:2] = -100.0  # units 0, 1: dead in both calls
+    sampler = ActivationSampler(nn.Sequential(layer, act), ["0"])
+    x = torch.randn(32, 6)
+    sampler.arm()
+    h1 = layer(x)
+    h1.retain_grad()
+    a1 = act(h1)
+    h2 = layer(a1)
+    h2.retain_grad()
+    act(h2).pow(2).sum().backward()
+    sampler.disarm()
+    sample = sampler.collect(1)
+    expected = math.sqrt(h1.grad.pow(2).sum().item() + h2.grad.pow(2).sum().item())
+    assert sample.grad_norm["0"] == pytest.approx(expected, rel=1e-5)
+    assert sample.grad_rms["0"] == pytest.approx(expected / math.sqrt(2 * 32 * 6), rel=1e-5)
+    peaks = torch.maximum(torch.relu(h1).amax(0), torch.relu(h2).amax(0))
+    stats = sample.activations["1"]
+    assert stats["examples"] == 64 and stats["units"] == 6
+    assert stats["dead"] == pytest.approx((peaks <= 0).sum().item() / 6) and stats["dead"] >= 2 / 6

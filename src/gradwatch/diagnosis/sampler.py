@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -149,6 +150,10 @@ class ActivationSampler:
         #: whether the model calls functional activations: None until a whole sampled forward ran under the mode
         self.functional: bool | None = None
         self._found_functional = False
+        self._grad_hooks: dict[str, Callable] = {}
+        # the forward hooks, made once (arm() only registers them): curve layers, then activation modules
+        self._forward_hooks = [(m, self._layer_hook(n)) for n, m in self.curve_layers.items()]
+        self._forward_hooks += [(m, self._act_hook(n, kind)) for n, (m, kind) in self.act_modules.items()]
         self._reset()
 
     @property
@@ -158,7 +163,7 @@ class ActivationSampler:
     def _reset(self) -> None:
         self._grad_norms: dict[str, list[torch.Tensor]] = {}  # layer -> ||dL/dh|| of each call
         self._grad_numel: dict[str, int] = {}
-        self._alive: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, alive mask, examples)
+        self._peak: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, per-unit max, examples)
         self._sat: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, count in tails, numel)
         self._order: list[str] = []
         self._last_layer = ""
@@ -173,16 +178,17 @@ class ActivationSampler:
             dims = _unit_reduce_dims(y)
             if dims is None:
                 return
-            # ReLU-family outputs are >= 0: the max over the batch says alive in one pass (NaN counts as alive)
-            alive = (y.amax(dim=dims) <= 0).logical_not_() if dims else (y <= 0).logical_not_()
-            examples = y.numel() // max(1, alive.numel())
-            prev = self._alive.get(site)
-            if prev is not None and prev[1].shape == alive.shape:
-                alive = alive | prev[1]
+            # ReLU-family outputs are >= 0: a unit's largest value over the batch says whether it is
+            # alive (> 0, or NaN); one reduction here, the comparison on the host in collect()
+            peak = y.amax(dim=dims)
+            examples = y.numel() // max(1, peak.numel())
+            prev = self._peak.get(site)
+            if prev is not None and prev[1].shape == peak.shape:
+                peak = torch.maximum(prev[1], peak)  # NaN propagates: counted alive
                 examples += prev[2]
             elif site not in self._order:
                 self._order.append(site)
-            self._alive[site] = (kind, alive, examples)
+            self._peak[site] = (kind, peak, examples)
         else:
             if kind == "sigmoid":
                 tails = (y < SIGMOID_LOW) | (y > 1.0 - SIGMOID_LOW)
@@ -199,15 +205,23 @@ class ActivationSampler:
             self._sat[site] = (kind, count, numel)
 
     def _grad_hook(self, name: str) -> Callable:
+        """The tensor hook that takes ``||dL/dh||`` of layer ``name``'s output (made once per layer)."""
+        hook = self._grad_hooks.get(name)
+        if hook is not None:
+            return hook
+
         def grad_hook(grad: torch.Tensor) -> None:
             g = grad.detach()  # half precision is measured in float32 (its square would overflow)
             norm = torch.linalg.vector_norm(g, dtype=torch.float32) if g.element_size() < 4 else torch.linalg.vector_norm(g)
             self._grad_norms.setdefault(name, []).append(norm)
             self._grad_numel[name] = self._grad_numel.get(name, 0) + grad.numel()
 
+        self._grad_hooks[name] = grad_hook
         return grad_hook
 
     def _layer_hook(self, name: str) -> Callable:
+        grad_hook = self._grad_hook(name)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._last_layer = name
             out = output[0] if isinstance(output, (tuple, list)) and output else output
@@ -216,7 +230,7 @@ class ActivationSampler:
             # our own tensor calls must not go through the functional-activation mode (when it is on)
             with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
                 if out.requires_grad and torch.is_grad_enabled():
-                    out.register_hook(self._grad_hook(name))
+                    out.register_hook(grad_hook)
 
         return hook
 
@@ -238,12 +252,10 @@ class ActivationSampler:
         if self._handles:
             return
         self._reset()
-        for name, module in self.curve_layers.items():
-            self._handles.append(module.register_forward_hook(self._layer_hook(name)))
-        for name, (module, kind) in self.act_modules.items():
-            if self.functional is not False:  # the pre-hook only keeps the mode from counting a module twice
-                self._handles.append(module.register_forward_pre_hook(self._act_pre_hook))
-            self._handles.append(module.register_forward_hook(self._act_hook(name, kind)))
+        handles = self._handles
+        if self.functional is not False:  # the pre-hook only keeps the mode from counting a module twice
+            handles += [module.register_forward_pre_hook(self._act_pre_hook) for module, _ in self.act_modules.values()]
+        handles += [module.register_forward_hook(hook) for module, hook in self._forward_hooks]
 
     def enter_mode(self) -> None:
         """Catch functional activations until :meth:`exit_mode` (call around the closure's forward only).
@@ -271,42 +283,49 @@ class ActivationSampler:
         self._handles = []
 
     def collect(self, step: int) -> ActivationSample:
-        """Carry every statistic to the host in one transfer and clear them."""
+        """Carry every statistic to the host in one transfer and clear them.
+
+        On the device only the stacking: the squares, the units alive (max > 0,
+        or NaN) and the shares are worked out on the host in float64.
+        """
         sample = ActivationSample(step=step)
         grad_names = list(self._grad_norms)
-        dead_sites = [s for s in self._order if s in self._alive and self._alive[s][2] >= MIN_EXAMPLES]
+        norms = [n for name in grad_names for n in self._grad_norms[name]]  # ||dL/dh|| of every call, layer by layer
+        dead_sites = [s for s in self._order if s in self._peak and self._peak[s][2] >= MIN_EXAMPLES
+                      and self._peak[s][1].numel() > 0]
         sat_sites = [s for s in self._order if s in self._sat]
-        parts: list[torch.Tensor] = []  # float32 scalars (MPS has no float64), one transfer for all
-        for name in grad_names:  # ||dL/dh||^2 summed over the calls of the layer
-            norms = self._grad_norms[name]
-            sq = norms[0].square() if len(norms) == 1 else torch.stack(norms).square().sum()
-            parts.append(sq if sq.dtype == torch.float32 else sq.float())
-        for site in dead_sites:  # units alive (the dead share is worked out on the host)
-            parts.append(self._alive[site][1].sum(dtype=torch.float32))
-        for site in sat_sites:
-            parts.append(self._sat[site][1].float())
-        values: list[float] = []
+        parts: list[torch.Tensor] = [torch.stack(norms)] if norms else []
+        parts += [self._peak[site][1].reshape(-1) for site in dead_sites]
+        if sat_sites:
+            parts.append(torch.stack([self._sat[site][1] for site in sat_sites]))
+        values = np.empty(0)
         if parts:
             try:
-                packed = torch.stack(parts)
+                packed = torch.cat(parts) if len(parts) > 1 else parts[0]  # promotes to the widest float dtype
             except RuntimeError:  # statistics on several devices
-                packed = torch.stack([p.to(parts[0].device) for p in parts])
-            values = packed.cpu().tolist()  # the one transfer
+                packed = torch.cat([p.to(parts[0].device) for p in parts])
+            if packed.dtype == torch.bfloat16:  # numpy has no bfloat16
+                packed = packed.float()
+            values = packed.cpu().numpy().astype(np.float64)  # the one transfer
+        norm_values = values[: len(norms)].tolist()
         i = 0
         for name in grad_names:
-            sq = values[i]
-            i += 1
+            calls = len(self._grad_norms[name])
+            sq = sum(v * v for v in norm_values[i : i + calls])  # ||dL/dh||^2 summed over the layer's calls
+            i += calls
             sample.grad_norm[name] = math.sqrt(sq) if sq >= 0 else math.nan
             sample.grad_rms[name] = math.sqrt(sq / max(1, self._grad_numel[name])) if sq >= 0 else math.nan
-        for site in dead_sites:
-            kind, alive, examples = self._alive[site]
-            units = alive.numel()
-            sample.activations[site] = {"kind": kind, "dead": 1.0 - values[i] / max(1, units), "units": int(units),
-                                        "examples": examples}
-            i += 1
-        for site in sat_sites:
+        if dead_sites:
+            units = [self._peak[site][1].numel() for site in dead_sites]
+            peaks = values[i : i + sum(units)]
+            alive = np.add.reduceat(~(peaks <= 0), np.cumsum([0] + units[:-1])).tolist()  # NaN counts as alive
+            i += len(peaks)
+            for site, n_units, n_alive in zip(dead_sites, units, alive):
+                kind, _, examples = self._peak[site]
+                sample.activations[site] = {"kind": kind, "dead": 1.0 - n_alive / n_units, "units": n_units,
+                                            "examples": examples}
+        for site, count in zip(sat_sites, values[i:].tolist()):
             kind, _, numel = self._sat[site]
-            sample.activations[site] = {"kind": kind, "saturated": values[i] / max(1, numel), "numel": numel}
-            i += 1
+            sample.activations[site] = {"kind": kind, "saturated": count / max(1, numel), "numel": numel}
         self._reset()
         return sample
