@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -82,18 +83,24 @@ def test_norm_pattern_rejects_mismatched_skipped():
         norm_pattern([1.0, 2.0], skipped=[False])
 
 
-def test_column_geometric_medians_equal_window_log_median() -> None:
+@pytest.mark.parametrize("gaps", [False, True])
+def test_geometric_medians_equal_numpy_median_of_logs(gaps: bool) -> None:
+    """Both helpers against exp(nanmedian(log)) over the finite positive entries (the sort path without gaps)."""
     from gradwatch.diagnosis.curve import column_geometric_medians, window_log_median
 
     rng = np.random.default_rng(0)
     for steps in (1, 2, 7, 20):
         rows = np.exp(rng.normal(0, 3, size=(steps, 9)))
-        rows[rng.random(rows.shape) < 0.15] = np.nan  # skipped or missing entries
-        rows[rng.random(rows.shape) < 0.1] = 0.0  # dead layers
-        rows[:, 4] = np.nan  # a column with nothing usable
-        want = window_log_median(rows)
-        got = np.array(column_geometric_medians(rows.T.tolist()))
-        np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+        if gaps:
+            rows[rng.random(rows.shape) < 0.15] = np.nan  # skipped or missing entries
+            rows[rng.random(rows.shape) < 0.1] = 0.0  # dead layers
+            rows[:, 4] = np.nan  # a column with nothing usable
+        usable = np.where(np.isfinite(rows) & (rows > 0), rows, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN column
+            want = np.exp(np.nanmedian(np.log(usable), axis=0))
+        np.testing.assert_allclose(window_log_median(rows), want, rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(np.array(column_geometric_medians(rows.T.tolist())), want, rtol=1e-12, equal_nan=True)
 
 
 def test_fit_depth_curve_matches_numpy_least_squares() -> None:

@@ -81,19 +81,27 @@ def fit_depth_curve(rms: Sequence[float], min_layers: int = 3) -> DepthFit | Non
     # Plain Python: a fit runs every few dozen steps on a handful of numbers, inside the training
     # loop, where numpy's per-call cost (with caches cold from the training step) dominates.
     values = [float(v) for v in (rms.reshape(-1).tolist() if isinstance(rms, np.ndarray) else rms)]
-    points = [(float(d), math.log(v)) for d, v in enumerate(values) if math.isfinite(v) and v > 0]
-    n = len(points)
+    xs: list[float] = []
+    ys: list[float] = []
+    for depth, value in enumerate(values):
+        if 0.0 < value < math.inf:  # NaN fails both comparisons
+            xs.append(float(depth))
+            ys.append(math.log(value))
+    n = len(xs)
     if n < max(2, min_layers):
         return None
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
-    ss_tot = sum((y - mean_y) ** 2 for _, y in points)
-    ss_res = sum((y - (mean_y + slope * (x - mean_x))) ** 2 for x, y in points)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    span = points[-1][0] - points[0][0]
-    first_last = math.exp(points[0][1] - points[-1][1])
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sxy = syy = 0.0  # centred sums, one pass
+    for x, y in zip(xs, ys):
+        dx, dy = x - mean_x, y - mean_y
+        sxx += dx * dx
+        sxy += dx * dy
+        syy += dy * dy
+    slope = sxy / sxx
+    ss_res = max(0.0, syy - slope * sxy)  # sum of squared residuals of the least-squares line
+    r2 = 1.0 - ss_res / syy if syy > 0 else 1.0
+    span = xs[-1] - xs[0]
+    first_last = math.exp(ys[0] - ys[-1])
     return DepthFit(gain=math.exp(-slope), slope=slope, total=math.exp(-slope * span), first_last_ratio=first_last,
                     r2=r2, n=n, rms=values)
 
@@ -125,6 +133,9 @@ def column_geometric_medians(columns: Sequence[Sequence[float]]) -> list[float]:
 def window_log_median(rows: np.ndarray) -> np.ndarray:
     """Per-layer geometric median over steps: ``exp(median(ln rows))`` over finite positive entries.
 
+    One sort of the window when every entry is finite and positive (the usual
+    window: a handful of numpy calls), else :func:`column_geometric_medians`.
+
     Args:
         rows: steps x layers array of RMS values.
 
@@ -133,15 +144,10 @@ def window_log_median(rows: np.ndarray) -> np.ndarray:
         [1.0, 10.0]
     """
     rows = np.asarray(rows, dtype=np.float64)
-    if rows.ndim != 2 or rows.shape[0] == 0:
+    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         return np.full(rows.shape[-1] if rows.ndim else 0, np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.where(np.isfinite(rows) & (rows > 0), np.log(np.where(rows > 0, rows, 1.0)), np.nan)
-    finite = np.isfinite(logs)
-    if finite.all():  # the common case: np.median is ~10x faster than np.nanmedian on small windows
-        return np.exp(np.median(logs, axis=0))
-    out = np.full(rows.shape[1], np.nan)
-    has = finite.any(axis=0)
-    if has.any():
-        out[has] = np.exp(np.nanmedian(logs[:, has], axis=0))
-    return out
+    ordered = np.sort(rows, axis=0)
+    if ordered[0].min() > 0 and ordered[-1].max() < math.inf:  # every entry finite and positive (NaN sorts last)
+        half = ordered.shape[0] // 2
+        return ordered[half].copy() if ordered.shape[0] % 2 else np.sqrt(ordered[half - 1] * ordered[half])
+    return np.array(column_geometric_medians(rows.T.tolist()))  # some entries left out: column by column

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..findings import Finding
-from .curve import DepthFit, column_geometric_medians, fit_depth_curve
+from .curve import DepthFit, fit_depth_curve, window_log_median
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
 from .robust import robust_zscore
 from .sampler import ActivationSample
@@ -133,7 +133,7 @@ class DepthCurveRule:
         self.check_every = check_every
         self.episodes = {"vanishing_gradients": Episode(), "exploding_gradients": Episode()}
         self._activation_cache: tuple[ActivationSample, DepthFit | None] | None = None
-        self._scales: list[float] | None = None  # sqrt(numel) of the curve layers (fixed for a run)
+        self._scales: np.ndarray | None = None  # sqrt(numel) of the curve layers (fixed for a run)
 
     def _weight_fit(self, inp: RuleInput) -> DepthFit | None:
         history = inp.history
@@ -141,11 +141,10 @@ class DepthCurveRule:
         rows = [r.layer_grad_norms for r in recent if r.finite]
         if not rows or any(len(row) != len(rows[0]) for row in rows):
             return None
-        columns = np.array(rows)[:, inp.curve_index].T.tolist()  # curve layer -> its norms over the window
-        if self._scales is None or len(self._scales) != len(columns):
-            self._scales = [math.sqrt(max(n, 1.0)) for n in inp.curve_numel.tolist()]
-        rms = [m / s for m, s in zip(column_geometric_medians(columns), self._scales)]  # RMS = norm / sqrt(numel)
-        return fit_depth_curve(rms, MIN_CURVE_LAYERS)
+        medians = window_log_median(np.array(rows)[:, inp.curve_index])  # per curve layer, over the window
+        if self._scales is None or len(self._scales) != len(medians):
+            self._scales = np.sqrt(np.maximum(inp.curve_numel, 1.0))
+        return fit_depth_curve(medians / self._scales, MIN_CURVE_LAYERS)  # RMS = norm / sqrt(numel)
 
     def _activation_fit(self, inp: RuleInput) -> DepthFit | None:
         if inp.sample is None:
