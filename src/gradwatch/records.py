@@ -10,6 +10,17 @@ import numpy as np
 
 from .findings import Finding, json_line
 
+_isfinite = math.isfinite
+# The steps.jsonl line of a common step, by (clip threshold?, loss scale?, update ratio?): one % per line.
+_STEP_LINE = {
+    (threshold, scale, ratio): (
+        '{"step":%d,"loss":%.9g,"grad_norm":%.9g,"clip_coef":%.9g,"clipped":%s,"skipped":%s,"time_ms":%.4f'
+        + (',"clip_threshold":%.9g' if threshold else "") + (',"loss_scale":%.9g' if scale else "")
+        + (',"update_ratio":[%s]' if ratio else "") + ',"row":%d}\n'
+    )
+    for threshold in (False, True) for scale in (False, True) for ratio in (False, True)
+}
+
 
 @dataclass
 class StepRecord:
@@ -45,38 +56,38 @@ class StepRecord:
         """:meth:`to_json` plus the matrix ``row``, encoded as one line of ``steps.jsonl``.
 
         The common step (finite numbers, nothing optional but the clip threshold,
-        the loss scale and the update ratio) is formatted directly, numbers with 9 significant
-        digits (a float32 exactly; the norms are float32 on the device): this
-        runs on every step of the training loop. Any other step goes through
-        ``json.dumps`` with full precision.
+        the loss scale and the update ratio) is formatted directly with one ``%``:
+        numbers with 9 significant digits (a float32 exactly; the norms are
+        float32 on the device), ``time_ms`` with 4 decimals, the update ratios with 5 digits.
+        Lines are encoded in the training loop's thread (at each flush of the
+        run directory). Any other step goes through ``json.dumps`` with full
+        precision.
 
         Example:
             >>> r = StepRecord(3, 0.5, 2.0, 0.5, 1.0, True, False, True, ["fc"], np.ones(1), np.ones(1), time_ms=1.25)
             >>> r.to_json_line(2)
-            '{"step":3,"loss":0.5,"grad_norm":2,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.25,"clip_threshold":1,"row":2}\\n'
+            '{"step":3,"loss":0.5,"grad_norm":2,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.2500,"clip_threshold":1,"row":2}\\n'
         """
         threshold, scale = self.clip_threshold, self.loss_scale
         ratios = self.update_ratio.tolist() if self.update_ratio is not None else None
         if (
-            self.extra or self.nonfinite_layers or self.missing_layers
-            or not self.loss_finite or not math.isfinite(self.loss + self.grad_norm + self.clip_coef + self.time_ms)
-            or (threshold is not None and not math.isfinite(threshold)) or (scale is not None and not math.isfinite(scale))
-            or (ratios is not None and not all(math.isfinite(v) for v in ratios))
+            self.extra or self.nonfinite_layers or self.missing_layers or not self.loss_finite
+            or not _isfinite(self.loss + self.grad_norm + self.clip_coef + self.time_ms  # one check for all (NaN, inf)
+                             + (0.0 if threshold is None else threshold) + (0.0 if scale is None else scale)
+                             + (0.0 if ratios is None else sum(ratios)))
         ):
             data = self.to_json()
             data["row"] = row
             return json_line(data)
-        line = '{"step":%d,"loss":%.9g,"grad_norm":%.9g,"clip_coef":%.9g,"clipped":%s,"skipped":%s,"time_ms":%.6g' % (
-            self.step, self.loss, self.grad_norm, self.clip_coef,
-            "true" if self.clipped else "false", "true" if self.skipped else "false", round(self.time_ms, 4),
-        )
+        values: tuple[Any, ...] = (self.step, self.loss, self.grad_norm, self.clip_coef,
+                                   "true" if self.clipped else "false", "true" if self.skipped else "false", self.time_ms)
         if threshold is not None:
-            line += ',"clip_threshold":%.9g' % threshold
+            values += (threshold,)
         if scale is not None:
-            line += ',"loss_scale":%.9g' % scale
-        if ratios is not None:  # as to_json writes them: 5 significant digits
-            line += ',"update_ratio":[%s]' % ",".join(["%.5g" % v for v in ratios])
-        return line + ',"row":%d}\n' % row
+            values += (scale,)
+        if ratios is not None:  # 5 significant digits, as to_json writes them
+            values += (("%.5g," * len(ratios))[:-1] % tuple(ratios),)
+        return _STEP_LINE[threshold is not None, scale is not None, ratios is not None] % (values + (row,))
 
     def to_json(self) -> dict[str, Any]:
         """The step line of ``steps.jsonl`` (dense per-layer arrays go to the .f32 matrices)."""
