@@ -264,12 +264,15 @@ class HostWeights:
     def _bind(self) -> None:
         # detach().numpy() shares the parameter's memory (and keeps it alive while the view lives)
         self.views = [p.detach().numpy().reshape(-1) for p in self.params]
-        self._where = [(p.data_ptr(), p.numel()) for p in self.params]  # last: a failed rebind stays stale
+        self._dots = [v.dot for v in self.views]  # bound methods: v.dot(v) is the sum of squares
+        self._numels = list(map(torch.Tensor.numel, self.params))
+        self._pointers = list(map(torch.Tensor.data_ptr, self.params))  # last: a failed rebind stays stale
 
     def current(self) -> bool:
         """Whether the views show the parameters' memory (rebound here if a storage moved);
         False when a parameter can no longer be read in place."""
-        if [(p.data_ptr(), p.numel()) for p in self.params] == self._where:
+        # map() over the C methods: this runs on every step
+        if list(map(torch.Tensor.data_ptr, self.params)) == self._pointers and list(map(torch.Tensor.numel, self.params)) == self._numels:
             return True
         if not all(_host_eligible(p) for p in self.params):
             return False
@@ -281,9 +284,8 @@ class HostWeights:
 
     def squares(self) -> list[Any]:
         """Per parameter ``sum(w ** 2)`` (numpy scalars, the parameter's dtype)."""
-        dot = np.dot
         with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch's norm gives, without a warning
-            return [dot(v, v) for v in self.views]
+            return [dot(v) for dot, v in zip(self._dots, self.views)]
 
     def copy_into(self, buffers: list[np.ndarray] | None) -> list[np.ndarray]:
         """The weights copied into ``buffers`` (new ones when None or of other sizes)."""
@@ -354,6 +356,8 @@ class MeasurePlan:
         # ... then the device brings the gradients only (group order) and numpy adds the weights (parameter order)
         self._grad_then_weight_slots = np.array([self.slots[i] for idx in members.values() for i in idx]
                                                 + [s + n_layers for s in self.slots], dtype=np.intp)
+        squares = np.empty(2 * len(self.params))  # reused each step: (all, the gradients' part, the weights' part)
+        self._host_squares = (squares, squares[: len(self.params)], squares[len(self.params) :])
 
     def measure(
         self, grads: list[torch.Tensor | None], norm_type: float = 2.0
@@ -415,7 +419,9 @@ class MeasurePlan:
 
     def _layer_norms2_host(self, grad_norms: np.ndarray) -> np.ndarray:
         """:meth:`layer_norms2` when the device brought the gradients' norms only: the weights' squares come from numpy."""
-        squares = np.concatenate((np.square(grad_norms, dtype=np.float64), np.array(self.host.squares(), dtype=np.float64)))
+        squares, grad_part, weight_part = self._host_squares
+        np.square(grad_norms, out=grad_part, dtype=np.float64)
+        weight_part[:] = self.host.squares()
         return self._finish(squares, self._grad_then_weight_slots)
 
     def _finish(self, squares: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -516,14 +516,17 @@ class Watch:
         # min(1, max_norm / (total + 1e-6)) as clip_grad_norm_, and no multiply at all when it is 1.
         threshold = self.clipper.threshold()
         coef_value = self.clipper.coefficient(total_value, threshold) if threshold is not None and finite else 1.0
-        with torch.no_grad():
-            if coef_value < 1.0:
-                _norms.scale_(groups, coef_value)
-            if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
-                self.clipper.clip_unitwise_(index)
+        if coef_value < 1.0 or self.clipper.unitwise:
+            with torch.no_grad():
+                if coef_value < 1.0:
+                    _norms.scale_(groups, coef_value)
+                if self.clipper.unitwise:  # AGC: per-unit clip, after the pre-clip norms were taken
+                    self.clipper.clip_unitwise_(index)
 
         nonfinite_layers = [] if finite else [index.names[i] for i in np.flatnonzero(~np.isfinite(layer_values))]
-        missing = [index.names[i] for i in sorted({index.param_layer[j] for j, g in enumerate(grads) if g is None})] if any(g is None for g in grads) else []
+        missing = []  # the fast path (on_host) runs only when every parameter has a gradient
+        if on_host is None and any(g is None for g in grads):
+            missing = [index.names[i] for i in sorted({index.param_layer[j] for j, g in enumerate(grads) if g is None})]
         record = StepRecord(
             step=ctx.step,
             loss=loss_value,
