@@ -46,6 +46,8 @@ class StepContext:
     skipped_by: list[str] = field(default_factory=list)
     stepped: bool = False  # the optimizer has applied this step's update
     scratch: dict[str, Any] = field(default_factory=dict)  # per-step notes between plugins
+    #: every plugin was quiet (``quiet_step``) when the step began: the Watch skips the mid-step hooks
+    quiet: bool = False
 
 
 class WatchPlugin:

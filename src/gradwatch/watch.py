@@ -55,7 +55,7 @@ def _to_host(scalars: list[torch.Tensor], body: torch.Tensor | list[torch.Tensor
         [2.0, 3.0, 4.0]
     """
     if isinstance(body, list):
-        parts, join = [t.reshape(()) for t in scalars] + body, torch.stack
+        parts, join = [t if t.ndim == 0 else t.reshape(()) for t in scalars] + body, torch.stack
     else:
         parts, join = [t.reshape(1) for t in scalars] + [body], torch.cat
     try:
@@ -201,6 +201,7 @@ class Watch:
         self._caller_update: Any = None  # observe(): the one-shot optimizer hook that measures the update
 
         self._hook_cache: dict[str, list[tuple[WatchPlugin, Callable[..., Any]]]] = {}
+        self._quietable: list[WatchPlugin] | None = None  # plugins with a quietable hook (found on first use)
         self.diagnose = bool(diagnose)
         self.plugins: list[WatchPlugin] = self._default_plugins(self.diagnose)
         self.plugins.extend(plugins)
@@ -273,8 +274,9 @@ class Watch:
             )
         started = time.perf_counter()
         self._step += 1
-        ctx = StepContext(step=self._step, closure=closure, batch=batch)
-        self._call_plugins("before_forward", ctx)
+        ctx = StepContext(step=self._step, closure=closure, batch=batch, quiet=self._quiet_now())
+        if not ctx.quiet:
+            self._call_plugins("before_forward", ctx)
         try:
             loss = self._forward_backward(ctx, closure_or_loss)
         except BaseException:  # the user's closure or backward raised: let plugins remove what they armed
@@ -295,7 +297,8 @@ class Watch:
         if ctx.closure is not None:
             with self.precision.autocast():
                 loss = ctx.closure()
-            self._call_plugins("after_forward", ctx)
+            if not ctx.quiet:
+                self._call_plugins("after_forward", ctx)
             self._check_loss(loss, "the closure passed to watch.step() returned")
             backward_needed = True
         else:
@@ -365,12 +368,13 @@ class Watch:
         self._drop_caller_update()  # still armed: no optimizer.step() followed the last observe()
         started = time.perf_counter()
         self._step += 1
-        ctx = StepContext(step=self._step, closure=None, batch=batch)
+        ctx = StepContext(step=self._step, closure=None, batch=batch, quiet=self._quiet_now())
         if loss is None:
             ctx.scratch["loss_unknown"] = True
             loss = torch.zeros((), dtype=torch.float64)
         ctx.loss = loss
-        self._call_plugins("before_forward", ctx)
+        if not ctx.quiet:
+            self._call_plugins("before_forward", ctx)
         try:
             return self._measure_and_update(ctx, loss, started, apply=False)
         except NonFiniteError:
@@ -456,6 +460,18 @@ class Watch:
         if not loss.is_floating_point():
             raise TypeError(f"{what} a tensor of dtype {loss.dtype}; the loss must be a floating-point scalar")
 
+    def _quiet_now(self) -> bool:
+        """Whether every plugin that takes a mid-step hook is quiet for the coming step (see
+        ``WatchPlugin.quiet_step``): the Watch then skips those hooks altogether."""
+        plugins = self._quietable
+        if plugins is None:  # the plugins that override one of the quietable hooks, found once
+            plugins = self._quietable = [p for p in self.plugins if any(
+                getattr(type(p), m, None) is not getattr(WatchPlugin, m) for m in _QUIETABLE)]
+        for plugin in plugins:
+            if not plugin.quiet_step:
+                return False
+        return True
+
     def _call_plugins(self, method: str, *args: Any) -> list[Any]:
         callers = self._hook_cache.get(method)
         if callers is None:  # only the plugins that override this hook, as bound methods (this runs ~6 times a step)
@@ -489,14 +505,15 @@ class Watch:
                 self.writer.write_layers(self.layer_table)
         if apply:  # observe(): the caller unscaled (if it scales at all)
             self.precision.unscale_(self.optimizer)
-        self._call_plugins("after_backward", ctx)
+        if not ctx.quiet:
+            self._call_plugins("after_backward", ctx)
 
         with torch.no_grad():
             n_layers = len(index)
             grads = [p.grad for p in index.params]
             groups, norms, loss, on_host = self._measure(grads, loss)
             scale = self.precision.loss_scale_tensor()
-            head = [loss.detach()] if scale is None else [loss.detach(), scale]
+            head = [loss] if scale is None else [loss, scale]  # under no_grad: no detach needed
             host = _to_host(head, norms)  # the one host sync of the step
         width = len(head)
         scalars = host[:width].tolist()
@@ -543,7 +560,7 @@ class Watch:
             nonfinite_layers=nonfinite_layers,
             missing_layers=missing,
         )
-        vetoes = self._call_plugins("veto", ctx, record) if finite else []
+        vetoes = self._call_plugins("veto", ctx, record) if finite and not ctx.quiet else []
         skip = (not finite) or (self._agree_veto(bool(vetoes)) if finite else bool(vetoes))
         record.skipped = skip
 

@@ -362,7 +362,12 @@ class MissingGradRule:
         return not self.done and (self.never is None or bool(self.never))
 
     def check(self, inp: RuleInput) -> list[Finding]:
-        if self.done or self.steps < MISSING_AFTER:
+        if self.done:
+            return []
+        if self.never is not None and not self.never:  # every parameter had a gradient: nothing left to watch
+            self.done = True
+            return []
+        if self.steps < MISSING_AFTER:
             return []
         self.done = True
         if not self.never:
