@@ -138,18 +138,17 @@ class DiagnosisPlugin(WatchPlugin):
                                           curve_index=slots, curve_numel=numel, sample=None, sampled_now=False)
         inp.step, inp.record, inp.history, inp.sample, inp.sampled_now = ctx.step, record, self.watch.history, self.sample, sampled_now
         inp.skipped_by, inp.activation_kinds = ctx.skipped_by, self._kinds
-        lr = self._lr()
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []
         if not self.init_rule.done:
             findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold)
-        lr_found = self.lr_rule.check(inp, lr)  # lr_too_high from the norm's growth (or nothing)
+        lr_found = self.lr_rule.check(inp, self._lr)  # lr_too_high from the norm's growth (or nothing)
         self._lr_flagged = bool(lr_found)  # one lr_too_high a step is enough
         if lr_found:
             findings += lr_found
         elif record.update_ratio is not None:
-            findings += self.update_rule.check(inp, lr)
+            findings += self.update_rule.check(inp, self._lr())
         if sampled_now or ctx.step % self.check_every == 0:
             findings += self.depth_rule.check(inp)
         if not self.missing_rule.done:

@@ -17,7 +17,7 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -272,7 +272,8 @@ class LrRule:
         self.first: float | None = None
         self.episode = Episode(quiet=20)
 
-    def check(self, inp: RuleInput, lr: float | None) -> list[Finding]:
+    def check(self, inp: RuleInput, lr_of: Callable[[], float | None]) -> list[Finding]:
+        """Findings of this step; ``lr_of`` reads the learning rate (only when a finding is made)."""
         record = inp.record
         if self.first is None:
             self.first = record.grad_norm
@@ -291,6 +292,7 @@ class LrRule:
         if not self.episode.update(hit) or not hit:
             return []
         growth = record.grad_norm / max(self.first, 1e-30)
+        lr = lr_of()
         lr_text = f"from {lr:.3g} to {lr / 10:.3g}" if lr else "by 10x"
         return [Finding(
             "lr_too_high", "error", inp.step,
@@ -402,18 +404,22 @@ class ClippingRule:
         self.clipped_count = 0  # sum(self.flags), kept as the window slides
 
     def check(self, inp: RuleInput) -> list[Finding]:
-        if not self.fixed_threshold or inp.record.clip_threshold is None or not inp.record.finite:
+        record, flags = inp.record, self.flags
+        if not self.fixed_threshold or record.clip_threshold is None or not record.finite:
             return []
-        clipped = bool(inp.record.clipped)
-        if len(self.flags) == CLIP_MIN_STEPS:
-            self.clipped_count -= self.flags[0]
-        self.flags.append(clipped)
+        clipped = bool(record.clipped)
+        full = len(flags) == CLIP_MIN_STEPS
+        if full:
+            self.clipped_count -= flags[0]
+        flags.append(clipped)
         self.clipped_count += clipped
-        self.norms.append(float(inp.record.grad_norm))
-        if len(self.flags) < CLIP_MIN_STEPS:
+        self.norms.append(record.grad_norm)
+        if not full and len(flags) < CLIP_MIN_STEPS:
             return []
-        share = self.clipped_count / len(self.flags)
+        share = self.clipped_count / len(flags)
         hit = share >= CLIP_SHARE
+        if not hit and not self.episode.active:  # the usual step: nothing to report, no episode to close
+            return []
         if not self.episode.update(hit) or not hit:
             return []
         recent = self.flags
