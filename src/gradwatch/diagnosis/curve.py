@@ -147,7 +147,7 @@ def window_log_median(rows: np.ndarray) -> np.ndarray:
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         return np.full(rows.shape[-1] if rows.ndim else 0, np.nan)
     ordered = np.sort(rows, axis=0)
-    if ordered[0].min() > 0 and ordered[-1].max() < math.inf:  # every entry finite and positive (NaN sorts last)
+    if min(ordered[0].tolist()) > 0 and all(v < math.inf for v in ordered[-1].tolist()):  # all finite, > 0 (NaN sorts last)
         half = ordered.shape[0] // 2
         return ordered[half].copy() if ordered.shape[0] % 2 else np.sqrt(ordered[half - 1] * ordered[half])
     return np.array(column_geometric_medians(rows.T.tolist()))  # some entries left out: column by column

@@ -295,7 +295,7 @@ class ActivationSampler:
                       and self._peak[s][1].numel() > 0]
         sat_sites = [s for s in self._order if s in self._sat]
         parts: list[torch.Tensor] = [torch.stack(norms)] if norms else []
-        parts += [self._peak[site][1].reshape(-1) for site in dead_sites]
+        parts += [self._peak[site][1] for site in dead_sites]  # 1-D: one value per unit
         if sat_sites:
             parts.append(torch.stack([self._sat[site][1] for site in sat_sites]))
         values = np.empty(0)
@@ -318,7 +318,8 @@ class ActivationSampler:
         if dead_sites:
             units = [self._peak[site][1].numel() for site in dead_sites]
             peaks = values[i : i + sum(units)]
-            alive = np.add.reduceat(~(peaks <= 0), np.cumsum([0] + units[:-1])).tolist()  # NaN counts as alive
+            alive_flags = (~(peaks <= 0)).astype(np.float64)  # NaN counts as alive
+            alive = np.add.reduceat(alive_flags, np.cumsum([0] + units[:-1])).tolist()
             i += len(peaks)
             for site, n_units, n_alive in zip(dead_sites, units, alive):
                 kind, _, examples = self._peak[site]
