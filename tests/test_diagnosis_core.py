@@ -118,3 +118,62 @@ def test_fit_depth_curve_matches_numpy_least_squares() -> None:
     assert fit.r2 == pytest.approx(r2, rel=1e-10)
     assert fit.gain == pytest.approx(math.exp(-slope), rel=1e-10) and fit.n == 10
     assert fit.first_last_ratio == pytest.approx(rms[0] / rms[11], rel=1e-12)
+
+
+def _spike_run(losses: list[float], skipped_every: int, monkeypatch: pytest.MonkeyPatch | None) -> tuple[list, int]:
+    """Feed ``losses`` to a LossSpikeRule; (findings as (step, ratio), number of window sorts)."""
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis import rules
+
+    if monkeypatch is not None:  # the reference: every step sorts the window (no bound)
+        monkeypatch.setattr(rules, "SPIKE_BOUND_STEPS", 0)
+    rule = rules.LossSpikeRule()
+    sorts = 0
+    ordered = rule._ordered
+
+    def counted() -> list[float]:
+        nonlocal sorts
+        sorts += 1
+        return ordered()
+
+    rule._ordered = counted
+    found = []
+    for step, loss in enumerate(losses, 1):
+        finite = math.isfinite(loss)
+        record = SimpleNamespace(loss=loss, grad_norm=1.0 if finite else math.nan, loss_finite=finite, finite=finite,
+                                 extra={})
+        inp = SimpleNamespace(step=step, record=record, skipped_by=["spike"] if step % skipped_every == 0 else [])
+        found += [(f.step, f.evidence["ratio"]) for f in rule.check(inp)]
+    return found, sorts
+
+
+def test_loss_spike_bound_decides_like_sorting_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-comparison path never changes a decision: same findings as sorting the window on every step
+    (decaying, noisy, converged, negative and NaN losses, spikes, steps another plugin skipped)."""
+    rng = np.random.default_rng(3)
+    steps = np.arange(1500)
+    losses = 2.0 * np.exp(-steps / 150) * np.exp(rng.normal(0, 0.3, steps.size)) + 1e-4 * rng.random(steps.size)
+    losses[rng.choice(steps.size, 25, replace=False)] *= rng.choice([3.0, 8.0, 30.0, 1e3], 25)  # spikes, some below 10x
+    losses[rng.choice(steps.size, 6, replace=False)] = np.nan
+    losses[900:960] = rng.normal(-1.0, 0.2, 60)  # a loss that goes negative for a while
+    losses[1100:1140] = 0.0
+    values = losses.tolist()
+    fast, fast_sorts = _spike_run(values, 97, None)
+    with monkeypatch.context() as patch:
+        reference, reference_sorts = _spike_run(values, 97, patch)
+    assert fast == reference and len(reference) >= 5
+    assert fast_sorts < 0.25 * reference_sorts  # most steps were decided by the bound (it is exercised)
+    # the median falls within the bound's 10 steps (1.0 -> 0.01): a loss of 0.5 is then 50x the median;
+    # every phase of the bound's refresh against the fall
+    hits = 0
+    for ones in range(60, 70):
+        for spike_at in range(ones + 20, ones + 32):
+            drop = [1.0] * ones + [0.01] * 40
+            drop[spike_at] = 0.5
+            fast, _ = _spike_run(drop, 10**6, None)
+            with monkeypatch.context() as patch:
+                reference, _ = _spike_run(drop, 10**6, patch)
+            assert fast == reference, (ones, spike_at)
+            hits += len(reference)
+    assert hits >= 40

@@ -135,9 +135,11 @@ class DiagnosisPlugin(WatchPlugin):
         if inp is None:  # one RuleInput, updated in place each step (this runs on every step)
             names, slots, numel = self._curve_layers()
             inp = self._input = RuleInput(step=0, record=None, history=self.watch.history, layer_names=names,
-                                          curve_index=slots, curve_numel=numel, sample=None, sampled_now=False)
-        inp.step, inp.record, inp.history, inp.sample, inp.sampled_now = ctx.step, record, self.watch.history, self.sample, sampled_now
-        inp.skipped_by, inp.activation_kinds = ctx.skipped_by, self._kinds
+                                          curve_index=slots, curve_numel=numel, sample=self.sample, sampled_now=False,
+                                          activation_kinds=self._kinds)
+        inp.step, inp.record, inp.skipped_by, inp.sampled_now = ctx.step, record, ctx.skipped_by, sampled_now
+        if sampled_now or inp.history is not self.watch.history:
+            inp.history, inp.sample, inp.activation_kinds = self.watch.history, self.sample, self._kinds
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []

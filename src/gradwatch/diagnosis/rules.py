@@ -45,6 +45,7 @@ SPIKE_MIN_HISTORY = 20
 SPIKE_RATIO = 10.0
 SPIKE_LOG_Z = 6.0
 SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
+SPIKE_BOUND_STEPS = 10  # steps decided by one comparison between two sorts of the window
 # activations
 DEAD_SHARE = 0.6  # "most units" dead for every example of the batch (healthy deep nets reach 0.3-0.5)
 SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
@@ -278,10 +279,10 @@ class LrRule:
         if self.first is None:
             self.first = record.grad_norm
             return []
-        if not record.finite:
-            return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
         if record.grad_norm < DIVERGED_GROWTH * self.first and not self.episode.active:
             return []  # norm_pattern needs a finite norm DIVERGED_GROWTH times the first one
+        if not record.finite:
+            return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
         window = [r for r in list(inp.history)[-30:]]
         norms = [self.first] + [r.grad_norm for r in window]
         skipped = [False] + [bool(r.skipped) for r in window]
@@ -445,26 +446,59 @@ class ClippingRule:
 
 
 class LossSpikeRule:
-    """``loss_spike``: an order of magnitude above a robust recent baseline (NaN/inf and spikes never enter it)."""
+    """``loss_spike``: an order of magnitude above a robust recent baseline (NaN/inf never enter it).
+
+    The baseline is the median of the finite losses among the last ``SPIKE_WINDOW``
+    steps. Most steps are decided by one comparison: whenever the window is sorted
+    (at least every ``SPIKE_BOUND_STEPS`` steps) the rule keeps a value that no median
+    of the next ``SPIKE_BOUND_STEPS`` windows can fall below (each step replaces at
+    most one value), and a loss under ``SPIKE_RATIO`` times it cannot be a spike;
+    only the other steps sort the window (the same decision either way).
+    """
 
     def __init__(self) -> None:
-        self.losses: deque[float] = deque()  # the last SPIKE_WINDOW losses (non-finite ones too)
-        self.ordered: list[float] = []  # the finite ones among them, sorted (bisect keeps it O(window))
+        self.losses: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last SPIKE_WINDOW losses (non-finite ones too)
         self.episode = Episode(quiet=1)
+        self._clear_below = -math.inf  # a finite loss below this is no spike, for ...
+        self._clear_steps = 0  # ... this many more steps
+
+    def _ordered(self) -> list[float]:
+        """The finite losses of the window, sorted."""
+        return sorted(v for v in self.losses if math.isfinite(v))
 
     def _push(self, value: float) -> None:
         self.losses.append(value)
-        if math.isfinite(value):
-            bisect.insort(self.ordered, value)
-        if len(self.losses) > SPIKE_WINDOW:
-            old = self.losses.popleft()
-            if math.isfinite(old):
-                del self.ordered[bisect.bisect_left(self.ordered, old)]
+        self._clear_steps -= 1
+
+    def _bound(self) -> None:
+        """Sort the window (this step's loss in it) and set the bound for the next SPIKE_BOUND_STEPS steps.
+
+        The window before step j (1 <= j <= SPIKE_BOUND_STEPS) keeps all but at most
+        j - 1 of these n values and adds at most j - 1 new ones, so its median is at
+        least the value of rank (n - 2 (SPIKE_BOUND_STEPS - 1)) // 2 - 1 here (0-based).
+        """
+        ordered = self._ordered()
+        rank = (len(ordered) - 2 * (SPIKE_BOUND_STEPS - 1)) // 2 - 1
+        low = ordered[rank] if rank >= 0 and len(ordered) >= SPIKE_MIN_HISTORY else math.nan
+        self._clear_below = SPIKE_RATIO * low if low > 0 else -math.inf  # NaN: no bound
+        self._clear_steps = SPIKE_BOUND_STEPS
 
     def check(self, inp: RuleInput) -> list[Finding]:
         record = inp.record
         value = record.loss
-        ordered = self.ordered  # the window before this step (value joins it on the way out)
+        if (self._clear_steps > 0 and -math.inf < value < self._clear_below and record.grad_norm < math.inf
+                and not inp.skipped_by and not record.extra):  # the usual step: no sort, nothing to report
+            self._push(value)
+            if self.episode.active:
+                self.episode.update(False)
+            return []
+        try:
+            return self._check_sorted(inp, record, value)
+        finally:
+            self._bound()
+
+    def _check_sorted(self, inp: RuleInput, record: Any, value: float) -> list[Finding]:
+        ordered = self._ordered()  # the window before this step (value joins it on the way out)
         handled = (inp.skipped_by and any("spike" in str(s) for s in inp.skipped_by)) or (
             record.extra and any("spike" in str(k) for k in record.extra))
         if not record.finite or handled:
@@ -477,7 +511,7 @@ class LossSpikeRule:
                 self.episode.update(False)
             return []
         median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-        if median > 0 and value < SPIKE_RATIO * median:  # the common case: no spike, no MAD needed
+        if median > 0 and value < SPIKE_RATIO * median:  # no spike, no MAD needed
             self._push(value)
             if self.episode.active:
                 self.episode.update(False)
