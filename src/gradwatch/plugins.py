@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .watch import Watch
 
 
-@dataclass
+@dataclass(slots=True)
 class StepContext:
     """What one step carries between the Watch and its plugins."""
 

@@ -22,7 +22,7 @@ _STEP_LINE = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """Everything measured on one step (host-side numbers; per-layer arrays in depth order).
 
@@ -116,7 +116,7 @@ class StepRecord:
         return data
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     """What ``Watch.step`` returns.
 

@@ -86,7 +86,7 @@ class Episode:
         return False
 
 
-@dataclass
+@dataclass(slots=True)
 class RuleInput:
     """What the rules see on one step (all host-side)."""
 
