@@ -510,7 +510,7 @@ class LossSpikeRule:
             if self.episode.active:
                 self.episode.update(False)
             return []
-        median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+        median = _median_sorted(ordered)
         if median > 0 and value < SPIKE_RATIO * median:  # no spike, no MAD needed
             self._push(value)
             if self.episode.active:
