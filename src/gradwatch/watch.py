@@ -465,19 +465,24 @@ class Watch:
         ``WatchPlugin.quiet_step``): the Watch then skips those hooks altogether."""
         plugins = self._quietable
         if plugins is None:  # the plugins that override one of the quietable hooks, found once
-            plugins = self._quietable = [p for p in self.plugins if any(
-                getattr(type(p), m, None) is not getattr(WatchPlugin, m) for m in _QUIETABLE)]
+            takers = {id(p) for method in _QUIETABLE for p, _ in self._callers(method)}
+            plugins = self._quietable = [p for p in self.plugins if id(p) in takers]
         for plugin in plugins:
             if not plugin.quiet_step:
                 return False
         return True
 
-    def _call_plugins(self, method: str, *args: Any) -> list[Any]:
+    def _callers(self, method: str) -> list[tuple[WatchPlugin, Callable[..., Any]]]:
+        """The plugins that override hook ``method``, with their bound methods (found once per hook)."""
         callers = self._hook_cache.get(method)
-        if callers is None:  # only the plugins that override this hook, as bound methods (this runs ~6 times a step)
+        if callers is None:
             base = getattr(WatchPlugin, method)
             callers = [(p, getattr(p, method)) for p in self.plugins if getattr(type(p), method, base) is not base]
             self._hook_cache[method] = callers
+        return callers
+
+    def _call_plugins(self, method: str, *args: Any) -> list[Any]:
+        callers = self._callers(method)  # this runs ~6 times a step
         if not callers:
             return _NO_RESULTS
         out: list[Any] = []

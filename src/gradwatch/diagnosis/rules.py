@@ -13,7 +13,6 @@ are the single source.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -373,8 +372,6 @@ class MissingGradRule:
         if self.steps < MISSING_AFTER:
             return []
         self.done = True
-        if not self.never:
-            return []
         names = [n for n in self.param_names if n in self.never]
         layers = list(dict.fromkeys(self.layer_of.get(n, n) for n in names))
         return [Finding(
@@ -415,7 +412,7 @@ class ClippingRule:
         flags.append(clipped)
         self.clipped_count += clipped
         self.norms.append(record.grad_norm)
-        if not full and len(flags) < CLIP_MIN_STEPS:
+        if len(flags) < CLIP_MIN_STEPS:
             return []
         share = self.clipped_count / len(flags)
         hit = share >= CLIP_SHARE

@@ -150,7 +150,6 @@ class ActivationSampler:
         #: whether the model calls functional activations: None until a whole sampled forward ran under the mode
         self.functional: bool | None = None
         self._found_functional = False
-        self._grad_hooks: dict[str, Callable] = {}
         # the forward hooks, made once (arm() only registers them): curve layers, then activation modules
         self._forward_hooks = [(m, self._layer_hook(n)) for n, m in self.curve_layers.items()]
         self._forward_hooks += [(m, self._act_hook(n, kind)) for n, (m, kind) in self.act_modules.items()]
@@ -205,10 +204,7 @@ class ActivationSampler:
             self._sat[site] = (kind, count, numel)
 
     def _grad_hook(self, name: str) -> Callable:
-        """The tensor hook that takes ``||dL/dh||`` of layer ``name``'s output (made once per layer)."""
-        hook = self._grad_hooks.get(name)
-        if hook is not None:
-            return hook
+        """The tensor hook that takes ``||dL/dh||`` of layer ``name``'s output."""
 
         def grad_hook(grad: torch.Tensor) -> None:
             g = grad.detach()  # half precision is measured in float32 (its square would overflow)
@@ -216,11 +212,10 @@ class ActivationSampler:
             self._grad_norms.setdefault(name, []).append(norm)
             self._grad_numel[name] = self._grad_numel.get(name, 0) + grad.numel()
 
-        self._grad_hooks[name] = grad_hook
         return grad_hook
 
     def _layer_hook(self, name: str) -> Callable:
-        grad_hook = self._grad_hook(name)
+        grad_hook = self._grad_hook(name)  # made once with the layer's forward hook (in __init__)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._last_layer = name
