@@ -5,7 +5,7 @@ exploding and non-finite gradients in plain words, and applies the standard
 fixes. Two lines in a plain PyTorch loop::
 
     import gradwatch as gw
-    watch = gw.Watch(model, optimizer, clip_norm=1.0, run_dir="runs/exp1")
+    watch = gw.Watch(model, optimizer, clip_norm=1.0, run_dir="runs/exp1")   # clip_norm=None: measure only
     for x, y in loader:
         result = watch.step(lambda: loss_fn(model(x), y), batch=(x, y))
 
@@ -19,16 +19,14 @@ from typing import Any
 
 from .errors import GradwatchWarning, NonFiniteError
 from .findings import CODES, Finding
-from .plugins import StepContext, WatchPlugin
+from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, RepairConfig
+from .plugins import MicroBatch, SkipReason, StepContext, WatchPlugin, WatchView
 from .records import StepRecord, StepResult
 from .rundir import Run, load_run
+from .pipeline import StepState
 from .watch import Watch
-from .diagnosis import DiagnosisPlugin  # registers the diagnosis rules as a default plugin (issue 3)
+from .diagnosis import DiagnosisPlugin
 from .clipping import AGC, AutoClip, ZClip
-from . import repair as _repair  # registers on_spike= and lr_backoff= (issue 10)
-from . import nonfinite as _nonfinite  # registers the NaN root-cause plugin: replay, rollback, bundles (issue 4)
-from . import tensorboard as _tensorboard  # registers Watch(tensorboard=DIR) (issue 7)
-from . import amp as _amp  # registers the precision plugin: fp16/bf16 findings and forecast (issue 6)
 from .report import report  # gw.report(run_dir); matplotlib loads only when called
 from . import init, theory  # gradwatch.init (kaiming_/xavier_/orthogonal_/lsuv_), gw.theory (issue 5)
 from .preflight import Probe, probe  # gw.probe(model, batch): pre-flight check (issue 5)
@@ -37,9 +35,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGC",
+    "AmpConfig",
     "AutoClip",
     "CODES",
+    "DiagnosisConfig",
     "DiagnosisPlugin",
+    "MicroBatch",
+    "NonFiniteConfig",
+    "RepairConfig",
+    "SkipReason",
+    "StepState",
+    "WatchView",
     "Finding",
     "GradwatchWarning",
     "NonFiniteError",

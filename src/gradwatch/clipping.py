@@ -9,7 +9,7 @@ finite steps only: a NaN or inf norm never enters any statistic.
 Strategies (``Watch(clip_norm=...)``):
 
 - a float: :class:`FixedClip`, the rule of :func:`torch.nn.utils.clip_grad_norm_`.
-- ``"auto"``: :class:`AutoClip` (Seetharaman et al. 2020, "AutoClip: Adaptive
+- ``"autoclip"``: :class:`AutoClip` (Seetharaman et al. 2020, "AutoClip: Adaptive
   Gradient Clipping for Source Separation Networks"): the p-th percentile
   (default 10) of the norm history.
 - ``"zclip"``: :class:`ZClip` (Kumar et al. 2025, "ZClip: Adaptive Spike
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from . import norms as _norms
 if TYPE_CHECKING:  # pragma: no cover
     from .layers import LayerIndex
 
-CLIP_NAMES = ("auto", "zclip")
+CLIP_NAMES = ("autoclip", "zclip")
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
@@ -100,6 +101,33 @@ class NoClip:
     def observe(self, grad_norm: float) -> None:
         """Learn from a finite pre-clip global norm (the Watch never passes NaN or inf)."""
 
+    def bind(self, owner: object) -> None:
+        """Bind this clipper to the Watch that uses it; a second Watch gets a clear error.
+
+        A clipper keeps per-run state (AutoClip's history, ZClip's averages, AGC's
+        plan of one model): shared by two Watches it would mix two models' norms.
+
+        Raises:
+            ValueError: the clipper is already used by another Watch.
+
+        Example:
+            >>> clip = AutoClip(); clip.bind("watch A"); clip.bind("watch A")
+            >>> clip.bind("watch B")
+            Traceback (most recent call last):
+            ...
+            ValueError: this AutoClip(percentile=10, window=None, max_norm=None) is already used by another Watch ...
+        """
+        bound = getattr(self, "_owner", None)
+        if bound is not None and bound() is not None and bound() is not owner:
+            raise ValueError(
+                f"this {self!r} is already used by another Watch (a clipper keeps the state of one run); "
+                f"give each Watch its own, e.g. clip_norm=copy.deepcopy(clipper) or a new {type(self).__name__}(...)"
+            )
+        try:
+            self._owner = weakref.ref(owner)
+        except TypeError:  # an owner that cannot be weakly referenced (a str in the example)
+            self._owner = lambda: owner
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -155,7 +183,7 @@ class AutoClip(NoClip):
         2.0
     """
 
-    name = "auto"
+    name = "autoclip"
 
     def __init__(self, percentile: float = 10.0, window: int | None = None, max_norm: float | None = None) -> None:
         self.percentile = _check_number("percentile", percentile, low=0.0, high=100.0)
@@ -378,9 +406,9 @@ class AGC(NoClip):
             Default: 0.01 (NFNets' value for large batches).
         eps: floor of the weight norm (keeps zero-initialized units trainable).
             Default: 1e-3.
-        exclude: ``"auto"`` (skip the final classifier) or an iterable of
+        exclude: ``"classifier"`` (skip the final classifier) or an iterable of
             parameter names (``model.named_parameters()``) to leave unclipped;
-            ``()`` clips everything. Default: ``"auto"``.
+            ``()`` clips everything. Default: ``"classifier"``.
         max_norm: optional global-norm clip applied as well. Default: None.
 
     Example:
@@ -397,20 +425,20 @@ class AGC(NoClip):
     name = "agc"
     unitwise = True
 
-    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Any = "auto", max_norm: float | None = None) -> None:
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Any = "classifier", max_norm: float | None = None) -> None:
         self.clipping = _check_number("clipping", clipping, low=0.0)
         if math.isinf(self.clipping):
             raise ValueError(f"clipping must be a positive finite float, got {clipping!r}")
         self.eps = _check_number("eps", eps, low=0.0, low_open=False)
         if isinstance(exclude, str):
-            if exclude != "auto":
-                raise ValueError(f"exclude must be 'auto' or an iterable of parameter names, got {exclude!r}")
+            if exclude != "classifier":
+                raise ValueError(f"exclude must be 'classifier' or an iterable of parameter names, got {exclude!r}")
             self._exclude_names: list[str] | None = None
         else:
             try:
                 names = list(exclude)
             except TypeError:
-                raise TypeError(f"exclude must be 'auto' or an iterable of parameter names, got {exclude!r}") from None
+                raise TypeError(f"exclude must be 'classifier' or an iterable of parameter names, got {exclude!r}") from None
             if not all(isinstance(n, str) for n in names):
                 raise TypeError(f"exclude must hold parameter names (str), got {names!r}")
             self._exclude_names = names
@@ -425,7 +453,7 @@ class AGC(NoClip):
 
     # ----- finding the final classifier --------------------------------------------------
     def track(self, model: nn.Module) -> None:
-        """Check ``exclude`` against the model; with ``"auto"``, arm forward pre-hooks on every
+        """Check ``exclude`` against the model; with ``"classifier"``, arm forward pre-hooks on every
         ``nn.Linear`` to see which runs last (removed at the first clip). Called when the Watch is built.
 
         Raises:
@@ -517,8 +545,9 @@ def make_clipper(clip_norm: Any) -> NoClip:
 
     Args:
         clip_norm: None (measure only), a positive finite float (fixed clip),
-            ``"auto"`` (:class:`AutoClip`), ``"zclip"`` (:class:`ZClip`), or a
-            clipper object (:class:`AutoClip`, :class:`ZClip`, :class:`AGC`, ...).
+            ``"autoclip"`` (:class:`AutoClip`), ``"zclip"`` (:class:`ZClip`), or a
+            clipper object (:class:`AutoClip`, :class:`ZClip`, :class:`AGC`, ...)
+            not used by another Watch.
 
     Raises:
         ValueError / TypeError: for a negative, zero, non-finite or unknown value.
@@ -526,7 +555,7 @@ def make_clipper(clip_norm: Any) -> NoClip:
     Example:
         >>> make_clipper(1.0).threshold(), make_clipper(None).threshold()
         (1.0, None)
-        >>> make_clipper("auto")
+        >>> make_clipper("autoclip")
         AutoClip(percentile=10, window=None, max_norm=None)
     """
     if clip_norm is None:
@@ -534,10 +563,13 @@ def make_clipper(clip_norm: Any) -> NoClip:
     if isinstance(clip_norm, NoClip):
         return clip_norm
     if isinstance(clip_norm, str):
-        if clip_norm == "auto":
+        if clip_norm == "autoclip":
             return AutoClip()
         if clip_norm == "zclip":
             return ZClip()
+        if clip_norm == "auto":
+            raise ValueError("clip_norm='auto' is now spelled clip_norm='autoclip' (AutoClip: the 10th percentile "
+                             "of past norms); 'auto' was ambiguous with the integrations' clip settings")
         raise ValueError(
             f"clip_norm must be None, a positive float, one of {CLIP_NAMES} or a clipper such as "
             f"gradwatch.AGC(0.01); got {clip_norm!r}"

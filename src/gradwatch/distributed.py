@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
+from . import compat
 from . import norms as _norms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,14 +63,6 @@ def is_distributed() -> bool:
     return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed
-        return None
-    return DTensor
-
-
 def is_dtensor(tensor: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel parameters and gradients).
 
@@ -77,7 +70,7 @@ def is_dtensor(tensor: Any) -> bool:
         >>> is_dtensor(torch.ones(2))
         False
     """
-    cls = _dtensor_type()
+    cls = compat.dtensor_type()
     return cls is not None and isinstance(tensor, cls)
 
 
@@ -94,7 +87,7 @@ def local_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """
     if tensor is None or not is_dtensor(tensor):
         return tensor
-    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor.to_local()
+    return compat.dtensor_local(tensor)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -124,8 +117,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         inner = None
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             inner = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            inner = model._orig_mod
+        elif compat.compiled_inner_module(model) is not None:
+            inner = compat.compiled_inner_module(model)
         if inner is None:
             return model
         model = inner
@@ -280,18 +273,20 @@ class DistSync:
         loss: torch.Tensor,
         norm_type: float,
         device: torch.device,
+        exact: bool = False,
     ) -> tuple[_norms.TensorGroups, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global per-layer gradient powers, squared weight norms and mean loss; no host sync.
 
         Returns ``(groups, powers, weight_powers, loss)``: ``groups`` holds the
         *local* gradient tensors (clip them in place with :func:`gradwatch.norms.scale_`),
         ``powers`` and ``weight_powers`` are the powers of the full tensors
-        (identical on every rank), ``loss`` the mean loss over ranks (float64).
+        (identical on every rank), ``loss`` the mean loss over ranks (float64). ``exact``: the
+        per-tensor norms accumulated in float64 (see :meth:`gradwatch.norms.MeasurePlan.measure`).
         """
         if self._params is not index.params:  # first call, or the depth order changed
             self._build(index, device)
         local_grads = [local_tensor(g) for g in grads] if self.sharded else grads
-        groups, powers, weight_powers = self._plan.measure(local_grads, norm_type)
+        groups, powers, weight_powers = self._plan.measure(local_grads, norm_type, exact)
         dist = torch.distributed
         loss64 = loss.detach().reshape(1).to(device=powers.device, dtype=torch.float64) / self.world_size
         if not self.sharded:  # DDP: gradients already identical; agree on the loss and on finiteness

@@ -1,24 +1,42 @@
-"""Layers: which modules gradwatch measures, and in which order.
+"""Layers: which modules gradwatch measures, in which order, and which of their parameters right now.
 
-A *layer* is a module that owns parameters directly (``module._parameters``).
+A *layer* is a module that owns parameters directly (``named_parameters(recurse=False)``).
 Its *depth* is the order in which it first runs forward, not the order in which
 it was registered: a model that defines its head before its body still has its
 body at depth 0. A parameter shared by several modules (tied embeddings) is
-counted once, for the first module that registers it. Frozen parameters are
-listed but not measured.
+counted once, for the first module that registers it. Parameters the optimizer
+holds that are not in the model (a learnable temperature, a second model's
+head) form one more layer, ``"(outside model)"``.
+
+Every layer keeps one *slot* for the whole run: the per-layer arrays of a step
+record (norms, update ratios) have one entry per layer, frozen layers
+included (NaN while frozen), so a layer unfrozen later, or a parameter group
+added with ``add_param_group``, never shifts another layer's numbers. The
+*measured* parameters are those that require grad and that the optimizer holds
+(every trainable parameter when there is no optimizer): they are measured,
+clipped and checked. A trainable parameter of the model that the optimizer does
+not hold is listed in ``unheld`` (its gradient is never used by the update).
 
 :class:`LayerIndex` owns this bookkeeping: it watches the first forward pass
-with pre-hooks (removed as soon as the order is known) and then gives the flat,
-depth-ordered list of trainable parameters and, for each, the index of its layer.
+with pre-hooks (removed as soon as the order is known), gives the flat
+depth-ordered list of measured parameters with the slot of each, and tells
+cheaply (:meth:`LayerIndex.stale`: a few integer compares, plus one C-level
+pass over the flags of frozen parameters) when the optimizer's parameters or a
+frozen parameter's ``requires_grad`` changed, so that :meth:`refresh` rebuilds it.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+OUTSIDE_MODEL = "(outside model)"
+ROOT = "(root)"
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 @dataclass
@@ -26,8 +44,9 @@ class Layer:
     """One layer of the model, as listed in the run directory.
 
     ``depth`` is the execution order (0 = first to run forward); ``measured`` is
-    False for a layer whose parameters are all frozen or that holds only a
-    parameter shared with an earlier layer.
+    True while some parameter of the layer is measured (requires grad and is
+    held by the optimizer); ``in_optimizer`` is False for a layer none of whose
+    trainable parameters the optimizer holds.
     """
 
     name: str
@@ -40,6 +59,7 @@ class Layer:
     measured: bool
     ran_forward: bool = True
     shared_with: dict[str, str] = field(default_factory=dict)
+    in_optimizer: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +73,7 @@ class Layer:
             "measured": self.measured,
             "ran_forward": self.ran_forward,
             "shared_with": self.shared_with,
+            "in_optimizer": self.in_optimizer,
         }
 
 
@@ -61,12 +82,29 @@ def _owner_and_leaf(qualified_name: str) -> tuple[str, str]:
     return owner, leaf
 
 
+def optimizer_signature(optimizer: Any) -> tuple[int, int]:
+    """(number of param groups, number of parameters in them): what changes when groups are added or grow.
+
+    Example:
+        >>> opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> optimizer_signature(opt)
+        (1, 2)
+    """
+    groups = optimizer.param_groups
+    return len(groups), sum(len(group["params"]) for group in groups)
+
+
 class LayerIndex:
     """Depth-ordered layers of a model and the flat list of parameters to measure.
 
+    Args:
+        model: the model.
+        optimizer: the optimizer that steps it (None: measure every trainable
+            parameter, as the probe does). Default: None.
+
     Call :meth:`start_order_tracking` before the first forward pass and
     :meth:`finish_order_tracking` after it; until then the order is registration
-    order. After ``finish``, ``layers`` is sorted by execution order.
+    order.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -74,14 +112,30 @@ class LayerIndex:
         >>> index.start_order_tracking()
         >>> _ = model(torch.randn(3, 4))
         >>> index.finish_order_tracking()
-        >>> [layer.name for layer in index.measured_layers]
-        ['0', '2']
+        >>> index.names, len(index.params)
+        (['0', '2'], 4)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.optimizer = optimizer
+        self.version = 0  # bumped by every rebuild that changes what is measured or the layer list
+        self._order: list[str] = []
+        self._ran: set[str] = set()
+        self._tracked = False
+        self._handles: list[Any] = []
+        self._seen: list[str] = []
+        self._scan()
+        self._order = list(self._owned)  # registration order until tracked
+        self._ran = set(self._owned)
+        self._build()
+
+    # ----- what the model and the optimizer hold ---------------------------------------
+    def _scan(self) -> None:
+        """Walk the model (and the optimizer) for the owner of every parameter."""
+        model = self.model
         self._modules: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
         first_owner: dict[int, str] = {}
         owned: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -94,18 +148,26 @@ class LayerIndex:
                 continue
             first_owner[key] = qualified
             owned.setdefault(owner, []).append((qualified, param))
+        self._held: set[int] | None = None
+        if self.optimizer is not None:
+            self._held = set()
+            outside: list[tuple[str, nn.Parameter]] = []
+            for g, group in enumerate(self.optimizer.param_groups):
+                for i, param in enumerate(group["params"]):
+                    self._held.add(id(param))
+                    if id(param) not in first_owner:
+                        first_owner[id(param)] = f"param_groups[{g}][{i}]"
+                        outside.append((f"param_groups[{g}][{i}]", param))
+            if outside:
+                owned[OUTSIDE_MODEL] = outside
+            self._signature = optimizer_signature(self.optimizer)
         self._owned = owned
         self._shared = shared
-        self._order: list[str] = list(owned)  # registration order until tracked
-        self._ran: set[str] = set(owned)
-        self._handles: list[Any] = []
-        self._seen: list[str] = []
-        self._build()
 
     # ----- execution-order tracking -------------------------------------------------
     def start_order_tracking(self) -> None:
         """Register forward pre-hooks that record the order in which layers first run."""
-        if self._handles:
+        if self._handles or self._tracked:
             return
         self._seen = []
         seen_set: set[str] = set()
@@ -128,57 +190,104 @@ class LayerIndex:
         return bool(self._handles)
 
     def finish_order_tracking(self) -> None:
-        """Remove the hooks and sort layers by first execution (unseen ones last)."""
+        """Remove the hooks and sort layers by first execution (unseen ones last, the outside-model layer last)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         if not self._seen:
             return  # nothing ran forward under the hooks: keep registration order
-        unseen = [name for name in self._owned if name not in set(self._seen)]
-        self._order = list(self._seen) + unseen
-        self._ran = set(self._seen)
+        self._tracked = True
+        seen = set(self._seen)
+        unseen = [name for name in self._owned if name not in seen and name != OUTSIDE_MODEL]
+        self._order = list(self._seen) + unseen + ([OUTSIDE_MODEL] if OUTSIDE_MODEL in self._owned else [])
+        self._ran = seen
         self._build()
+
+    # ----- parameters that change ------------------------------------------------------
+    def stale(self) -> bool:
+        """Whether a parameter group was added or grew, or a frozen parameter was unfrozen, since the last build.
+
+        Cheap enough for every step: two integer compares and one C-level pass over
+        the ``requires_grad`` flags of the frozen parameters (none on a fully trainable model).
+        """
+        if self.optimizer is not None and optimizer_signature(self.optimizer) != self._signature:
+            return True
+        return bool(self._frozen) and any(map(_REQUIRES_GRAD, self._frozen))
+
+    def measured_frozen(self) -> bool:
+        """Whether a measured parameter no longer requires grad (checked when gradients are missing)."""
+        return not all(map(_REQUIRES_GRAD, self.params))
+
+    def refresh(self) -> bool:
+        """Rebuild from the model and the optimizer as they are now. Returns True when the layer list grew.
+
+        Known layers keep their slots; layers seen for the first time (a module added
+        to the model, parameters outside it added to the optimizer) are appended.
+        """
+        before = list(self.names)
+        self._scan()
+        known = set(self._order)
+        self._order = [n for n in self._order if n in self._owned] + [n for n in self._owned if n not in known]
+        if OUTSIDE_MODEL in self._order and self._order[-1] != OUTSIDE_MODEL and OUTSIDE_MODEL not in before:
+            self._order.remove(OUTSIDE_MODEL)
+            self._order.append(OUTSIDE_MODEL)
+        self._build()
+        return self.names[: len(before)] != before or len(self.names) != len(before)
 
     # ----- the index ---------------------------------------------------------------------
     def _build(self) -> None:
+        held = self._held
         layers: list[Layer] = []
         params: list[nn.Parameter] = []
         param_layer: list[int] = []
         param_names: list[str] = []
-        measured_names: list[str] = []
-        for depth, name in enumerate(self._order):
+        frozen: list[nn.Parameter] = []
+        unheld: list[tuple[str, nn.Parameter]] = []
+        for slot, name in enumerate(self._order):
             entries = self._owned[name]
-            module = self._modules.get(name, self.model)
+            module = self.model if name == OUTSIDE_MODEL else self._modules.get(name, self.model)
             trainable = [(n, p) for n, p in entries if p.requires_grad]
-            measured = bool(trainable)
+            measured = [(n, p) for n, p in trainable if held is None or id(p) in held]
+            frozen += [p for _, p in entries if not p.requires_grad]
+            unheld += [(n, p) for n, p in trainable if held is not None and id(p) not in held]
             layer = Layer(
-                name=name or "(root)",
-                type=type(module).__name__,
-                depth=depth,
+                name=name or ROOT,
+                type="(optimizer)" if name == OUTSIDE_MODEL else type(module).__name__,
+                depth=slot,
                 param_names=[n for n, _ in entries],
                 shapes=[list(p.shape) for _, p in entries],
                 numel=sum(p.numel() for _, p in entries),
-                trainable_numel=sum(p.numel() for _, p in trainable),
-                measured=measured,
-                ran_forward=name in self._ran,
+                trainable_numel=sum(p.numel() for _, p in measured),
+                measured=bool(measured),
+                ran_forward=name in self._ran or name == OUTSIDE_MODEL,
                 shared_with=dict(self._shared.get(name, {})),
+                in_optimizer=not trainable or bool(measured),
             )
             layers.append(layer)
-            if measured:
-                slot = len(measured_names)
-                measured_names.append(layer.name)
-                for n, p in trainable:
-                    params.append(p)
-                    param_layer.append(slot)
-                    param_names.append(n)
+            for n, p in measured:
+                params.append(p)
+                param_layer.append(slot)
+                param_names.append(n)
         self.layers: list[Layer] = layers
+        #: every layer name, one slot each for the whole run (the per-layer arrays of a record)
+        self.names: list[str] = [layer.name for layer in layers]
         self.measured_layers: list[Layer] = [layer for layer in layers if layer.measured]
-        self.names: list[str] = measured_names
+        #: the slots of the layers measured now
+        self.measured_slots: list[int] = [i for i, layer in enumerate(layers) if layer.measured]
         self.params: list[nn.Parameter] = params
         self.param_names: list[str] = param_names
         self.param_layer: list[int] = param_layer
-        self.layer_numel: list[int] = [layer.trainable_numel for layer in self.measured_layers]
+        self.layer_numel: list[int] = [layer.trainable_numel for layer in layers]
+        self._frozen = frozen
+        #: trainable parameters of the model that the optimizer does not hold: (name, parameter)
+        self.unheld: list[tuple[str, nn.Parameter]] = unheld
         self._param_layer_tensor: dict[torch.device, torch.Tensor] = {}
+        self.version += 1
+
+    @property
+    def measured_names(self) -> list[str]:
+        """Names of the layers measured now, in depth order."""
+        return [layer.name for layer in self.measured_layers]
 
     def param_layer_tensor(self, device: torch.device) -> torch.Tensor:
         """``param_layer`` as a long tensor on ``device`` (cached)."""
@@ -189,8 +298,10 @@ class LayerIndex:
         return cached
 
     def module(self, layer_name: str) -> nn.Module:
-        """The module behind a layer name ('(root)' is the model itself)."""
-        return self.model if layer_name == "(root)" else self._modules[layer_name]
+        """The module behind a layer name (``"(root)"`` and ``"(outside model)"`` are the model itself)."""
+        if layer_name in (ROOT, OUTSIDE_MODEL):
+            return self.model
+        return self._modules[layer_name]
 
     def __len__(self) -> int:
         return len(self.names)

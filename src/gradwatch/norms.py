@@ -19,6 +19,15 @@ the per-tensor norms ride in the step's one device-to-host transfer and are
 summed per layer there (a few dozen numbers), and on CPU numpy reads float32/
 float64 weights in place (:class:`HostWeights`) rather than paying a torch
 call per tensor for their norms.
+
+Overflow: per-layer and global sums are kept in float64, so norms that are
+finite in float32 never overflow when squared and added. A single float32
+tensor whose own sum of squares overflows (elements above ~1.8e19 / sqrt(n))
+comes back from the foreach kernel as inf, as from ``clip_grad_norm_``; the
+Watch then re-measures that step once with ``exact=True`` (float64
+accumulation, about 30x slower on CPU, only on such steps): finite gradients
+get their finite, exact norm, and only a gradient holding inf or NaN stays
+non-finite.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from . import compat
+from .fastpath import HostWeights
 
 _EPS = 1e-6  # the same epsilon as torch.nn.utils.clip_grad_norm_
 
@@ -84,17 +96,22 @@ def dense_values(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.values()  # compressed layouts (CSR, ...) keep one value per stored element
 
 
-def _tensor_norm_list(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
-    """Per-tensor norms of one (device, dtype) group as 0-d tensors (sparse gradients too)."""
-    try:
-        return list(torch._foreach_norm(tensors, norm_type))
-    except (RuntimeError, NotImplementedError):  # sparse tensors, a backend without foreach: one by one
-        return [torch.linalg.vector_norm(dense_values(t), norm_type) for t in tensors]
+def _tensor_norm_list(tensors: list[torch.Tensor], norm_type: float, exact: bool = False) -> list[torch.Tensor]:
+    """Per-tensor norms of one (device, dtype) group as 0-d tensors (sparse gradients too).
+
+    ``exact``: accumulate in float64 (finite and exact where a float32 sum of squares overflows).
+    """
+    return compat.foreach_norm(tensors, norm_type, dtype=torch.float64 if exact else None)
 
 
-def _tensor_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+def _tensor_norms(tensors: list[torch.Tensor], norm_type: float, exact: bool = False) -> torch.Tensor:
     """Per-tensor norms of one (device, dtype) group as one 1-D tensor (sparse gradients too)."""
-    return torch.stack(_tensor_norm_list(tensors, norm_type))
+    return torch.stack(_tensor_norm_list(tensors, norm_type, exact))
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for per-layer sums (a float32 sum of squares overflows at a norm of ~1.8e19), where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def layer_powers(
@@ -102,10 +119,12 @@ def layer_powers(
     n_layers: int,
     norm_type: float = 2.0,
     device: torch.device | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
-    """Per-layer ``sum_i |norm_i|^p`` (or ``max_i |norm_i|`` for ``p = inf``), float32+ on ``device``.
+    """Per-layer ``sum_i |norm_i|^p`` (or ``max_i |norm_i|`` for ``p = inf``), float64 on ``device`` (float32 on MPS).
 
-    Layers without any tensor get 0. No host sync.
+    Layers without any tensor get 0. No host sync. ``exact``: per-tensor norms accumulated in
+    float64 too (for gradients whose float32 sum of squares overflows; slower).
 
     Example:
         >>> g = group_tensors([torch.tensor([3.0]), torch.tensor([4.0])], [0, 0])
@@ -115,11 +134,10 @@ def layer_powers(
     norm_type = float(norm_type)
     if device is None:
         device = next(iter(groups.tensors))[0] if groups.tensors else torch.device("cpu")
-    dtypes = [key[1] for key in groups.tensors]
-    acc_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    acc_dtype = _accumulator_dtype(device)
     out = torch.zeros(n_layers, dtype=acc_dtype, device=device)
     for key, tensors in groups.tensors.items():
-        norms = _tensor_norms(tensors, norm_type).to(device=device, dtype=acc_dtype)
+        norms = _tensor_norms(tensors, norm_type, exact).to(device=device, dtype=acc_dtype)
         index = torch.tensor(groups.slots[key], dtype=torch.long, device=device)
         if math.isinf(norm_type):
             out.scatter_reduce_(0, index, norms, reduce="amax", include_self=True)
@@ -169,11 +187,7 @@ def scale_(groups: TensorGroups, coefficient: torch.Tensor | float) -> None:
     """
     for (device, _dtype), tensors in groups.tensors.items():
         coef = coefficient.to(device) if isinstance(coefficient, torch.Tensor) else coefficient
-        try:
-            torch._foreach_mul_(tensors, coef)
-        except (RuntimeError, NotImplementedError):
-            for tensor in tensors:
-                tensor.mul_(coef)
+        compat.foreach_mul_(tensors, coef)
 
 
 def per_layer_grad_norms_(
@@ -215,99 +229,6 @@ def per_layer_grad_norms_(
     return layer_norms, total, coef
 
 
-_HOST_DTYPES = (torch.float32, torch.float64)
-
-
-def _host_eligible(p: torch.Tensor) -> bool:
-    """A parameter numpy can read in place: a dense, contiguous float32/float64 CPU tensor."""
-    return (type(p.data) is torch.Tensor and p.device.type == "cpu" and p.layout == torch.strided  # no DTensor etc.
-            and p.dtype in _HOST_DTYPES and p.is_contiguous() and not p.is_conj() and not p.is_neg())
-
-
-class HostWeights:
-    """Flat numpy views of CPU weights, for their squared norms with no torch call per tensor.
-
-    On CPU a foreach kernel is a loop of per-tensor ATen calls (1-2 us each, most
-    of it dispatch on a small model); ``numpy.dot`` on a view that shares the
-    parameter's memory costs about a third of that (and sums in float32 at least
-    as accurately as ``linalg.vector_norm``). The views are built once and
-    checked against the parameters' data pointers and sizes on every use, so a
-    parameter whose storage was replaced (``p.data = ...``) is read through new
-    views; :meth:`of` returns None for parameters numpy cannot read in place
-    (CUDA, half precision, non-contiguous): those take the foreach path.
-
-    Example:
-        >>> w = [torch.nn.Parameter(torch.tensor([3.0, 4.0])), torch.nn.Parameter(torch.ones(2, 2))]
-        >>> host = HostWeights.of(w)
-        >>> [float(x) for x in host.squares()]
-        [25.0, 4.0]
-        >>> with torch.no_grad():
-        ...     _ = w[0].mul_(2.0)  # an in-place update is seen through the same view
-        >>> host.current(), float(host.squares()[0])
-        (True, 100.0)
-    """
-
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.params = list(params)
-        self._bind()
-
-    @classmethod
-    def of(cls, params: list[torch.Tensor]) -> HostWeights | None:
-        """Views of ``params``, or None when numpy cannot read one of them in place."""
-        if not params or not all(_host_eligible(p) for p in params):
-            return None
-        try:
-            return cls(params)
-        except (RuntimeError, TypeError, ValueError):  # a tensor numpy refuses after all: the foreach path
-            return None
-
-    def _bind(self) -> None:
-        # detach().numpy() shares the parameter's memory (and keeps it alive while the view lives)
-        self.views = [p.detach().numpy().reshape(-1) for p in self.params]
-        self._dots = [v.dot for v in self.views]  # bound methods: v.dot(v) is the sum of squares
-        self._numels = list(map(torch.Tensor.numel, self.params))
-        self._pointers = list(map(torch.Tensor.data_ptr, self.params))  # last: a failed rebind stays stale
-
-    def current(self) -> bool:
-        """Whether the views show the parameters' memory (rebound here if a storage moved);
-        False when a parameter can no longer be read in place."""
-        # map() over the C methods: this runs on every step
-        if list(map(torch.Tensor.data_ptr, self.params)) == self._pointers and list(map(torch.Tensor.numel, self.params)) == self._numels:
-            return True
-        if not all(_host_eligible(p) for p in self.params):
-            return False
-        try:
-            self._bind()
-        except (RuntimeError, TypeError, ValueError):
-            return False
-        return True
-
-    def squares(self) -> list[Any]:
-        """Per parameter ``sum(w ** 2)`` (numpy scalars, the parameter's dtype)."""
-        with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch's norm gives, without a warning
-            return [dot(v) for dot, v in zip(self._dots, self.views)]
-
-    def copy_into(self, buffers: list[np.ndarray] | None) -> list[np.ndarray]:
-        """The weights copied into ``buffers`` (new ones when None or of other sizes)."""
-        if buffers is None or len(buffers) != len(self.views) or any(b.shape != v.shape or b.dtype != v.dtype
-                                                                     for b, v in zip(buffers, self.views)):
-            return [v.copy() for v in self.views]
-        copy = np.copyto
-        for buffer, view in zip(buffers, self.views):
-            copy(buffer, view)
-        return buffers
-
-    def delta_squares(self, before: list[np.ndarray]) -> list[float]:
-        """Per parameter ``sum((before - w) ** 2)``; ``before`` is overwritten with the difference."""
-        dot, subtract = np.dot, np.subtract
-        out = []
-        with np.errstate(over="ignore", invalid="ignore"):
-            for buffer, view in zip(before, self.views):
-                subtract(buffer, view, out=buffer)
-                out.append(float(dot(buffer, buffer)))
-        return out
-
-
 class MeasurePlan:
     """A fixed parameter list, grouped once, for one fused norm pass per step.
 
@@ -338,7 +259,7 @@ class MeasurePlan:
         for i, p in enumerate(self.params):
             members.setdefault((p.device, p.dtype), []).append(i)
         self.members = members
-        self.acc_dtype = torch.float64 if any(key[1] == torch.float64 for key in members) else torch.float32
+        self.acc_dtype = _accumulator_dtype(self.device)
         self._fused_index = {
             key: torch.tensor([self.slots[i] for i in idx] + [self.slots[i] + n_layers for i in idx], dtype=torch.long, device=self.device)
             for key, idx in members.items()
@@ -360,17 +281,22 @@ class MeasurePlan:
         self._host_squares = (squares, squares[: len(self.params)], squares[len(self.params) :])
 
     def measure(
-        self, grads: list[torch.Tensor | None], norm_type: float = 2.0
+        self, grads: list[torch.Tensor | None], norm_type: float = 2.0, exact: bool = False
     ) -> tuple[TensorGroups, torch.Tensor, torch.Tensor]:
-        """Gradient groups (for clipping), per-layer gradient powers and per-layer squared weight norms. No host sync."""
+        """Gradient groups (for clipping), per-layer gradient powers and per-layer squared weight norms. No host sync.
+
+        ``exact``: per-tensor norms accumulated in float64 (about 30x slower on CPU): finite and
+        exact for finite gradients whose float32 sum of squares overflows. The Watch re-measures
+        this way only a step whose norm came back non-finite.
+        """
         if float(norm_type) == 2.0:
-            fused = self._fused(grads)
+            fused = self._fused(grads, exact)
             if fused is not None:
                 groups, out = fused
                 return groups, out[: self.n_layers], out[self.n_layers : 2 * self.n_layers]
         groups = group_tensors(grads, self.slots)
-        powers = layer_powers(groups, self.n_layers, norm_type, self.device)
-        weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device)
+        powers = layer_powers(groups, self.n_layers, norm_type, self.device, exact)
+        weights = layer_powers(self._weight_groups, self.n_layers, 2.0, self.device, exact)
         return groups, powers, weights
 
     def tensor_norms2(
@@ -440,7 +366,7 @@ class MeasurePlan:
             grad_groups[key] = bucket
         return grad_groups
 
-    def _fused(self, grads: list[torch.Tensor | None]) -> tuple[TensorGroups, torch.Tensor] | None:
+    def _fused(self, grads: list[torch.Tensor | None], exact: bool = False) -> tuple[TensorGroups, torch.Tensor] | None:
         """(gradient groups, powers [per-layer gradient, per-layer weight, global gradient]), or None
         when a parameter has no gradient."""
         grad_groups = self._grad_groups(grads)
@@ -448,7 +374,7 @@ class MeasurePlan:
             return None
         out = torch.zeros(2 * self.n_layers + 1, dtype=self.acc_dtype, device=self.device)
         for key, bucket in grad_groups.items():
-            norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0)  # sparse gradients too
+            norms = _tensor_norms(bucket + self._weight_groups.tensors[key], 2.0, exact)  # sparse gradients too
             if norms.device != self.device or norms.dtype != self.acc_dtype:
                 norms = norms.to(device=self.device, dtype=self.acc_dtype)
             norms.mul_(norms)

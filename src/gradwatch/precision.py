@@ -23,6 +23,8 @@ from typing import Any, ContextManager
 
 import torch
 
+from . import compat
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
@@ -51,7 +53,7 @@ class Precision:
             raise ValueError(f"scaler= is only used with precision='fp16', got precision={mode!r}; drop scaler= or set precision='fp16'")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        scaler_device = getattr(scaler, "_device", device_type)
+        scaler_device = compat.scaler_device(scaler, device_type) if scaler is not None else device_type
         if scaler is not None and scaler.is_enabled() and scaler_device != device_type:
             raise ValueError(
                 f"scaler was made for device {scaler_device!r} but the model is on {device_type!r}; "
@@ -64,7 +66,7 @@ class Precision:
         self.scaler = scaler
         self._unscaled = False
         #: steps skipped because the scaler found inf/nan gradients (each one halves
-        #: the scale by ``backoff_factor``); counted by gradwatch's precision plugin.
+        #: the scale by ``backoff_factor``); counted by the step pipeline.
         self.overflow_skips = 0
 
     @property
@@ -88,8 +90,7 @@ class Precision:
         """The scale used for this step's backward, as a tensor (no sync), or None."""
         if not self.scaling:
             return None
-        scale = getattr(self.scaler, "_scale", None)
-        return scale.detach().reshape(()) if isinstance(scale, torch.Tensor) else None
+        return compat.scaler_scale_tensor(self.scaler)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide gradients by the loss scale in place (fp16 only)."""
@@ -108,10 +109,15 @@ class Precision:
         """
         if not self.scaling:
             optimizer.step()
-        elif grads_finite and self._unscaled and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        elif grads_finite and self._unscaled and not compat.optimizer_unscales_itself(optimizer):
             optimizer.step()  # what GradScaler.step does once found_inf is known to be 0
         else:
             self.scaler.step(optimizer)
+
+    @property
+    def unscaled(self) -> bool:
+        """Whether this step's gradients were unscaled (``unscale_`` ran since the last ``update``)."""
+        return self._unscaled
 
     def update(self) -> None:
         """Update the loss scale after a step (applied or skipped)."""

@@ -8,26 +8,21 @@ from typing import Any
 
 import numpy as np
 
+from .fastpath import format_step_line
 from .findings import Finding, json_line
-
-_isfinite = math.isfinite
-# The steps.jsonl line of a common step, by (clip threshold?, loss scale?, update ratio?): one % per line.
-_STEP_LINE = {
-    (threshold, scale, ratio): (
-        '{"step":%d,"loss":%.9g,"grad_norm":%.9g,"clip_coef":%.9g,"clipped":%s,"skipped":%s,"time_ms":%.4f'
-        + (',"clip_threshold":%.9g' if threshold else "") + (',"loss_scale":%.9g' if scale else "")
-        + (',"update_ratio":[%s]' if ratio else "") + ',"row":%d}\n'
-    )
-    for threshold in (False, True) for scale in (False, True) for ratio in (False, True)
-}
-
+from .plugins import SkipReason
 
 @dataclass(slots=True)
 class StepRecord:
     """Everything measured on one step (host-side numbers; per-layer arrays in depth order).
 
     ``layer_grad_norms`` are measured *before* clipping and, under fp16, after
-    unscaling (comparable across precisions).
+    unscaling (comparable across precisions); one entry per layer of
+    ``layer_names`` (every layer of the model, NaN for a layer not measured on
+    this step: frozen, or not held by the optimizer). ``skipped_by`` says why
+    the update was not applied; ``overflow_skips`` is the run's count of steps
+    the fp16 loss scaler skipped, on such a step; ``micro_batches`` the number
+    of micro-batches accumulated into the step.
     """
 
     step: int
@@ -46,7 +41,9 @@ class StepRecord:
     nonfinite_layers: list[str] = field(default_factory=list)
     missing_layers: list[str] = field(default_factory=list)
     time_ms: float = math.nan
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipped_by: list[SkipReason] = field(default_factory=list)
+    overflow_skips: int | None = None
+    micro_batches: int = 1
 
     @property
     def finite(self) -> bool:
@@ -56,38 +53,53 @@ class StepRecord:
         """:meth:`to_json` plus the matrix ``row``, encoded as one line of ``steps.jsonl``.
 
         The common step (finite numbers, nothing optional but the clip threshold,
-        the loss scale and the update ratio) is formatted directly with one ``%``:
-        numbers with 9 significant digits (a float32 exactly; the norms are
-        float32 on the device), ``time_ms`` with 4 decimals, the update ratios with 5 digits.
-        Lines are encoded in the training loop's thread (at each flush of the
-        run directory). Any other step goes through ``json.dumps`` with full
-        precision.
+        the loss scale and the update ratio) is formatted from a template
+        (:func:`gradwatch.fastpath.format_step_line`: 9 significant digits, a
+        float32 exactly); any other step goes through ``json.dumps`` with full
+        precision. Lines are encoded in the training loop's thread (at each flush
+        of the run directory).
 
         Example:
             >>> r = StepRecord(3, 0.5, 2.0, 0.5, 1.0, True, False, True, ["fc"], np.ones(1), np.ones(1), time_ms=1.25)
             >>> r.to_json_line(2)
             '{"step":3,"loss":0.5,"grad_norm":2,"clip_coef":0.5,"clipped":true,"skipped":false,"time_ms":1.2500,"clip_threshold":1,"row":2}\\n'
         """
-        threshold, scale = self.clip_threshold, self.loss_scale
-        ratios = self.update_ratio.tolist() if self.update_ratio is not None else None
-        if (
-            self.extra or self.nonfinite_layers or self.missing_layers or not self.loss_finite
-            or not _isfinite(self.loss + self.grad_norm + self.clip_coef + self.time_ms  # one check for all (NaN, inf)
-                             + (0.0 if threshold is None else threshold) + (0.0 if scale is None else scale)
-                             + (0.0 if ratios is None else sum(ratios)))
-        ):
-            data = self.to_json()
-            data["row"] = row
-            return json_line(data)
-        values: tuple[Any, ...] = (self.step, self.loss, self.grad_norm, self.clip_coef,
-                                   "true" if self.clipped else "false", "true" if self.skipped else "false", self.time_ms)
-        if threshold is not None:
-            values += (threshold,)
-        if scale is not None:
-            values += (scale,)
-        if ratios is not None:  # 5 significant digits, as to_json writes them
-            values += (("%.5g," * len(ratios))[:-1] % tuple(ratios),)
-        return _STEP_LINE[threshold is not None, scale is not None, ratios is not None] % (values + (row,))
+        if not (self.skipped_by or self.nonfinite_layers or self.missing_layers or self.micro_batches != 1):
+            line = format_step_line(self.step, self.loss, self.grad_norm, self.clip_coef, self.clipped, self.skipped,
+                                    self.time_ms, self.clip_threshold, self.loss_scale,
+                                    self.update_ratio.tolist() if self.update_ratio is not None else None, row)
+            if line is not None:
+                return line
+        data = self.to_json()
+        data["row"] = row
+        return json_line(data)
+
+    def to_state(self) -> dict[str, Any]:
+        """The record as plain data (lists, not arrays) for ``Watch.state_dict`` (``torch.load(weights_only=True)``)."""
+        data: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        for name in ("layer_grad_norms", "layer_weight_norms", "update_ratio"):
+            if data[name] is not None:
+                data[name] = data[name].tolist()
+        data["layer_names"] = list(self.layer_names)
+        data["skipped_by"] = [reason.value for reason in self.skipped_by]
+        return data
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "StepRecord":
+        """Inverse of :meth:`to_state`.
+
+        Example:
+            >>> r = StepRecord(3, 0.5, 2.0, 1.0, None, False, False, True, ["fc"], np.ones(1), np.ones(1))
+            >>> StepRecord.from_state(r.to_state()).layer_grad_norms.tolist()
+            [1.0]
+        """
+        values = dict(data)
+        for name in ("layer_grad_norms", "layer_weight_norms", "update_ratio"):
+            if values.get(name) is not None:
+                values[name] = np.asarray(values[name], dtype=np.float64)
+        values["skipped_by"] = [SkipReason(v) for v in values.get("skipped_by", [])]
+        known = {f for f in cls.__slots__}  # type: ignore[attr-defined]
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_json(self) -> dict[str, Any]:
         """The step line of ``steps.jsonl`` (dense per-layer arrays go to the .f32 matrices)."""
@@ -112,7 +124,14 @@ class StepRecord:
             data["missing_layers"] = self.missing_layers
         if not self.loss_finite:
             data["loss_finite"] = False
-        data.update(self.extra)
+        if self.skipped_by:
+            data["skipped_by"] = [reason.value for reason in self.skipped_by]
+        if SkipReason.SCALER_OVERFLOW in self.skipped_by:
+            data["overflow_skip"] = True
+        if self.overflow_skips is not None:
+            data["overflow_skips"] = self.overflow_skips
+        if self.micro_batches != 1:
+            data["micro_batches"] = self.micro_batches
         return data
 
 

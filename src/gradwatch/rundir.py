@@ -260,6 +260,11 @@ class RunWriter:
         """The last error the writer thread met (None if none)."""
         return self._error
 
+    def take_error(self) -> BaseException | None:
+        """The last error the writer thread met, cleared (so that it is reported once)."""
+        error, self._error = self._error, None
+        return error
+
 
 # ----- reading ----------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

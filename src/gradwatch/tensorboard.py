@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .findings import Finding
-from .plugins import StepContext, WatchPlugin
+from .plugins import StepContext, WatchPlugin, WatchView
 from .records import StepRecord
-from .watch import Watch, register_default_plugin
 
 FINDINGS_TAG = "findings"
 LAYER_PREFIX = "grad_norm/layer/"
@@ -204,8 +203,8 @@ class TensorBoardPlugin(WatchPlugin):
         self.writer: TensorBoardWriter | None = None
         self._findings_written = 0
 
-    def attach(self, watch: Watch) -> None:
-        super().attach(watch)
+    def attach(self, view: WatchView) -> None:
+        super().attach(view)
         self.writer = TensorBoardWriter(self.logdir)
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
@@ -220,7 +219,7 @@ class TensorBoardPlugin(WatchPlugin):
         return []
 
     def _write_new_findings(self) -> None:
-        findings = self.watch.findings
+        findings = self.view.findings
         for finding in findings[self._findings_written:]:
             self.writer.add_finding(finding)  # type: ignore[union-attr]
         self._findings_written = len(findings)
@@ -233,16 +232,13 @@ class TensorBoardPlugin(WatchPlugin):
                 self.writer.close()
 
 
-@register_default_plugin(always=True)
-def _make_tensorboard_plugin(watch: Watch) -> TensorBoardPlugin | None:
-    logdir = watch.options.pop("tensorboard", None)
-    every = watch.options.pop("tensorboard_every", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"tensorboard_every must be a positive int, got {every!r}")
-    if logdir is None:
-        return None
-    if not isinstance(logdir, (str, os.PathLike)):
-        raise TypeError(f"tensorboard must be a directory path (str or os.PathLike), got {type(logdir).__name__}")
+def make_tensorboard_plugin(logdir: str | os.PathLike[str], every: int = 1) -> TensorBoardPlugin:
+    """``Watch(tensorboard=DIR)``'s plugin, with the directory checked before anything is written.
+
+    Raises:
+        ValueError: ``logdir`` exists and is not a directory.
+        ImportError: the tensorboard package is not installed.
+    """
     if Path(logdir).exists() and not Path(logdir).is_dir():
         raise ValueError(f"tensorboard={str(logdir)!r} exists and is not a directory; pass a log directory")
     _require_tensorboard()

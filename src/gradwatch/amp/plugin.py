@@ -1,21 +1,19 @@
 """Mixed-precision diagnosis inside the Watch: overflow, underflow, fp16 forecast, bf16 lost updates.
 
-Two plugins, made by the default-plugin factories registered at the end of
-this module (``gradwatch/__init__.py`` imports it):
+The telemetry is the step pipeline's: a step the fp16 scaler skipped because a
+gradient was inf/nan has ``SkipReason.SCALER_OVERFLOW`` in ``record.skipped_by``
+(``"overflow_skip": true`` in ``steps.jsonl``) and the running count
+``record.overflow_skips`` (``watch.precision.overflow_skips``); the layers whose
+unscaled gradients were non-finite are in ``record.nonfinite_layers``, read from
+the per-layer norms of the step: no extra pass.
 
-* telemetry (always on, fp16 with an enabled scaler only): counts the steps the
-  scaler skipped because a gradient was inf/nan (``watch.precision.overflow_skips``)
-  and marks such a step's line in ``steps.jsonl`` with ``"overflow_skip": true``
-  and the running count ``"overflow_skips"``; the layers whose unscaled gradients
-  were non-finite are already in the record (``nonfinite_layers``), read from the
-  per-layer norms of the step: no extra pass.
-* diagnosis (``Watch(diagnose=True)``, the default): the findings
-  ``fp16_overflow`` and ``fp16_underflow``, the float16 forecast of fp32 and bf16
-  runs and the bf16 lost-update check (finding ``bf16_lost_updates``, info).
+:class:`PrecisionPlugin` (``Watch(diagnose=True)``, the default; settings
+:class:`gradwatch.AmpConfig`) adds the findings ``fp16_overflow`` and
+``fp16_underflow``, the float16 forecast of fp32 and bf16 runs and the bf16
+lost-update check (finding ``bf16_lost_updates``, info).
 
-Cost: nothing on an unsampled step (a few Python comparisons after the step;
-in fp16 runs with a closure, a ~5 KB copy of the CPU RNG state). Every
-``precision_every`` steps (default 50 in fp16 runs, 1000 in fp32 and bf16 runs,
+Cost: nothing on an unsampled step (a few Python comparisons after the step).
+Every ``AmpConfig.every`` steps (default 50 in fp16 runs, 1000 in fp32 and bf16 runs,
 and on step 1) one extra pass over the
 gradients (exponent bins + ``bincount``) and one small extra host transfer; in
 bf16 runs, also one copy of the weights before the update. Rarely, one float32
@@ -34,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..config import AmpConfig
 from ..distributed import local_tensor
 from ..findings import Finding
-from ..plugins import StepContext, WatchPlugin
+from ..plugins import StepContext, WatchPlugin, WatchView
 from . import ranges
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..records import StepRecord
-    from ..watch import Watch
 
 FORECAST_EVENT = "fp16_forecast"
 LOST_UPDATE_EVENT = "bf16_lost_updates"
@@ -121,25 +119,16 @@ def _pow2(value: float) -> str:
 class PrecisionPlugin(WatchPlugin):
     """Loss-scale telemetry, fp16 overflow/underflow findings, fp16 forecast, bf16 lost updates.
 
-    Made by gradwatch itself for every Watch (options are keyword arguments of
-    :class:`~gradwatch.Watch`); find it with :func:`precision_plugin`.
+    Made by gradwatch for every Watch with ``diagnose=True`` (settings:
+    :class:`gradwatch.AmpConfig`); find it with :func:`precision_plugin`.
 
     Args:
-        every: sample underflow / forecast / lost updates every this many steps (and step 1).
-        underflow_share: a layer is underflowing when at least this share of its
-            non-zero gradient elements lies below fp16's normal range (2^-14) at
-            the current scale.
-        overflow_backoffs: ``fp16_overflow`` when the scaler backs off this many
-            times within ``overflow_window`` steps (after its first applied step).
-        overflow_window: see ``overflow_backoffs``.
-        forecast_scale: the loss scale of the fp16 forecast.
-        lost_update_share: ``bf16_lost_updates`` when at least this share of a
-            layer's updates would be lost in bf16.
+        config: the settings (sampling interval, shares, overflow window, forecast scale).
 
     Example:
         >>> import gradwatch as gw
         >>> model = torch.nn.Linear(4, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> watch = gw.Watch(model, opt, precision_every=10)
+        >>> watch = gw.Watch(model, opt, amp=gw.AmpConfig(every=10))
         >>> _ = watch.step(lambda: model(torch.randn(8, 4)).pow(2).mean())
         >>> precision_plugin(watch).last_forecast.reference_scale
         65536.0
@@ -148,22 +137,24 @@ class PrecisionPlugin(WatchPlugin):
 
     name = "precision"
 
-    def __init__(
-        self,
-        every: int = 50,
-        underflow_share: float = 0.05,
-        overflow_backoffs: int = 3,
-        overflow_window: int = 100,
-        forecast_scale: float = 65536.0,
-        lost_update_share: float = 0.1,
-    ) -> None:
-        self.every = every
-        self.underflow_share = underflow_share
-        self.overflow_backoffs = overflow_backoffs
-        self.overflow_window = overflow_window
-        self.forecast_scale = forecast_scale
-        self.lost_update_share = lost_update_share
-        self.diagnose = False  # set from Watch(diagnose=...) by the factory
+    TRANSIENT = ("_hist", "_before", "_intended", "_counts", "_true_counts", "_last_finite_norms")
+
+    def __init__(self, config: AmpConfig = AmpConfig()) -> None:
+        if not isinstance(config, AmpConfig):
+            raise TypeError(f"config must be a gradwatch.AmpConfig, got {type(config).__name__}")
+        self.config = config
+        self.every = 50  # set from the run's precision at attach
+        self.underflow_share = config.underflow_share
+        self.overflow_backoffs = config.overflow_backoffs
+        self.overflow_window = config.overflow_window
+        self.forecast_scale = float(config.forecast_scale)
+        self.lost_update_share = config.lost_update_share
+        # this step's samples (plugin-owned, between after_backward and after_step)
+        self._hist: torch.Tensor | None = None
+        self._before: list[torch.Tensor] | None = None
+        self._intended: list[Any] | None = None
+        self._counts: np.ndarray | None = None
+        self._true_counts: np.ndarray | None = None
         self.last_forecast: Fp16Forecast | None = None
         self.last_lost_updates: dict[str, Any] | None = None
         self.overflow_steps: collections.deque[int] = collections.deque()
@@ -175,77 +166,65 @@ class PrecisionPlugin(WatchPlugin):
         self._overflow_layers: collections.Counter[str] = collections.Counter()
 
     # ----- hooks ---------------------------------------------------------------------------
+    def attach(self, view: WatchView) -> None:
+        super().attach(view)
+        self.every = self.config.sample_every(view.precision.mode)
+
     def _sampled(self, step: int) -> bool:
-        return self.diagnose and (step == 1 or step % self.every == 0)
+        return step == 1 or step % self.every == 0
 
     def _bf16_check(self) -> bool:
-        watch = self.watch
-        return watch.precision.mode == "bf16" or any(p.dtype == torch.bfloat16 for p in watch.index.params)
+        view = self.view
+        return view.precision.mode == "bf16" or any(p.dtype == torch.bfloat16 for p in view.layers.params)
 
-    def before_forward(self, ctx: StepContext) -> None:
-        # fp16 with a closure: keep the RNG state from before the step (a ~5 KB copy, no device
-        # work) so that an overflow finding can replay the step with autocast off.
-        if self.diagnose and ctx.closure is not None and self.watch.precision.mode == "fp16":
-            try:
-                from ..nonfinite.replay import capture_rng_state
-            except ImportError:  # pragma: no cover - the NaN root-cause package is part of gradwatch
-                return
-            ctx.scratch["amp_rng"] = capture_rng_state(self.watch.device)
+    def prepare(self, next_step: int) -> None:
+        # the mid-step hooks work on sampled steps only
+        self.quiet_step = not self._sampled(next_step)
 
     def after_backward(self, ctx: StepContext) -> None:
         if not self._sampled(ctx.step):
             return
-        index = self.watch.index
+        index = self.view.layers
         with torch.no_grad():
             grads = [local_tensor(p.grad) for p in index.params]  # unscaled, not yet clipped (FSDP2: this rank's shard)
-            ctx.scratch["amp_hist"] = ranges.exponent_histogram(grads, index.param_layer, len(index), self.watch.device)
+            self._hist = ranges.exponent_histogram(grads, index.param_layer, len(index), self.view.device)
             if self._bf16_check():
-                ctx.scratch["amp_before"] = [local_tensor(p.detach()).clone() for p in index.params]
-                ctx.scratch["amp_intended"] = [(g != 0) if g is not None else None for g in grads]
+                self._before = [local_tensor(p.detach()).clone() for p in index.params]
+                self._intended = [(g != 0) if g is not None else None for g in grads]
 
-    veto_is_global = True  # never vetoes: veto() is only its "after the sync, before the update" hook
-
-    def veto(self, ctx: StepContext, record: "StepRecord") -> bool:
+    def before_update(self, ctx: StepContext, record: "StepRecord") -> None:
         # fp16, sampled, finite: what fp16 flushed is exact zeros by now. A layer whose gradient is
         # entirely zero may have been flushed whole: measure the true (float32) gradients with a
         # replay here, after the step's one sync and *before* its update (the step's own weights).
-        hist = ctx.scratch.get("amp_hist")
-        if hist is None or self.watch.precision.mode != "fp16" or ctx.closure is None:
-            return False
+        hist = self._hist
+        micro = ctx.micro[-1] if ctx.micro else None
+        if hist is None or self.view.precision.mode != "fp16" or micro is None or micro.closure is None:
+            return
         counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
-        ctx.scratch["amp_counts"] = counts
+        self._counts = counts
         with np.errstate(invalid="ignore", divide="ignore"):
             all_zero = counts[:, ranges.ZERO_SLOT] == counts.sum(axis=1)
-        names = self.watch.index.names
-        untried = {names[i] for i in np.flatnonzero(all_zero)} - self._underflow_reported
+        names = self.view.layers.names
+        measured = set(self.view.layers.measured_slots)
+        untried = {names[i] for i in np.flatnonzero(all_zero) if i in measured} - self._underflow_reported
         if untried:
             self._underflow_reported.update(untried)  # one replay per all-zero layer and run
-            ctx.scratch["amp_true_counts"] = fp32_gradient_histogram(self.watch, ctx.closure, ctx.scratch.get("amp_rng"))
-        return False
+            self._true_counts = fp32_gradient_histogram(self.view, micro.closure, micro.rng_before)
 
     def after_step(self, ctx: StepContext, record: "StepRecord") -> list[Finding]:
-        precision = self.watch.precision
-        # fp16 keeps an RNG copy before every forward; otherwise the mid-step hooks work on sampled steps only
-        self.quiet_step = precision.mode != "fp16" and not self._sampled(ctx.step + 1)
-        if precision.mode == "fp32" and "amp_hist" not in ctx.scratch:
+        precision = self.view.precision
+        if precision.mode == "fp32" and self._hist is None:
             return []  # an unsampled fp32 step: nothing to look at (this runs on every step)
         findings: list[Finding] = []
         overflow = precision.scaling and not math.isfinite(record.grad_norm)
-        if overflow:  # the scaler saw inf/nan in the unscaled gradients: it skipped and backed off
-            precision.overflow_skips += 1
-            record.extra["overflow_skip"] = True
-            record.extra["overflow_skips"] = precision.overflow_skips
-        if not self.diagnose:
-            return findings
         if precision.scaling:
             finding = self._check_overflow(ctx, record, overflow)
             if finding is not None:
                 findings.append(finding)
         if record.finite and precision.scaling:  # read by the fp16 overflow finding only
             self._last_finite_norms = record.layer_grad_norms  # a fresh host array each step, never written to
-        hist = ctx.scratch.pop("amp_hist", None)
-        before = ctx.scratch.pop("amp_before", None)
-        intended = ctx.scratch.pop("amp_intended", None)
+        hist, before, intended = self._hist, self._before, self._intended
+        self._hist = self._before = self._intended = None
         if hist is not None and record.finite:
             findings.extend(self._forecast(ctx, record, hist))
         if before is not None and not record.skipped:
@@ -270,20 +249,21 @@ class PrecisionPlugin(WatchPlugin):
             return None
         self._last_overflow_finding = step
         cause = None
-        if overflow and ctx.closure is not None and record.loss_scale is not None:
-            cause = diagnose_overflow(self.watch.model, ctx.closure, ctx.scratch.get("amp_rng"), record.loss_scale)
+        micro = ctx.micro[-1] if ctx.micro else None
+        if overflow and micro is not None and micro.closure is not None and record.loss_scale is not None:
+            cause = diagnose_overflow(self.view.model, micro.closure, micro.rng_before, record.loss_scale)
         return self._overflow_finding(step, record, below_one, cause)
 
     def _overflow_finding(self, step: int, record: "StepRecord", below_one: bool, cause: dict[str, Any] | None = None) -> Finding:
         scale = record.loss_scale
         layers = [name for name, _ in self._overflow_layers.most_common()] or list(record.nonfinite_layers)
-        names = self.watch.index.names
+        names = self.view.layers.names
         evidence: dict[str, Any] = {
             "backoffs_in_window": len(self.overflow_steps),
             "window": self.overflow_window,
             "overflow_steps": list(self.overflow_steps),
             "loss_scale": scale,
-            "overflow_skips": self.watch.precision.overflow_skips,
+            "overflow_skips": self.view.precision.overflow_skips,
             "nonfinite_layers": layers,
         }
         magnitudes = {}
@@ -350,19 +330,19 @@ class PrecisionPlugin(WatchPlugin):
     # ----- fp16 underflow and forecast ---------------------------------------------------
     def _forecast(self, ctx: StepContext, record: "StepRecord", hist: torch.Tensor) -> list[Finding]:
         step = ctx.step
-        counts = ctx.scratch.pop("amp_counts", None)
+        counts, self._counts = self._counts, None
         if counts is None:
             counts = hist.cpu().numpy()  # sampled steps only: one small extra transfer
-        precision = self.watch.precision
+        precision = self.view.precision
         current = record.loss_scale if (precision.scaling and record.loss_scale) else 1.0
         forecast = self._make_forecast(step, counts, current)
         self.last_forecast = forecast
-        if self.watch.writer is not None:
-            self.watch.writer.append("events", forecast.to_event())
+        if self.view.writer is not None:
+            self.view.writer.append("events", forecast.to_event())
         if precision.mode != "fp16":
             return []  # fp32/bf16: the forecast is data (doctor, report), not a problem of this run
         all_zero = [forecast.layers[i] for i in np.flatnonzero(forecast.zero_share == 1.0)]
-        true_counts = ctx.scratch.pop("amp_true_counts", None)  # from veto(): the float32 replay
+        true_counts, self._true_counts = self._true_counts, None  # from before_update(): the float32 replay
         if true_counts is not None:
             replayed = self._make_forecast(step, true_counts, current)
             return self._underflow_finding(step, replayed, all_zero, source="fp32_replay")
@@ -374,8 +354,8 @@ class PrecisionPlugin(WatchPlugin):
             zero_share = counts[:, ranges.ZERO_SLOT] / numel
         return Fp16Forecast(
             step=step,
-            precision=self.watch.precision.mode,
-            layers=list(self.watch.index.names),
+            precision=self.view.precision.mode,
+            layers=list(self.view.layers.names),
             current_scale=float(current),
             reference_scale=float(self.forecast_scale),
             at_current=ranges.fp16_shares(counts, current),
@@ -463,7 +443,7 @@ class PrecisionPlugin(WatchPlugin):
 
     # ----- bf16 lost updates -------------------------------------------------------------
     def _lost_updates(self, step: int, before: list[torch.Tensor], intended: list[Any] | None) -> list[Finding]:
-        index = self.watch.index
+        index = self.view.layers
         with torch.no_grad():
             counts = ranges.lost_update_counts(before, [local_tensor(p.detach()) for p in index.params], index.param_layer, len(index), intended)
         lost, wanted = counts.cpu().numpy()  # sampled steps only
@@ -479,8 +459,8 @@ class PrecisionPlugin(WatchPlugin):
             "updates": wanted.tolist(),
         }
         self.last_lost_updates = event
-        if self.watch.writer is not None:
-            self.watch.writer.append("events", event)
+        if self.view.writer is not None:
+            self.view.writer.append("events", event)
         if self._lost_reported or not np.any(np.nan_to_num(share) >= self.lost_update_share):
             return []
         self._lost_reported = True
@@ -624,7 +604,7 @@ def diagnose_overflow(
             "describe": "the step is finite in float32 (a float16 range overflow inside an op)"}
 
 
-def fp32_gradient_histogram(watch: "Watch", closure: Any, rng_state: dict[str, Any] | None) -> np.ndarray | None:
+def fp32_gradient_histogram(watch: WatchView, closure: Any, rng_state: dict[str, Any] | None) -> np.ndarray | None:
     """Replay one step in float32 (autocast off, no loss scale) and histogram its true gradients.
 
     For an fp16 run whose gradients fp16 flushed to zero: the replay
@@ -638,7 +618,7 @@ def fp32_gradient_histogram(watch: "Watch", closure: Any, rng_state: dict[str, A
         from ..nonfinite.replay import replay
     except ImportError:  # pragma: no cover
         return None
-    index = watch.index
+    index = watch.layers
     captured: dict[int, torch.Tensor] = {}
 
     def keep(i: int) -> Any:
@@ -661,7 +641,7 @@ def fp32_gradient_histogram(watch: "Watch", closure: Any, rng_state: dict[str, A
         return ranges.exponent_histogram(grads, index.param_layer, len(index), watch.device).cpu().numpy()
 
 
-def precision_plugin(watch: "Watch") -> PrecisionPlugin | None:
+def precision_plugin(watch: Any) -> PrecisionPlugin | None:
     """The :class:`PrecisionPlugin` of a Watch (None if there is none).
 
     Example:
@@ -673,55 +653,3 @@ def precision_plugin(watch: "Watch") -> PrecisionPlugin | None:
         >>> watch.close()
     """
     return next((p for p in watch.plugins if isinstance(p, PrecisionPlugin)), None)
-
-
-# ----- factories ------------------------------------------------------------------------
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _share(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number between 0 and 1 (a share of elements), got {value!r}")
-    return float(value)
-
-
-def _make_plugin(watch: "Watch") -> PrecisionPlugin:
-    """Always runs (diagnose or not): takes the options, validates them and the weights' dtype."""
-    options = watch.options
-    # fp16 runs sample often (underflow and overflow are live risks); fp32/bf16 runs only get the
-    # forecast and the lost-update check, which change slowly: every 1000 steps keeps them ~1 us a step
-    # on a 1 ms step (one pass costs ~1 ms on the 115k-parameter benchmark MLP).
-    default_every = 50 if watch.precision.mode == "fp16" else 1000
-    every = _positive_int("precision_every", options.pop("precision_every", default_every))
-    underflow = _share("underflow_share", options.pop("underflow_share", 0.05))
-    backoffs = _positive_int("overflow_backoffs", options.pop("overflow_backoffs", 3))
-    window = _positive_int("overflow_window", options.pop("overflow_window", 100))
-    forecast_scale = options.pop("forecast_scale", 65536.0)
-    if isinstance(forecast_scale, bool) or not isinstance(forecast_scale, (int, float)) or not (
-        math.isfinite(forecast_scale) and forecast_scale > 0
-    ):
-        raise ValueError(f"forecast_scale must be a positive number (a loss scale, e.g. 65536.0), got {forecast_scale!r}")
-    lost = _share("lost_update_share", options.pop("lost_update_share", 0.1))
-    if watch.precision.mode == "fp16" and any(p.dtype == torch.float16 for p in watch.index.params):
-        raise ValueError(
-            "precision='fp16' needs float32 master weights, but the model has float16 parameters "
-            "(GradScaler cannot unscale fp16 gradients); call model.float() and let autocast compute in fp16"
-        )
-    plugin = PrecisionPlugin(every, underflow, backoffs, window, float(forecast_scale), lost)
-    plugin.diagnose = watch.diagnose  # findings and sampling only with Watch(diagnose=True)
-    return plugin
-
-
-def _register() -> None:
-    from ..watch import _PLUGIN_FACTORIES, register_default_plugin
-
-    if not any(f is _make_plugin for f, _ in _PLUGIN_FACTORIES):
-        register_default_plugin(_make_plugin, always=True)
-
-
-_register()

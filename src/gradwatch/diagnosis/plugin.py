@@ -1,7 +1,7 @@
 """DiagnosisPlugin: runs the rules on every step and the activation sampler on sampled steps.
 
-Registered as a default plugin: every ``Watch(...)`` with ``diagnose=True``
-(the default) gets one. Its options are keyword arguments of the Watch:
+Every ``Watch(...)`` with ``diagnose=True`` (the default) gets one; its
+settings are :class:`gradwatch.DiagnosisConfig`:
 
 - ``sample_every`` (default 50): sample activation statistics and activation
   gradients on step 1 and every this many steps (hooks only on those steps).
@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import check_positive_int
 from ..distributed import local_tensor
 from ..findings import Finding
-from ..plugins import StepContext, WatchPlugin
-from ..watch import Watch, register_default_plugin
+from ..persist import load_object_state, object_state
+from ..plugins import StepContext, WatchPlugin, WatchView
 from .rules import (
     ActivationRule,
     ClippingRule,
@@ -40,12 +41,6 @@ from .rules import (
 from .sampler import ActivationSample, ActivationSampler, is_curve_layer
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int (steps), got {value!r}; e.g. gradwatch.Watch(..., {name}=50)")
-    return value
-
-
 class DiagnosisPlugin(WatchPlugin):
     """The diagnosis rules of gradwatch as a :class:`~gradwatch.plugins.WatchPlugin`.
 
@@ -57,7 +52,8 @@ class DiagnosisPlugin(WatchPlugin):
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> watch = Watch(model, opt, sample_every=10)  # the plugin is added by default
+        >>> import gradwatch as gw
+        >>> watch = gw.Watch(model, opt, diagnosis=gw.DiagnosisConfig(sample_every=10))  # added by default
         >>> [p.name for p in watch.plugins if isinstance(p, DiagnosisPlugin)]
         ['diagnosis']
         >>> watch.close()
@@ -66,8 +62,8 @@ class DiagnosisPlugin(WatchPlugin):
     name = "diagnosis"
 
     def __init__(self, sample_every: int = 50, check_every: int = 50) -> None:
-        self.sample_every = _positive_int("sample_every", sample_every)
-        self.check_every = _positive_int("check_every", check_every)
+        self.sample_every = check_positive_int("sample_every", sample_every)
+        self.check_every = check_positive_int("check_every", check_every)
         self.sample: ActivationSample | None = None
         self.samples: list[ActivationSample] = []
         self._sampled_pending: int | None = None
@@ -76,22 +72,36 @@ class DiagnosisPlugin(WatchPlugin):
         self._kinds: set[str] = set()
         self._input: RuleInput | None = None
         self._lr_flagged = False  # the norm-growth rule raised lr_too_high on the latest step
+        self._version = -1  # the layer index version the curve layers were found for
 
-    def attach(self, watch: Watch) -> None:
-        self.watch = watch
+    def attach(self, view: WatchView) -> None:
+        super().attach(view)
+        index = view.layers
         # Curve layers are measured layers only: a weight tied to an embedding (a GPT head) is not one.
-        self.sampler = ActivationSampler(watch.model, [n for n in watch.index.names if n != "(root)"])
+        self.sampler = ActivationSampler(index.model, [n for n in index.measured_names if n != "(root)"])
         self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
-        index = watch.index
-        layer_of = {pname: index.names[slot] for pname, slot in zip(index.param_names, index.param_layer)}
         self.depth_rule = DepthCurveRule(self.check_every)
         self.init_rule = InitScaleRule()
         self.lr_rule = LrRule()
         self.update_rule = UpdateRatioRule()
-        self.missing_rule = MissingGradRule(list(index.param_names), layer_of)
-        self.clip_rule = ClippingRule(fixed_threshold=getattr(watch.clipper, "name", "fixed") == "fixed")
+        self.missing_rule = MissingGradRule(list(index.param_names), self._layer_of())
+        self.clip_rule = ClippingRule(fixed_threshold=getattr(view.clipper, "name", "fixed") == "fixed")
         self.spike_rule = LossSpikeRule()
         self.activation_rule = ActivationRule()
+        self._version = index.version
+
+    def _layer_of(self) -> dict[str, str]:
+        index = self.view.layers
+        return {pname: index.names[slot] for pname, slot in zip(index.param_names, index.param_layer)}
+
+    def _layers_changed(self) -> None:
+        """A layer was unfrozen or a param group added: the curve layers and the watched parameters follow."""
+        index = self.view.layers
+        self._version = index.version
+        self._curve = None
+        self._input = None
+        self.sampler = ActivationSampler(index.model, [n for n in index.measured_names if n != "(root)"])
+        self.missing_rule.watch_more(list(index.param_names), self._layer_of())
 
     def is_sampled(self, step: int) -> bool:
         """Step 1 and every ``sample_every`` steps."""
@@ -100,9 +110,13 @@ class DiagnosisPlugin(WatchPlugin):
     # ----- hooks ------------------------------------------------------------------------
     # (these run on every step: the unsampled path is kept to a few attribute reads)
     def prepare(self, next_step: int) -> None:
+        if self.view.layers.version != self._version:
+            self._layers_changed()
         sampled = next_step == 1 or next_step % self.sample_every == 0
         if sampled:
             self.sampler.arm()
+        elif self.sampler.armed:  # armed for a step that will not come (a resumed run)
+            self.sampler.disarm()
         # the mid-step hooks matter on sampled steps, on step 1 and while the missing-gradient rule watches
         self.quiet_step = not (sampled or self.sampler._handles or self.missing_rule.watching)
 
@@ -119,7 +133,8 @@ class DiagnosisPlugin(WatchPlugin):
             self.sampler.disarm()
             self._sampled_pending = ctx.step
         if self.missing_rule.watching:
-            self.missing_rule.observe({n for n, p in zip(self.watch.index.param_names, self.watch.index.params) if p.grad is None})
+            index = self.view.layers
+            self.missing_rule.observe({n for n, p in zip(index.param_names, index.params) if p.grad is None})
         if ctx.step == 1:
             self._weight_scales = self._measure_weight_scales()
 
@@ -129,17 +144,17 @@ class DiagnosisPlugin(WatchPlugin):
             self._sampled_pending = None
             self.sample = self.sampler.collect(ctx.step)
             self._kinds |= {a["kind"] for a in self.sample.activations.values()}
-            if self.watch.writer is not None:
-                self.watch.writer.append("activations", self.sample.to_json())
+            if self.view.writer is not None:
+                self.view.writer.append("activations", self.sample.to_json())
         inp = self._input
         if inp is None:  # one RuleInput, updated in place each step (this runs on every step)
             names, slots, numel = self._curve_layers()
-            inp = self._input = RuleInput(step=0, record=None, history=self.watch.history, layer_names=names,
+            inp = self._input = RuleInput(step=0, record=None, history=self.view.history, layer_names=names,
                                           curve_index=slots, curve_numel=numel, sample=self.sample, sampled_now=False,
                                           activation_kinds=self._kinds)
-        inp.step, inp.record, inp.skipped_by, inp.sampled_now = ctx.step, record, ctx.skipped_by, sampled_now
-        if sampled_now or inp.history is not self.watch.history:
-            inp.history, inp.sample, inp.activation_kinds = self.watch.history, self.sample, self._kinds
+        inp.step, inp.record, inp.skipped_by, inp.sampled_now = ctx.step, record, record.skipped_by, sampled_now
+        if sampled_now or inp.history is not self.view.history:
+            inp.history, inp.sample, inp.activation_kinds = self.view.history, self.sample, self._kinds
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []
@@ -178,8 +193,10 @@ class DiagnosisPlugin(WatchPlugin):
     def _curve_layers(self) -> tuple[list[str], list[int], np.ndarray]:
         """Curve layers in depth order (known after step 1's forward), cached."""
         if self._curve is None:
-            index = self.watch.index
-            slots = [i for i, n in enumerate(index.names) if n != "(root)" and is_curve_layer(index.module(n))]
+            index = self.view.layers
+            measured = set(index.measured_slots)
+            slots = [i for i, n in enumerate(index.names)
+                     if i in measured and n not in ("(root)", "(outside model)") and is_curve_layer(index.module(n))]
             names = [index.names[i] for i in slots]
             numel = np.array([index.layer_numel[i] for i in slots], dtype=np.float64)
             self._curve = (names, slots, numel)
@@ -192,7 +209,7 @@ class DiagnosisPlugin(WatchPlugin):
         """
         names, stds, fans = [], [], []
         for name, module in self.sampler.curve_layers.items():
-            weight = next((p for p in module._parameters.values() if p is not None and p.dim() >= 2), None)
+            weight = next((p for _, p in module.named_parameters(recurse=False) if p.dim() >= 2), None)
             if weight is None or weight.numel() < 2:
                 continue
             names.append(name)
@@ -206,16 +223,23 @@ class DiagnosisPlugin(WatchPlugin):
         return {n: s * math.sqrt(f) / math.sqrt(2.0) for n, s, f in zip(names, values, fans) if math.isfinite(s)}
 
     def _lr(self) -> float | None:
-        try:
-            lr = self.watch.optimizer.param_groups[0]["lr"]
-            return float(lr)
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
+        return self.view.lr()
 
+    # ----- resuming -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rules = {name: object_state(rule) for name, rule in self._rules().items()}
+        return {"rules": rules, "weight_scales": dict(self._weight_scales), "kinds": sorted(self._kinds)}
 
-@register_default_plugin
-def _make_diagnosis_plugin(watch: Watch) -> DiagnosisPlugin:
-    return DiagnosisPlugin(
-        sample_every=watch.options.pop("sample_every", 50),
-        check_every=watch.options.pop("check_every", 50),
-    )
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("rules", {})
+        for name, rule in self._rules().items():
+            if name in saved:
+                load_object_state(rule, saved[name])
+        self._weight_scales = {str(k): float(v) for k, v in state.get("weight_scales", {}).items()}
+        self._kinds |= set(state.get("kinds", []))
+        self._input = None
+
+    def _rules(self) -> dict[str, Any]:
+        return {"depth": self.depth_rule, "init": self.init_rule, "lr": self.lr_rule, "update": self.update_rule,
+                "missing": self.missing_rule, "clip": self.clip_rule, "spike": self.spike_rule,
+                "activation": self.activation_rule}

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..findings import Finding
+from ..plugins import SkipReason
 from .curve import DepthFit, fit_depth_curve, window_log_median
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
 from .robust import robust_zscore
@@ -64,6 +65,8 @@ class Episode:
         [True, False, False, False, False, False, True]
     """
 
+    PERSIST = True  # plain attributes: gradwatch.persist saves and restores them
+
     def __init__(self, quiet: int = 3) -> None:
         self.quiet = quiet
         self.active = False
@@ -97,7 +100,7 @@ class RuleInput:
     curve_numel: np.ndarray  # their trainable parameter counts
     sample: ActivationSample | None  # the latest activation sample (maybe from an earlier step)
     sampled_now: bool
-    skipped_by: list[str] = field(default_factory=list)
+    skipped_by: list[SkipReason] = field(default_factory=list)
     activation_kinds: set[str] = field(default_factory=set)
 
 
@@ -128,6 +131,8 @@ class DepthCurveRule:
     either curve crossing the threshold raises the finding, and the evidence
     carries both gains.
     """
+
+    TRANSIENT = ("_activation_cache", "_scales")  # caches, rebuilt on demand
 
     def __init__(self, check_every: int = 50) -> None:
         self.check_every = check_every
@@ -354,6 +359,15 @@ class MissingGradRule:
         self.steps = 0
         self.done = False
 
+    def watch_more(self, param_names: list[str], layer_of: dict[str, str]) -> None:
+        """Parameters measured from now on (unfrozen, added to the optimizer): watched for their first steps too."""
+        new = [n for n in param_names if n not in set(self.param_names)]
+        self.param_names, self.layer_of = list(param_names), dict(layer_of)
+        if new:
+            self.done = False
+            self.steps = 0
+            self.never = None
+
     def observe(self, missing_now: set[str]) -> None:
         """Called after backward with the names of parameters whose ``.grad`` is None."""
         self.steps += 1
@@ -453,6 +467,8 @@ class LossSpikeRule:
     only the other steps sort the window (the same decision either way).
     """
 
+    TRANSIENT = ("_clear_below", "_clear_steps")  # a fresh rule sorts its window on the next step
+
     def __init__(self) -> None:
         self.losses: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last SPIKE_WINDOW losses (non-finite ones too)
         self.episode = Episode(quiet=1)
@@ -484,7 +500,7 @@ class LossSpikeRule:
         record = inp.record
         value = record.loss
         if (self._clear_steps > 0 and -math.inf < value < self._clear_below and record.grad_norm < math.inf
-                and not inp.skipped_by and not record.extra):  # the usual step: no sort, nothing to report
+                and not inp.skipped_by):  # the usual step: no sort, nothing to report
             self._push(value)
             if self.episode.active:
                 self.episode.update(False)
@@ -496,8 +512,7 @@ class LossSpikeRule:
 
     def _check_sorted(self, inp: RuleInput, record: Any, value: float) -> list[Finding]:
         ordered = self._ordered()  # the window before this step (value joins it on the way out)
-        handled = (inp.skipped_by and any("spike" in str(s) for s in inp.skipped_by)) or (
-            record.extra and any("spike" in str(k) for k in record.extra))
+        handled = SkipReason.SPIKE in inp.skipped_by  # on_spike="skip" vetoed it and reported it
         if not record.finite or handled:
             self._push(value)
             return []

@@ -23,13 +23,16 @@ On a non-finite step (``record.finite`` is False), ``after_step``:
    skip already protected them);
 5. saves a reproduction bundle (:mod:`.bundle`) in the run directory.
 
-Options (``gradwatch.Watch(..., option=value)``):
+Settings (``gradwatch.Watch(..., nonfinite=gw.NonFiniteConfig(...))``):
 
 - ``rollback_every`` (int, default 100): steps between snapshots (rollback mode only).
 - ``rollback_lr_factor`` (float in (0, 1], default 0.5): lr multiplier on a restore.
 - ``max_replays`` (int >= 0, default 20): replays per run; later non-finite steps are
   classified without one (a run that is NaN on every step must not triple its cost).
 - ``max_bundles`` (int >= 0, default 100): bundles saved per run.
+
+Under gradient accumulation each micro-batch's closure is replayed in turn
+until one names the op (each with the RNG state from before it, when kept).
 
 Under fp16 with a loss scaler, a step whose loss is finite but whose scaled
 gradients overflowed is the scaler's routine business (it halves the scale): it
@@ -45,24 +48,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import NonFiniteConfig
 from ..findings import Finding
-from ..plugins import StepContext, WatchPlugin
+from ..plugins import MicroBatch, StepContext, WatchPlugin, WatchView
 from ..records import StepRecord
-from ..watch import Watch, register_default_plugin
 from .batch import BatchReport, check_batch
 from .bundle import bundle_name, make_bundle
 from .classify import StepFacts, classify, weight_scale
 from .replay import ReplayOutcome, capture_rng_state, replay
 from .rollback import Rollback
-
-_OPTIONS = ("rollback_every", "rollback_lr_factor", "max_replays", "max_bundles")
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     try:
@@ -96,10 +90,7 @@ class NonFinitePlugin(WatchPlugin):
     ``on_nonfinite="rollback"``, so it is on even with ``diagnose=False``).
 
     Args:
-        rollback_every: steps between rollback snapshots. Default: 100.
-        rollback_lr_factor: lr multiplier on each rollback. Default: 0.5.
-        max_replays: replays per run. Default: 20.
-        max_bundles: reproduction bundles per run. Default: 100.
+        config: :class:`gradwatch.NonFiniteConfig` (replays, bundles, rollback snapshots).
 
     Attributes:
         replays: number of replays run so far (0 on a healthy run).
@@ -120,22 +111,16 @@ class NonFinitePlugin(WatchPlugin):
 
     name = "nonfinite"
 
-    def __init__(
-        self,
-        rollback_every: int | None = None,
-        rollback_lr_factor: float | None = None,
-        max_replays: int = 20,
-        max_bundles: int = 100,
-    ) -> None:
-        self._rollback_every = rollback_every
-        self._rollback_lr_factor = rollback_lr_factor
-        self.max_replays = _check_count("max_replays", max_replays)
-        self.max_bundles = _check_count("max_bundles", max_bundles)
+    def __init__(self, config: NonFiniteConfig = NonFiniteConfig()) -> None:
+        if not isinstance(config, NonFiniteConfig):
+            raise TypeError(f"config must be a gradwatch.NonFiniteConfig, got {type(config).__name__}")
+        self.config = config
+        self.max_replays = config.max_replays
+        self.max_bundles = config.max_bundles
         self.replays = 0
         self.bundles = 0
         self._fp16_overflows = 0  # steps found to be float16 range overflows (finite in float32)
         self.rollback: Rollback | None = None
-        self._rng: dict[str, Any] | None = None
         self._rng_used: bool | None = None  # does the closure draw random numbers? None: not checked yet
         self._rng_check = False
         self._first_norm: float | None = None
@@ -145,37 +130,31 @@ class NonFinitePlugin(WatchPlugin):
         self.repeats = 0  # non-finite steps not reported again (same cause as the step before)
         self._replay_note: str | None = None
 
-    def attach(self, watch: Watch) -> None:
-        super().attach(watch)
-        if watch.on_nonfinite == "rollback":
-            self.rollback = Rollback(
-                watch.model,
-                watch.optimizer,
-                every=100 if self._rollback_every is None else self._rollback_every,
-                lr_factor=0.5 if self._rollback_lr_factor is None else self._rollback_lr_factor,
-            )
-        elif self._rollback_every is not None or self._rollback_lr_factor is not None:
-            raise ValueError(
-                "rollback_every and rollback_lr_factor only take effect with on_nonfinite='rollback'; "
-                f"pass on_nonfinite='rollback' or drop them (on_nonfinite is {watch.on_nonfinite!r})"
-            )
+    def attach(self, view: WatchView) -> None:
+        super().attach(view)
+        if view.on_nonfinite == "rollback":
+            self.rollback = Rollback(view.model, view.optimizer, every=self.config.snapshot_every,
+                                     lr_factor=self.config.lr_factor)
 
     # ----- healthy path ---------------------------------------------------------------------
     def before_forward(self, ctx: StepContext) -> None:
-        # The RNG state before the step, for a replay of a non-finite step. A closure that draws no
-        # random number (no dropout: checked on step 1 and every RNG_CHECK_EVERY steps) needs none:
+        # The RNG state before each micro-batch, for a replay of a non-finite step. A closure that draws
+        # no random number (no dropout: checked on step 1 and every RNG_CHECK_EVERY steps) needs none:
         # the state at the end of such a step is the state it started with, read then if needed.
-        self._rng = None
-        self._rng_check = False
-        if ctx.closure is not None and (self._rng_used is not False or ctx.step % RNG_CHECK_EVERY == 0):
-            self._rng = self._capture()
-            self._rng_check = self._rng_used is not True
-        if self.rollback is not None and not self.rollback.has_snapshot:
+        micro = ctx.current
+        first = len(ctx.micro) == 1
+        if first:
+            self._rng_check = False
+        if micro.closure is not None and (self._rng_used is not False or ctx.step % RNG_CHECK_EVERY == 0):
+            micro.rng_before = self._capture()
+            self._rng_check = first and self._rng_used is not True or self._rng_check
+        if first and self.rollback is not None and not self.rollback.has_snapshot:
             self.rollback.snapshot(ctx.step - 1)  # the weights before the first step we see
 
     def after_backward(self, ctx: StepContext) -> None:
-        if self._rng_check and self._rng is not None:  # did the closure draw random numbers?
-            self._rng_used = not _same_rng_state(self._rng, self._capture())
+        first = ctx.micro[0].rng_before if ctx.micro else None
+        if self._rng_check and first is not None:  # did the closure draw random numbers?
+            self._rng_used = not _same_rng_state(first, self._capture())
             self._rng_check = False
 
     def _quiet_next(self, step: int) -> None:
@@ -186,11 +165,10 @@ class NonFinitePlugin(WatchPlugin):
 
     def abort(self, ctx: StepContext) -> None:
         """The user's closure or backward raised: drop what was kept for this step."""
-        self._rng = None
         self._quiet_next(ctx.step + 1)
 
     def _capture(self) -> dict[str, Any]:
-        return capture_rng_state(self.watch.device)
+        return capture_rng_state(self.view.device)
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if ctx.step == 1:
@@ -201,26 +179,24 @@ class NonFinitePlugin(WatchPlugin):
                 keeper = self.rollback
                 if keeper is not None and keeper.due(ctx.step) and np.isfinite(record.layer_weight_norms).all():
                     keeper.snapshot(ctx.step)
-            self._rng = None
             self._quiet_next(ctx.step + 1)
             return []
         self._quiet_next(ctx.step + 1)
-        if self._rng is None and ctx.closure is not None:  # not kept: the closure draws no random number
-            self._rng = self._capture()
-        try:
-            return self._explain(ctx, record)
-        finally:
-            self._rng = None
+        now = None
+        for micro in ctx.micro:  # not kept: the closure draws no random number, the state now replays it
+            if micro.rng_before is None and micro.closure is not None:
+                micro.rng_before = now = now or self._capture()
+        return self._explain(ctx, record)
 
     # ----- a non-finite step -------------------------------------------------------------------
     def _explain(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
-        watch = self.watch
+        watch = self.view
         precision = watch.precision
         if precision.scaling and record.loss_finite:
             return []  # an fp16 overflow of the scaled gradients: the scaler's (and the AMP diagnosis's) business
         batch = self._check_batch(ctx.batch)
-        outcome = self._replay(ctx, record)
-        if self._fp16_range_overflow(ctx, outcome):
+        outcome, micro = self._replay(ctx, record)
+        if self._fp16_range_overflow(micro, outcome):
             self._fp16_overflows += 1
             return []  # finite in float32: a float16 range overflow, which the AMP plugin reports (fp16_overflow)
         if outcome is None and self._fp16_overflows and (batch is None or not batch.degenerate):
@@ -244,14 +220,18 @@ class NonFinitePlugin(WatchPlugin):
             lr=self._lr(),
             weight_scale=weight_scale(watch.model) if self._updates == 0 else None,
             bundle=f"nonfinite/{name}" if name else None,
-            loss_known=not ctx.scratch.get("loss_unknown", False),
+            loss_known=ctx.loss_known,
             replay_note=self._replay_note if ctx.closure is not None and outcome is None else None,
         )
         finding = classify(facts, batch, outcome)
+        if len(ctx.micro) > 1:
+            finding.evidence["micro_batches"] = len(ctx.micro)
+            if micro is not None:
+                finding.evidence["micro_batch"] = ctx.micro.index(micro) + 1
         self._note_buffers(finding)
-        self._maybe_roll_back(ctx.step, finding)
+        self._maybe_roll_back(ctx, finding)
         if name is not None:
-            self._save_bundle(name, ctx, record, finding, outcome)
+            self._save_bundle(name, ctx, micro, record, finding, outcome)
         return [finding] if self._new_episode(ctx.step, finding) else []
 
     def _new_episode(self, step: int, finding: Finding) -> bool:
@@ -277,18 +257,35 @@ class NonFinitePlugin(WatchPlugin):
         try:
             return check_batch(batch)
         except Exception as exc:  # never let a strange batch stop the explanation
-            self.watch.errors.report("nonfinite.check_batch", exc)
+            self.view.errors.report("nonfinite.check_batch", exc)
             return None
 
-    def _replay(self, ctx: StepContext, record: StepRecord) -> ReplayOutcome | None:
+    def _replay(self, ctx: StepContext, record: StepRecord) -> tuple[ReplayOutcome | None, MicroBatch | None]:
+        """Replay the step's micro-batches in turn (closure form) until one names the first non-finite op.
+
+        Returns the outcome and the micro-batch it came from (the first replayed, if none located).
+        """
         self._replay_note = None
-        if ctx.closure is None:
-            return None
+        micros = [m for m in ctx.micro if m.closure is not None]
+        if not micros:
+            return None, None
+        first: tuple[ReplayOutcome | None, MicroBatch | None] = (None, None)
+        for micro in micros:
+            outcome = self._replay_one(micro, record)
+            if outcome is None:
+                return first if first[0] is not None else (None, micro)
+            if outcome.localization is not None:
+                return outcome, micro
+            if first[0] is None:
+                first = (outcome, micro)
+        return first
+
+    def _replay_one(self, micro: MicroBatch, record: StepRecord) -> ReplayOutcome | None:
         if self.replays >= self.max_replays:
             self._replay_note = f"not replayed: the run used its max_replays={self.max_replays} replays"
             return None
-        watch = self.watch
-        model = watch.model
+        view = self.view
+        model = view.model
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         no_sync = getattr(model, "no_sync", None)
@@ -296,40 +293,36 @@ class NonFinitePlugin(WatchPlugin):
             self._replay_note = "not replayed: a replay under this distributed wrapper could deadlock the ranks"
             return None  # FSDP: a replay that stops early on one rank would leave the others in a collective
         self.replays += 1
-        precision = watch.precision
+        precision = view.precision
         autocast = precision.autocast if precision.mode != "fp32" else None
         scale = record.loss_scale if precision.scaling and record.loss_scale and math.isfinite(record.loss_scale) else None
         try:
             with (no_sync() if distributed else contextlib.nullcontext()):
-                return replay(_unwrap(model), ctx.closure, self._rng, autocast_ctx=autocast, loss_scale=scale)
+                return replay(_unwrap(model), micro.closure, micro.rng_before, autocast_ctx=autocast, loss_scale=scale)
         except Exception as exc:  # the replay machinery itself failed: classify without it
-            self.watch.errors.report("nonfinite.replay", exc)
+            view.errors.report("nonfinite.replay", exc)
             self._replay_note = f"the replay failed: {type(exc).__name__}"
             return None
 
-    def _fp16_range_overflow(self, ctx: StepContext, outcome: ReplayOutcome | None) -> bool:
+    def _fp16_range_overflow(self, micro: MicroBatch | None, outcome: ReplayOutcome | None) -> bool:
         """fp16 autocast: the first non-finite value was a float16 one and the same step is finite in float32."""
         where = outcome.localization if outcome is not None else None
-        if self.watch.precision.mode != "fp16" or where is None or where.dtype != "float16" or ctx.closure is None:
+        if self.view.precision.mode != "fp16" or where is None or where.dtype != "float16" or micro is None:
             return False
         try:
-            return replay(_unwrap(self.watch.model), ctx.closure, self._rng).localization is None
+            return replay(_unwrap(self.view.model), micro.closure, micro.rng_before).localization is None
         except Exception as exc:
-            self.watch.errors.report("nonfinite.replay", exc)
+            self.view.errors.report("nonfinite.replay", exc)
             return False
 
     def _lr(self) -> float | None:
-        try:
-            lr = self.watch.optimizer.param_groups[0]["lr"]
-            return float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
+        return self.view.lr()
 
     def _note_buffers(self, finding: Finding) -> None:
         """Say which buffers (BatchNorm running statistics) the failing forward left non-finite."""
         bad = []
         with torch.no_grad():
-            for name, buf in self.watch.model.named_buffers():
+            for name, buf in self.view.model.named_buffers():
                 if buf.is_floating_point() and buf.numel() and not bool(torch.isfinite(buf).all()):
                     bad.append(name)
         if not bad:
@@ -341,8 +334,9 @@ class NonFinitePlugin(WatchPlugin):
                 "on_nonfinite='rollback' restores them with the weights"
             )
 
-    def _maybe_roll_back(self, step: int, finding: Finding) -> None:
+    def _maybe_roll_back(self, ctx: StepContext, finding: Finding) -> None:
         keeper = self.rollback
+        step = ctx.step
         if keeper is None:
             return
         if finding.evidence.get("decided_by") == "batch_nonfinite":
@@ -350,18 +344,19 @@ class NonFinitePlugin(WatchPlugin):
             finding.message += " The weights were not at fault, so the step was skipped without a rollback."
             return
         event = keeper.restore(step)
+        ctx.rollback = event  # the lr backoff, after this plugin, sees it
         finding.evidence["action"] = "rollback"
         finding.evidence["rollback"] = event.to_dict()
         lr_from = ", ".join(f"{v:.3g}" for v in event.lr_before)
         lr_to = ", ".join(f"{v:.3g}" for v in event.lr_after)
         finding.message += (f" Rolled back to the weights and optimizer state after step {event.restored_step} "
                             f"and lowered lr from {lr_from} to {lr_to}.")
-        if self.watch.writer is not None:
-            self.watch.writer.append("events", event.to_dict())
+        if self.view.writer is not None:
+            self.view.writer.append("events", event.to_dict())
 
-    def _save_bundle(self, name: str, ctx: StepContext, record: StepRecord, finding: Finding,
-                     outcome: ReplayOutcome | None) -> None:
-        writer = self.watch.writer
+    def _save_bundle(self, name: str, ctx: StepContext, micro: MicroBatch | None, record: StepRecord,
+                     finding: Finding, outcome: ReplayOutcome | None) -> None:
+        writer = self.view.writer
         if writer is None:
             return
         loc = outcome.localization if outcome is not None else None
@@ -369,8 +364,8 @@ class NonFinitePlugin(WatchPlugin):
             payload = make_bundle(
                 step=ctx.step,
                 finding=finding.to_dict(),
-                batch=ctx.batch,
-                rng=self._rng,
+                batch=micro.batch if micro is not None else ctx.batch,
+                rng=micro.rng_before if micro is not None else None,
                 loss=record.loss,
                 grad_norm=record.grad_norm,
                 nonfinite_layers=record.nonfinite_layers,
@@ -381,20 +376,20 @@ class NonFinitePlugin(WatchPlugin):
         except Exception as exc:  # a bundle that cannot be written must not hide the finding
             finding.evidence.pop("bundle", None)
             finding.fixes = [fix for fix in finding.fixes if name not in fix]
-            self.watch.errors.report("nonfinite.save_bundle", exc)
+            self.view.errors.report("nonfinite.save_bundle", exc)
 
     def state_dict(self) -> dict[str, Any]:
+        """Counters and what the plugin learnt about the closure. The rollback snapshot is not in it
+        (the checkpoint holds the weights): a resumed rollback run snapshots before its first step."""
         return {"replays": self.replays, "bundles": self.bundles, "updates": self._updates,
-                "first_norm": self._first_norm}
+                "first_norm": self._first_norm, "rng_used": self._rng_used, "repeats": self.repeats,
+                "fp16_overflows": self._fp16_overflows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.replays = int(state.get("replays", 0))
         self.bundles = int(state.get("bundles", 0))
         self._updates = int(state.get("updates", 0))
         self._first_norm = state.get("first_norm")
-
-
-@register_default_plugin(always=True)
-def _make_nonfinite(watch: Watch) -> NonFinitePlugin:
-    options = {key: watch.options.pop(key) for key in _OPTIONS if key in watch.options}
-    return NonFinitePlugin(**options)
+        self._rng_used = state.get("rng_used")
+        self.repeats = int(state.get("repeats", 0))
+        self._fp16_overflows = int(state.get("fp16_overflows", 0))

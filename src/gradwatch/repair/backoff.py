@@ -72,7 +72,7 @@ class LRBackoff(WatchPlugin):
     """Lower the learning rate by ``factor`` after ``after`` lost steps within ``window`` steps.
 
     Usually made by the Watch: on by default with ``on_spike="skip"`` or
-    ``on_nonfinite="rollback"``; ``lr_backoff=0.5`` turns it on always,
+    ``on_nonfinite="rollback"``; ``RepairConfig(lr_backoff=0.5)`` turns it on always,
     ``lr_backoff=None`` off; ``lr_backoff_after`` and ``lr_backoff_window`` set
     k and the window.
 
@@ -86,7 +86,7 @@ class LRBackoff(WatchPlugin):
     Example:
         >>> import torch, gradwatch as gw
         >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> watch = gw.Watch(model, opt, lr_backoff=0.5, lr_backoff_after=2)
+        >>> watch = gw.Watch(model, opt, repair=gw.RepairConfig(lr_backoff=0.5, lr_backoff_after=2))
         >>> bad = torch.tensor([[float("nan"), 1.0]])
         >>> for _ in range(2):
         ...     _ = watch.step(lambda: model(bad).sum())
@@ -105,32 +105,12 @@ class LRBackoff(WatchPlugin):
             raise ValueError(f"lr_backoff_after ({after}) must not exceed lr_backoff_window ({window})")
         self.lost: deque[tuple[int, str]] = deque()
         self.backoffs: list[dict[str, Any]] = []
-        #: "auto" (made by the Watch without lr_backoff=): on only when the Watch skips
-        #: spikes or rolls back; resolved in attach().
-        self.auto = False
-        self.enabled = True
-
-    def attach(self, watch: Any) -> None:
-        super().attach(watch)
-        if self.auto:
-            from .spike import SpikeSkip
-
-            self.enabled = watch.on_nonfinite == "rollback" or any(isinstance(p, SpikeSkip) for p in watch.plugins)
-
-    def _rollback_event(self, step: int) -> Any:
-        """The rollback keeper's event for ``step`` (``on_nonfinite="rollback"``), if it rolled back."""
-        for plugin in self.watch.plugins:
-            keeper = getattr(plugin, "rollback", None)
-            events = getattr(keeper, "events", None)
-            if events and getattr(events[-1], "step", None) == step:
-                return events[-1]
-        return None
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
-        if not (self.enabled and record.skipped):
+        if not record.skipped:
             return []
-        rolled = self._rollback_event(ctx.step)  # gradwatch.repair registers this plugin after the rollback's
-        reason = "+".join(ctx.skipped_by) if ctx.skipped_by else ("non-finite" if not record.finite else "skipped")
+        rolled = ctx.rollback  # set by the NaN plugin, which runs before this one
+        reason = "+".join(r.value for r in record.skipped_by) if record.skipped_by else "skipped"
         if rolled is not None:
             reason = "rollback"
         self.lost.append((ctx.step, reason))
@@ -147,7 +127,7 @@ class LRBackoff(WatchPlugin):
     def _back_off(self, step: int) -> Finding:
         lost = list(self.lost)
         self.lost.clear()
-        before, after = scale_lr_(self.watch.optimizer, self.factor)
+        before, after = scale_lr_(self.view.optimizer, self.factor)
         event = {
             "event": "lr_backoff",
             "step": step,
@@ -159,7 +139,7 @@ class LRBackoff(WatchPlugin):
             "window": self.window,
         }
         self.backoffs.append(event)
-        writer = getattr(self.watch, "writer", None)
+        writer = self.view.writer
         if writer is not None:
             writer.append("events", event)
         steps = ", ".join(f"{s} ({r})" for s, r in lost)

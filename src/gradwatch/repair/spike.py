@@ -11,8 +11,8 @@ enter it and one spike moves it by at most one rank.
 ``Watch(..., on_spike="skip")`` adds :class:`SpikeSkip`: on a finite step, after
 the host sync, it scores the loss and the pre-clip global norm; if either
 robust z-score exceeds ``spike_threshold`` (default 6) the step's ``veto``
-skips the update (weights and optimizer state untouched), adds ``"spike"`` to
-``ctx.skipped_by`` and raises a ``loss_spike`` finding with the numbers. The
+skips the update (weights and optimizer state untouched), adds
+``SkipReason.SPIKE`` to ``ctx.skip_reasons`` (the evidence in ``ctx.spike``) and raises a ``loss_spike`` finding with the numbers. The
 scored values enter the history whether skipped or not (a robust baseline is
 not moved by them, and a genuine shift in level is accepted after about half a
 window instead of being skipped forever).
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..diagnosis.robust import median_mad, robust_zscore
 from ..findings import Finding
-from ..plugins import StepContext, WatchPlugin
+from ..plugins import SkipReason, StepContext, WatchPlugin
 from ..records import StepRecord
 
 ON_SPIKE = (None, "skip")
@@ -133,13 +133,13 @@ class SpikeDetector:
 class SpikeSkip(WatchPlugin):
     """Skip (veto) a step whose loss or gradient norm spikes; report it as ``loss_spike``.
 
-    Usually made by ``Watch(on_spike="skip", spike_threshold=6.0, spike_window=128,
-    spike_warmup=32)``; pass an instance in ``plugins=`` to use it directly.
+    Usually made by ``Watch(on_spike="skip", repair=RepairConfig(spike_threshold=6.0,
+    spike_window=128, spike_warmup=32))``; pass an instance in ``plugins=`` to use it directly.
 
     Example:
         >>> import torch, gradwatch as gw
         >>> model = torch.nn.Linear(4, 1); opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        >>> watch = gw.Watch(model, opt, on_spike="skip", spike_warmup=5)
+        >>> watch = gw.Watch(model, opt, on_spike="skip", repair=gw.RepairConfig(spike_warmup=5))
         >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
         >>> for _ in range(10):
         ...     _ = watch.step(lambda: torch.nn.functional.mse_loss(model(x), y))
@@ -169,16 +169,15 @@ class SpikeSkip(WatchPlugin):
         self.detector.observe(record.loss, record.grad_norm)
         if spike is None:
             return False
-        ctx.skipped_by.append("spike")
-        ctx.scratch["spike"] = spike
+        ctx.skip_reasons.append(SkipReason.SPIKE)
+        ctx.spike = spike
         self.skipped_steps.append(ctx.step)
         return True
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
-        spike = ctx.scratch.get("spike")
-        if spike is None:
+        spike = ctx.spike
+        if spike is None or SkipReason.SPIKE not in record.skipped_by:
             return []
-        record.extra["skipped_by"] = list(ctx.skipped_by)
         what = "loss" if spike["signal"] == "loss" else "gradient norm"
         ratio = spike["value"] / spike["median"] if spike["median"] > 0 else math.inf
         message = (
