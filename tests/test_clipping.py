@@ -118,7 +118,7 @@ def agc_reference(weight: torch.Tensor, grad: torch.Tensor, lam: float, eps: flo
 def test_make_clipper_accepts_every_form():
     assert isinstance(make_clipper(None), NoClip) and make_clipper(None).threshold() is None
     assert isinstance(make_clipper(2), FixedClip) and make_clipper(2).threshold() == 2.0
-    assert isinstance(make_clipper("auto"), AutoClip) and make_clipper("auto").percentile == 10.0
+    assert isinstance(make_clipper("autoclip"), AutoClip) and make_clipper("autoclip").percentile == 10.0
     z = make_clipper("zclip")
     assert isinstance(z, ZClip) and (z.z_threshold, z.warmup, z.max_norm, z.alpha) == (2.5, 25, 1.0, 0.97)
     agc = AGC(0.02)
@@ -128,7 +128,8 @@ def test_make_clipper_accepts_every_form():
 @pytest.mark.parametrize(
     "value, error, words",
     [
-        ("autoclip", ValueError, ["clip_norm", "'auto'", "'zclip'", "AGC"]),
+        ("auto", ValueError, ["clip_norm", "'autoclip'"]),
+        ("autoclp", ValueError, ["clip_norm", "'autoclip'", "'zclip'", "AGC"]),
         ("", ValueError, ["clip_norm"]),
         (True, TypeError, ["clip_norm"]),
         ([1.0], TypeError, ["clip_norm"]),
@@ -317,7 +318,9 @@ def _run_watch(batches, **options):
     return rows, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("options", [{"clip_norm": "auto"}, {"clip_norm": "zclip"}, {"clip_norm": ZClip(warmup=5), "on_spike": "skip", "spike_warmup": 5, "lr_backoff": None}])
+@pytest.mark.parametrize("options", [{"clip_norm": "autoclip"}, {"clip_norm": "zclip"},
+                                     {"clip_norm": ZClip(warmup=5), "on_spike": "skip",
+                                      "repair": gw.RepairConfig(spike_warmup=5, lr_backoff=None)}])
 def test_a_nan_batch_leaves_thresholds_and_detections_identical(options):
     """A run with one NaN batch inserted: every other step is exactly as in the run without it."""
     clean_rows, clean_w = _run_watch(_mlp_batches(45), **options)
@@ -445,9 +448,9 @@ def test_adaptive_clipping_and_spike_skipping_add_no_host_sync(monkeypatch):
         "fixed": {"clip_norm": 1.0},
         "zclip": {"clip_norm": ZClip(warmup=3, max_norm=None)},
         "zclip_boundary": {"clip_norm": ZClip(warmup=3, rule="boundary")},
-        "auto": {"clip_norm": "auto"},
+        "auto": {"clip_norm": "autoclip"},
         "agc": {"clip_norm": AGC(0.01)},
-        "skip": {"clip_norm": 1.0, "on_spike": "skip", "spike_warmup": 3},
+        "skip": {"clip_norm": 1.0, "on_spike": "skip", "repair": gw.RepairConfig(spike_warmup=3)},
     }.items():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))

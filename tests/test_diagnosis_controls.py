@@ -72,7 +72,7 @@ def test_healthy_digits_models_are_quiet(digits, name, make, opt):
     model = make()
     optimizer = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt == "sgd"
                  else torch.optim.AdamW(model.parameters(), lr=2e-3))
-    watch = gw.Watch(model, optimizer, clip_norm=1.0, sample_every=50)
+    watch = gw.Watch(model, optimizer, clip_norm=1.0, diagnosis=gw.DiagnosisConfig(sample_every=50))
     g = torch.Generator().manual_seed(1)
     for _ in range(120):
         idx = torch.randint(0, len(x_all), (64,), generator=g)

@@ -214,7 +214,7 @@ def test_dead_and_saturated_functional_activations_are_named(digits):
 
 def test_functional_activations_keep_the_mode_on_later_sampled_steps(digits):
     model = FunctionalNet()
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), sample_every=3)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), diagnosis=gw.DiagnosisConfig(sample_every=3))
     x, y = digits[0][:64], digits[1][:64]
     modes = []
 
@@ -277,7 +277,7 @@ class SpikeSkipper(gw.WatchPlugin):
 
     def veto(self, ctx, record):
         if ctx.step == self.at:
-            ctx.skipped_by.append("spike")
+            ctx.skip_reasons.append(gw.SkipReason.SPIKE)
             return True
         return False
 
@@ -319,8 +319,8 @@ def _hooked(model) -> bool:
 def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_path):
     model = mlp(3, "relu", "kaiming")
     with pytest.raises(ValueError, match="sample_every"):
-        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=0)
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=4, run_dir=tmp_path / "run")
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=0))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=4), run_dir=tmp_path / "run")
     x, y = digits[0][:64], digits[1][:64]
     hooked, modes = [], []
 
@@ -347,7 +347,7 @@ def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_pat
 def test_sampling_works_when_the_loop_passes_the_loss(digits, backward_by_user):
     """watch.step(loss): the forward runs before step(), so hooks are armed at the end of the previous step."""
     model = mlp(4, "relu", "kaiming")
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), sample_every=2)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnosis=gw.DiagnosisConfig(sample_every=2))
     plugin = next(p for p in watch.plugins if isinstance(p, DiagnosisPlugin))
     x, y = digits[0][:64], digits[1][:64]
     steps = []
@@ -355,7 +355,9 @@ def test_sampling_works_when_the_loop_passes_the_loss(digits, backward_by_user):
         loss = F.cross_entropy(model(x), y)
         if backward_by_user:
             loss.backward()
-        watch.step(loss)
+            watch.step(loss, backward=False)  # said explicitly: the gradients are in place
+        else:
+            watch.step(loss)
         steps.append(plugin.sample.step)
     watch.close()
     assert steps == [1, 2, 2, 4]
@@ -401,7 +403,7 @@ def test_init_rule_judges_step_1_only_not_a_resumed_run(digits):
 
 def test_a_closure_that_raises_on_a_sampled_step_leaves_no_hook_or_mode(digits):
     model = mlp(3, "relu", "kaiming")
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), sample_every=2)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnosis=gw.DiagnosisConfig(sample_every=2))
     x, y = digits[0][:64], digits[1][:64]
 
     def broken():
@@ -415,7 +417,8 @@ def test_a_closure_that_raises_on_a_sampled_step_leaves_no_hook_or_mode(digits):
     watch.step(lambda: F.cross_entropy(model(x), y))  # training goes on
     watch.close()
     with pytest.raises(ValueError, match="check_every"):
-        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), diagnose=False, check_every=-1)
+        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                 diagnosis=gw.DiagnosisConfig(check_every=-1))
 
 
 def test_update_ratio_rule_flags_updates_that_rewrite_the_weights():

@@ -155,7 +155,7 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
         with _CountAllReduce() as sizes:  # DDP's own gradient all-reduce runs in C++, not counted
             watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
     res["ddp_all_reduce_sizes"] = sizes
-    res["ddp_local_veto"] = [type(p).__name__ for p in watch.plugins if watch._veto_may_differ(p)]
+    res["ddp_local_veto"] = [type(p).__name__ for p in watch._pipeline.bus.local_vetoes()]
     res["ddp_records"] = _records(watch)
     res["ddp_layers"] = watch.layers
     res["ddp_run_dir"] = str(watch.run_dir) if watch.run_dir is not None else None
@@ -256,7 +256,7 @@ def _fsdp_scenarios(rank: int, out: Path) -> dict:
             result = watch.observe()
         res[f"fsdp_all_reduce_sizes_{norm_type}"] = sizes
         res["fsdp_n_layers"] = len(watch.layers)
-        res["fsdp_local_veto"] = [type(p).__name__ for p in watch.plugins if watch._veto_may_differ(p)]
+        res["fsdp_local_veto"] = [type(p).__name__ for p in watch._pipeline.bus.local_vetoes()]
         ours = [local_tensor(p.grad).clone() for p in params]
         for p, g in zip(params, saved):
             p.grad = g

@@ -116,9 +116,10 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
         assert probe.post[i] == pytest.approx(CLIP, rel=1e-3)
     # the non-finite step changed no weight; every other step did
     assert probe.changed == [i != NAN_BATCH for i in range(STEPS)]
-    # the update ratio of every 2nd step, measured once Lightning's optimizer stepped (after its clipping)
+    # the update ratio of the first 2 steps and every 2nd step after, measured once Lightning's
+    # optimizer stepped (after its clipping)
     for i, record in enumerate(records):
-        if (i + 1) % 2:
+        if (i + 1) > 2 and (i + 1) % 2:
             assert record.update_ratio is None
         else:
             assert dict(zip(record.layer_names, record.update_ratio.tolist())) == pytest.approx(probe.ratios[i], rel=1e-4)
@@ -137,7 +138,7 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
     assert [s["skipped"] for s in steps] == [i == NAN_BATCH for i in range(STEPS)]
     codes_logged = {k.split("/")[-1] for r in rows for k, v in r.items() if k.startswith("gradwatch/finding/") and v}
     assert codes_logged == {f.code for f in watch.findings}
-    assert watch._closed  # closed at the end of training
+    assert watch.closed  # closed at the end of training
 
 
 class Accumulating(TinyModule):
@@ -171,7 +172,8 @@ def test_callback_with_gradient_accumulation_records_the_mean_loss_once_per_upda
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, _loader())
-    assert [r.step for r in gw_cb.watch.history] == [4, 5]
+    # the resumed Watch keeps the recent history (its rules look back over it) and counts on
+    assert [r.step for r in gw_cb.watch.history] == [1, 2, 3, 4, 5]
 
 
 def test_callback_state_round_trips_and_rejects_bad_arguments():

@@ -71,9 +71,11 @@ def test_frozen_parameters_listed_but_not_measured() -> None:
     index = _order(model, torch.randn(2, 4))
     assert [layer.name for layer in index.layers] == ["0", "1", "2"]
     assert [layer.measured for layer in index.layers] == [False, True, True]
-    assert index.names == ["1", "2"]
+    # every layer keeps a fixed slot (so a layer unfrozen later is measured in the same place)
+    assert index.names == ["0", "1", "2"]
+    assert index.measured_names == ["1", "2"]
     assert index.param_names == ["1.weight", "2.weight", "2.bias"]
-    assert index.layer_numel == [16, 10]
+    assert index.layer_numel == [0, 16, 10]
 
 
 def test_layer_that_never_runs_goes_last() -> None:

@@ -507,8 +507,9 @@ class Spiky(nn.Module):
 def test_rollback_restores_weights_and_optimizer_state_and_training_converges() -> None:
     model = Spiky()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    watch = gw.Watch(model, opt, on_nonfinite="rollback", rollback_every=10, rollback_lr_factor=0.5,
-                     lr_backoff=None)
+    watch = gw.Watch(model, opt, on_nonfinite="rollback",
+                     nonfinite=gw.NonFiniteConfig(rollback_every=10, rollback_lr_factor=0.5),
+                     repair=gw.RepairConfig(lr_backoff=None))
     keeper = plugin_of(watch).rollback
     assert keeper is not None and keeper.every == 10
     batches = regression_batches(120)
@@ -542,7 +543,7 @@ def test_rollback_restores_weights_and_optimizer_state_and_training_converges() 
 def test_rollback_is_not_used_for_a_nan_batch_and_options_are_validated() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.Watch(model, opt, on_nonfinite="rollback", lr_backoff=None)
+    watch = gw.Watch(model, opt, on_nonfinite="rollback", repair=gw.RepairConfig(lr_backoff=None))
     x, y = torch.randn(4, 8), torch.randn(4, 1)
     watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y))
     bad = x.clone()
@@ -552,13 +553,13 @@ def test_rollback_is_not_used_for_a_nan_batch_and_options_are_validated() -> Non
     assert opt.param_groups[0]["lr"] == 0.01 and not plugin_of(watch).rollback.events
     watch.close()
     with pytest.raises(ValueError, match="rollback_every"):
-        gw.Watch(model, opt, rollback_every=5)
+        gw.Watch(model, opt, nonfinite=gw.NonFiniteConfig(rollback_every=5))
     with pytest.raises(ValueError, match="rollback_every must be a positive int"):
-        gw.Watch(model, opt, on_nonfinite="rollback", rollback_every=0)
+        gw.Watch(model, opt, on_nonfinite="rollback", nonfinite=gw.NonFiniteConfig(rollback_every=0))
     with pytest.raises(ValueError, match="rollback_lr_factor"):
-        gw.Watch(model, opt, on_nonfinite="rollback", rollback_lr_factor=2.0)
+        gw.Watch(model, opt, on_nonfinite="rollback", nonfinite=gw.NonFiniteConfig(rollback_lr_factor=2.0))
     with pytest.raises(ValueError, match="max_replays"):
-        gw.Watch(model, opt, max_replays=-1)
+        gw.Watch(model, opt, nonfinite=gw.NonFiniteConfig(max_replays=-1))
 
 
 # ----- healthy runs and budgets -----------------------------------------------------------------------
@@ -580,8 +581,8 @@ def test_a_healthy_run_of_200_steps_never_replays(monkeypatch: pytest.MonkeyPatc
 
 def test_a_run_stuck_on_nan_gets_one_finding_per_cause_and_a_capped_number_of_replays(tmp_path) -> None:
     model = nn.Sequential(LogFeatures(), nn.Linear(8, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), max_replays=2, max_bundles=3,
-                     run_dir=tmp_path / "run")
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), run_dir=tmp_path / "run",
+                     nonfinite=gw.NonFiniteConfig(max_replays=2, max_bundles=3))
     x, y = -torch.rand(4, 8), torch.randn(4, 1)
     results = [watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y)) for _ in range(5)]
     plugin = plugin_of(watch)

@@ -131,11 +131,11 @@ def test_observe_measures_the_update_ratio_once_the_callers_optimizer_stepped(tm
             continue
         opt.step()
         opt.zero_grad()
-        if step % 2 == 0:
+        if step <= 2 or step % 2 == 0:  # the first `every` steps (divergence shows early), then every 2nd
             want[step] = _ratio_by_hand(before, model)
             assert dict(zip(watch.layers, record.update_ratio.tolist())) == pytest.approx(want[step], rel=1e-5)
         else:
-            assert record.update_ratio is None  # measured every 2nd step only
+            assert record.update_ratio is None
     assert watch.history[3].update_ratio is None  # step 4: the hook was dropped by the next observe()
     watch.close()
     run = gw.load_run(tmp_path / "run")

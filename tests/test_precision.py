@@ -19,6 +19,7 @@ from torch import nn
 import gradwatch as gw
 from _sync import count_host_transfers
 from gradwatch.amp import FORECAST_EVENT, LOST_UPDATE_EVENT, precision_plugin
+from gradwatch.amp.plugin import PrecisionPlugin
 from gradwatch.amp.plugin import diagnose_overflow
 from gradwatch.precision import Precision
 
@@ -127,8 +128,8 @@ def test_fp16_same_decisions_as_a_hand_written_gradscaler_loop(make_opt, config,
     for r in results:
         if r.skipped:
             assert r.record.nonfinite_layers == ["2"]
-            assert r.record.extra["overflow_skip"] is True
-    assert [r.record.extra["overflow_skips"] for r in results if r.skipped] == [1, 2, 3]
+            assert gw.SkipReason.SCALER_OVERFLOW in r.record.skipped_by
+    assert [r.record.overflow_skips for r in results if r.skipped] == [1, 2, 3]
 
 
 def test_fp16_with_clipping_matches_the_reference_loop() -> None:
@@ -227,8 +228,8 @@ def test_forecast_names_the_small_gradient_layers_and_is_written_to_the_run(tmp_
     x, y = torch.randn(64, 32), torch.randn(64, 1)
     model = _deep_sigmoid()
     run_dir = tmp_path / "run"
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), precision=precision,
-                     run_dir=run_dir, precision_every=3, flush_every=1)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), precision=precision, run_dir=run_dir,
+                     flush_every=1, amp=gw.AmpConfig(every=3))
     grads0 = None
     for step in range(1, 7):
         if step == 6:  # capture the fp32 gradient of layer 0 on a sampled step, for an independent check
@@ -356,7 +357,7 @@ def test_bf16_weights_lose_small_updates_and_the_finding_says_keep_fp32_master_w
     x, y = _data()
     model = _mlp().to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    watch = gw.Watch(model, opt, precision="bf16", clip_norm=None, precision_every=2)
+    watch = gw.Watch(model, opt, precision="bf16", clip_norm=None, amp=gw.AmpConfig(every=2))
     results = [watch.step(lambda: nn.functional.mse_loss(model(x.bfloat16()).float(), y)) for _ in range(2)]
     found = [f for r in results for f in r.findings if f.code == "bf16_lost_updates"]
     event = precision_plugin(watch).last_lost_updates
@@ -398,17 +399,20 @@ def test_bf16_autocast_forecasts_lost_updates_against_an_independent_count() -> 
 
 # ----- options, validation, state ------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(precision_every=0), ValueError, "precision_every must be a positive int"),
-    (dict(underflow_share=1.5), ValueError, "underflow_share must be a number between 0 and 1"),
-    (dict(overflow_backoffs="3"), ValueError, "overflow_backoffs must be a positive int"),
-    (dict(forecast_scale=-1.0), ValueError, "forecast_scale must be a positive number"),
-    (dict(lost_update_share=0), ValueError, "lost_update_share must be a number between 0 and 1"),
+    (dict(amp=dict(every=0)), ValueError, "every must be a positive int"),
+    (dict(amp=dict(underflow_share=1.5)), ValueError, r"underflow_share must be a number in \(0, 1\)"),
+    (dict(amp=dict(overflow_backoffs="3")), ValueError, "overflow_backoffs must be a positive int"),
+    (dict(amp=dict(forecast_scale=-1.0)), ValueError, "forecast_scale must be a positive number"),
+    (dict(amp=dict(lost_update_share=0)), ValueError, r"lost_update_share must be a number in \(0, 1\)"),
+    (dict(amp={"every": 5}), TypeError, "amp must be a gradwatch.AmpConfig"),
     (dict(precision="fp32", scaler=torch.amp.GradScaler("cpu")), ValueError, "scaler= is only used with precision='fp16'"),
     (dict(precision="fp16", scaler=object()), TypeError, "scaler must be a torch.amp.GradScaler"),
 ])
 def test_bad_options_are_one_clear_error(tmp_path, kwargs, error, match) -> None:
     model = _mlp()
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match):  # from the config object or from the Watch
+        if isinstance(kwargs.get("amp"), dict) and error is ValueError:
+            kwargs = {**kwargs, "amp": gw.AmpConfig(**kwargs["amp"])}
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()  # nothing written before validation passed
 
@@ -424,11 +428,12 @@ def test_options_are_accepted_with_diagnose_off_and_telemetry_still_counts() -> 
     model = _mlp()
     inject = _InjectInf(model[0].weight, {2})
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", diagnose=False,
-                     precision_every=5, underflow_share=0.2)
+                     amp=gw.AmpConfig(every=5, underflow_share=0.2))
     for step in (1, 2, 3):
         inject.step = step
         result = watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))
-    assert watch.precision.overflow_skips == 1 and precision_plugin(watch).last_forecast is None
+    assert watch.precision.overflow_skips == 1  # the Watch's own count, with no precision plugin
+    assert precision_plugin(watch) is None
     assert result.findings == []
     watch.close()
 
@@ -457,7 +462,7 @@ def test_run_directory_marks_overflow_steps(tmp_path) -> None:
     run = gw.load_run(tmp_path / "run")
     assert run.steps["loss_scale"].tolist() == [64.0, 64.0, 32.0]
     assert run.steps["skipped"].tolist() == [False, True, False]
-    assert run.step_extras[2]["overflow_skip"] is True and run.step_extras[2]["overflow_skips"] == 1
+    assert run.step_extras[2]["skipped_by"] == ["fp16_overflow"] and run.step_extras[2]["overflow_skips"] == 1
     assert run.step_extras[2]["nonfinite_layers"] == ["2"]
 
 
@@ -505,9 +510,9 @@ def test_fp16_scaler_overflow_does_not_raise_until_the_scale_falls_below_one() -
 
 def test_healthy_unsampled_fp16_step_adds_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _mlp()
+    # only the precision plugin's diagnosis, none of the others
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp16", diagnose=False,
-                     update_ratio_every=1000, precision_every=50)
-    precision_plugin(watch).diagnose = True  # only the precision plugin's diagnosis, none of the others
+                     update_ratio_every=1000, plugins=[PrecisionPlugin(gw.AmpConfig(every=50))])
     x, y = _data()
     watch.step(lambda: nn.functional.mse_loss(model(x).float(), y))  # step 1: sampled
     with count_host_transfers(monkeypatch) as calls:
@@ -567,7 +572,7 @@ def test_default_sampling_interval_depends_on_the_precision(precision: str, ever
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision)
     assert precision_plugin(watch).every == every
     assert precision_plugin(gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision=precision,
-                                     precision_every=7)).every == 7
+                                     amp=gw.AmpConfig(every=7))).every == 7
 
 
 def test_fp16_range_overflow_is_fp16_overflow_only_even_after_the_replay_budget() -> None:
@@ -575,7 +580,8 @@ def test_fp16_range_overflow_is_fp16_overflow_only_even_after_the_replay_budget(
     root-cause plugin leaves these steps to fp16_overflow, also once its replays are used up."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), precision="fp16", max_replays=3)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), precision="fp16",
+                     nonfinite=gw.NonFiniteConfig(max_replays=3))
     for step in range(1, 16):
         x, y = _data(seed=step)
         if step >= 5:

@@ -115,7 +115,8 @@ def _batch(step, scale=1.0):
 def test_on_spike_skip_vetoes_the_outlier_step_and_reports_it_once(tmp_path):
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    watch = gw.Watch(model, opt, on_spike="skip", run_dir=tmp_path / "run", lr_backoff=None)
+    watch = gw.Watch(model, opt, on_spike="skip", run_dir=tmp_path / "run",
+                     repair=gw.RepairConfig(lr_backoff=None))
     results = []
     for step in range(1, 61):
         x, y = _batch(step, 1e3 if step == 45 else 1.0)
@@ -134,7 +135,7 @@ def test_on_spike_skip_vetoes_the_outlier_step_and_reports_it_once(tmp_path):
     assert ev["z"] > 6 and ev["threshold"] == 6.0 and ev["spikes_skipped"] == 1 and ev["action"] == "skipped"
     assert ev["value"] > 100 * ev["median"]
     assert "skipped" in spikes[0].message and "robust standard deviations" in spikes[0].message
-    assert results[44].record.extra["skipped_by"] == ["spike"]
+    assert results[44].record.skipped_by == [gw.SkipReason.SPIKE]
     watch.close()
     run = gw.load_run(tmp_path / "run")
     assert run.steps["skipped"].nonzero()[0].tolist() == [44]
@@ -156,7 +157,7 @@ def test_spike_threshold_is_configurable():
     def run(threshold):
         model = _model()
         watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), on_spike="skip",
-                         spike_threshold=threshold, spike_warmup=10, lr_backoff=None)
+                         repair=gw.RepairConfig(spike_threshold=threshold, spike_warmup=10, lr_backoff=None))
         skipped = []
         for step in range(1, 41):
             x, y = _batch(step, 6.0 if step == 30 else 1.0)  # a mild outlier
@@ -180,13 +181,14 @@ def _nan_steps_run(nan_steps, n=12, lr=0.1, **options):
 
 
 def test_lr_backoff_after_k_lost_steps_in_the_window(tmp_path):
-    watch, opt = _nan_steps_run({2, 8, 9}, lr_backoff=0.5, lr_backoff_after=2, lr_backoff_window=5, run_dir=tmp_path / "r")
+    watch, opt = _nan_steps_run({2, 8, 9}, repair=gw.RepairConfig(lr_backoff=0.5, lr_backoff_after=2, lr_backoff_window=5),
+                                run_dir=tmp_path / "r")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # 2 and 8 are 6 apart: only 8+9 triggered
     found = [f for f in watch.findings if f.code == "lr_too_high"]
     assert len(found) == 1 and found[0].step == 9
     ev = found[0].evidence
     assert ev["lost_steps"] == [8, 9] and ev["lr_before"] == [0.1] and ev["lr_after"] == [pytest.approx(0.05)]
-    assert ev["reasons"] == ["non-finite", "non-finite"] and ev["action"] == "lr_backoff"
+    assert ev["reasons"] == ["nonfinite", "nonfinite"] and ev["action"] == "lr_backoff"
     assert "0.1 to 0.05" in found[0].message
     watch.close()
     events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
@@ -196,7 +198,8 @@ def test_lr_backoff_after_k_lost_steps_in_the_window(tmp_path):
 def test_lr_backoff_counts_afresh_after_each_backoff_and_scales_every_group():
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.2}])
-    watch = gw.Watch(model, opt, lr_backoff=0.5, lr_backoff_after=2, lr_backoff_window=100)
+    watch = gw.Watch(model, opt,
+                     repair=gw.RepairConfig(lr_backoff=0.5, lr_backoff_after=2, lr_backoff_window=100))
     for step in range(1, 8):
         x = torch.ones(4, 3) * (math.nan if step in (1, 2, 3, 5) else 1.0)
         watch.step(lambda: model(x).square().mean())
@@ -213,7 +216,7 @@ def test_lr_backoff_default_is_on_only_with_a_repair_mode():
     assert opt.param_groups[0]["lr"] == 0.1  # k = 5 by default
     _, opt = _nan_steps_run(lost, on_spike="skip")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    _, opt = _nan_steps_run(lost, on_spike="skip", lr_backoff=None)
+    _, opt = _nan_steps_run(lost, on_spike="skip", repair=gw.RepairConfig(lr_backoff=None))
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -227,19 +230,20 @@ def test_lr_backoff_scales_a_tensor_lr_in_place():
 
 def test_lr_backoff_state_dict_round_trips():
     plugin = LRBackoff(0.5, 3, 10)
-    plugin.lost.extend([(3, "spike"), (5, "non-finite")])
+    plugin.lost.extend([(3, "spike"), (5, "nonfinite")])
     twin = LRBackoff(0.5, 3, 10)
     twin.load_state_dict(json.loads(json.dumps(plugin.state_dict())))
     assert list(twin.lost) == list(plugin.lost)
 
 
 # ----- composed with rollback (issue 4's on_nonfinite="rollback") -------------------------------
-def _rollback_run(**options):
+def _rollback_run(rollback_lr_factor=None, **options):
     """Steps 6, 7, 9 produce NaN inside the loss (not in the batch): each is rolled back."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gw.Watch(model, opt, on_nonfinite="rollback", rollback_every=2, diagnose=False, **options)
+    watch = gw.Watch(model, opt, on_nonfinite="rollback", diagnose=False, **options,
+                     nonfinite=gw.NonFiniteConfig(rollback_every=2, rollback_lr_factor=rollback_lr_factor))
     for step in range(1, 13):
         x = torch.randn(4, 3)
         bad = step in (6, 7, 9)
@@ -257,7 +261,7 @@ def test_rollback_backoff_counts_as_the_window_backoff():
 
 
 def test_rollbacks_count_towards_k_when_they_keep_the_lr():
-    watch, opt = _rollback_run(rollback_lr_factor=1.0, lr_backoff_after=3)
+    watch, opt = _rollback_run(rollback_lr_factor=1.0, repair=gw.RepairConfig(lr_backoff_after=3))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # 3 rolled-back steps in 50: one backoff
     found = [f for f in watch.findings if f.code == "lr_too_high"]
     assert len(found) == 1 and found[0].step == 9
@@ -270,19 +274,22 @@ def test_rollbacks_count_towards_k_when_they_keep_the_lr():
     "options, words",
     [
         ({"on_spike": "yes"}, ["on_spike", "'skip'", "None"]),
-        ({"on_spike": "skip", "spike_threshold": 0}, ["spike_threshold"]),
-        ({"on_spike": "skip", "spike_window": 1}, ["spike_window"]),
-        ({"on_spike": "skip", "spike_warmup": 200}, ["spike_warmup", "spike_window"]),
-        ({"spike_threshold": 4.0}, ["spike_threshold", "on_spike='skip'"]),
-        ({"lr_backoff": 1.5}, ["lr_backoff", "(0, 1)"]),
-        ({"lr_backoff": "half"}, ["lr_backoff"]),
-        ({"lr_backoff": 0.5, "lr_backoff_after": 0}, ["lr_backoff_after"]),
-        ({"lr_backoff": 0.5, "lr_backoff_after": 5, "lr_backoff_window": 3}, ["lr_backoff_after", "lr_backoff_window"]),
+        ({"on_spike": "skip", "repair": dict(spike_threshold=0)}, ["spike_threshold"]),
+        ({"on_spike": "skip", "repair": dict(spike_window=1)}, ["spike_window"]),
+        ({"on_spike": "skip", "repair": dict(spike_warmup=200)}, ["spike_warmup", "spike_window"]),
+        ({"repair": dict(spike_threshold=4.0)}, ["spike_threshold", "on_spike='skip'"]),
+        ({"repair": dict(lr_backoff=1.5)}, ["lr_backoff", "(0, 1)"]),
+        ({"repair": dict(lr_backoff="half")}, ["lr_backoff"]),
+        ({"repair": dict(lr_backoff=0.5, lr_backoff_after=0)}, ["lr_backoff_after"]),
+        ({"repair": dict(lr_backoff=0.5, lr_backoff_after=5, lr_backoff_window=3)},
+         ["lr_backoff_after", "lr_backoff_window"]),
     ],
 )
 def test_bad_options_are_one_clear_error(options, words, tmp_path):
     model = nn.Linear(2, 1)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError) as info:  # from the config object or from the Watch
+        if "repair" in options:
+            options = {**options, "repair": gw.RepairConfig(**options["repair"])}
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run", **options)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert not (tmp_path / "run").exists()

@@ -407,7 +407,7 @@ def test_adaptive_clipping_threshold_is_drawn_from_the_recorded_per_step_thresho
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), clip_norm="auto", run_dir=tmp_path / "auto")
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), clip_norm="autoclip", run_dir=tmp_path / "auto")
     for _ in range(12):
         x = torch.randn(16, 4)
         watch.step(lambda: (model(x) - 1).pow(2).mean())

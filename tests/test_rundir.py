@@ -27,7 +27,7 @@ def _train(run_dir: Path, steps: int = 7, flush_every: int = 3) -> tuple[gw.Watc
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    watch = gw.Watch(model, opt, run_dir=run_dir, flush_every=flush_every, update_ratio_every=2)
+    watch = gw.Watch(model, opt, clip_norm=1.0, run_dir=run_dir, flush_every=flush_every, update_ratio_every=2)
     results = []
     for _ in range(steps):
         x, y = torch.randn(16, 4), torch.randn(16, 1)
@@ -50,7 +50,8 @@ def test_round_trip_through_load_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(run.steps["layer_weight_norms"], weight, rtol=1e-6)
     assert run.steps["clipped"].tolist() == [r.clipped for r in results]
     ratio = run.steps["update_ratio"]
-    assert np.isnan(ratio[0]).all() and np.isfinite(ratio[1]).all()  # every 2nd step
+    # update_ratio_every=2: the first 2 steps, then every 2nd
+    assert [bool(np.isfinite(r).all()) for r in ratio] == [True, True, False, True, False, True, False]
     assert run.meta["clip_norm"] == 1.0 and run.meta["format_version"] == 1
     assert run.steps["clip_threshold"].tolist() == [1.0] * 7
     assert [layer["name"] for layer in run.layers] == ["0", "2"]
@@ -175,9 +176,10 @@ def test_json_line_writes_plain_records_directly_and_converts_the_rest() -> None
     assert json.loads(_json_line(odd)) == {"step": 4, "loss": "nan", "grad_norm": "inf", "scale": 2.0, "rows": [0, 1]}
 
 
-@pytest.mark.parametrize("case", ["plain", "threshold_and_scale", "nan_loss", "update_ratio", "finite_update_ratio", "extra",
+@pytest.mark.parametrize("case", ["plain", "threshold_and_scale", "nan_loss", "update_ratio", "finite_update_ratio", "skipped_by",
                                   "no_clip", "int_threshold"])
 def test_step_record_json_line_decodes_to_to_json_plus_row(case: str) -> None:
+    from gradwatch.plugins import SkipReason
     from gradwatch.records import StepRecord
 
     record = StepRecord(7, 0.123456789, 3.5, 0.2857, 1.0, True, False, True, ["a", "b"], np.ones(2), np.ones(2),
@@ -190,8 +192,9 @@ def test_step_record_json_line_decodes_to_to_json_plus_row(case: str) -> None:
         record.update_ratio = np.array([1e-3, np.nan])
     elif case == "finite_update_ratio":
         record.update_ratio = np.array([1.234567e-3, 0.5, 2.5e-7])
-    elif case == "extra":
-        record.extra["skipped_by"] = ["spike"]
+    elif case == "skipped_by":
+        record.skipped_by = [SkipReason.SPIKE]
+        record.micro_batches = 4
     elif case == "no_clip":
         record.clip_threshold, record.clip_coef, record.clipped = None, 1.0, False
     elif case == "int_threshold":

@@ -90,7 +90,7 @@ def test_tensorboard_options_are_validated_before_anything_is_written(tmp_path: 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="tensorboard_every must be a positive int"):
         gw.Watch(model, opt, run_dir=tmp_path / "run", tensorboard=tmp_path / "tb", tensorboard_every=0)
-    with pytest.raises(TypeError, match="tensorboard must be a directory path"):
+    with pytest.raises(TypeError, match="tensorboard must be a log directory path"):
         gw.Watch(model, opt, run_dir=tmp_path / "run", tensorboard=5)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):

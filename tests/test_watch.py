@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from gradwatch.ratio import UpdateRatioMeter
 from _sync import count_host_transfers
 from gradwatch import norms
 
@@ -102,18 +103,18 @@ def test_weight_norms_and_update_ratio(weights_path: str) -> None:
 
     before = {n: m.weight.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Linear)}
     before_b = {n: m.bias.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Linear)}
-    r1 = watch.step(lambda: F.mse_loss(model(x), y))
-    assert r1.record.update_ratio is None  # measured on every 2nd step only
+    r1 = _assert_update_ratio_of_next_step(watch, model, list(before), lambda: F.mse_loss(model(x), y))  # step 1
     w1 = {n: math.hypot(before[n].norm().item(), before_b[n].norm().item()) for n in before}
     assert r1.layer_weight_norms == pytest.approx(w1, rel=1e-6)  # weights before the update
 
     _assert_update_ratio_of_next_step(watch, model, list(w1), lambda: F.mse_loss(model(x), y))  # step 2
-    watch.step(lambda: F.mse_loss(model(x), y))  # step 3: not measured
+    r3 = watch.step(lambda: F.mse_loss(model(x), y))  # past the first 2 steps, every 2nd only
+    assert r3.record.update_ratio is None
     # step 4: the snapshot buffer is reused, and still sees that step's own update
     _assert_update_ratio_of_next_step(watch, model, list(w1), lambda: F.mse_loss(model(x), y))
 
 
-def _assert_update_ratio_of_next_step(watch, model, names, closure) -> None:
+def _assert_update_ratio_of_next_step(watch, model, names, closure) -> gw.StepResult:
     before = {n: (model.get_submodule(n).weight.detach().clone(), model.get_submodule(n).bias.detach().clone()) for n in names}
     result = watch.step(closure)
     ratios = dict(zip(watch.layers, result.record.update_ratio.tolist()))
@@ -121,6 +122,7 @@ def _assert_update_ratio_of_next_step(watch, model, names, closure) -> None:
         mod = model.get_submodule(name)
         dw = math.hypot((mod.weight - w).norm().item(), (mod.bias - b).norm().item())
         assert ratios[name] == pytest.approx(dw / math.hypot(w.norm().item(), b.norm().item()), rel=1e-5)
+    return result
 
 
 def test_weights_replaced_between_and_during_steps_are_read_where_they_now_live(weights_path: str) -> None:
@@ -243,8 +245,10 @@ def test_loss_form_backpropagated_or_not() -> None:
     for i, (x, y) in enumerate(data):
         loss = F.mse_loss(model(x), y)
         if i % 2:
-            loss.backward()  # the user already back-propagated
-        got.append(watch.step(loss).grad_norm)
+            loss.backward()  # the user already back-propagated, and says so
+            got.append(watch.step(loss, backward=False).grad_norm)
+        else:
+            got.append(watch.step(loss).grad_norm)
     assert got == pytest.approx(ref_norms, rel=1e-6)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
@@ -281,10 +285,10 @@ def test_internal_error_after_the_update_never_applies_it_twice(monkeypatch: pyt
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     _plain_loop(ref, ref_opt, data, 1.0)
 
-    def broken(self, before, weight_norms):
+    def broken(self, *args, **kwargs):
         raise RuntimeError("fails after optimizer.step()")
 
-    monkeypatch.setattr(gw.Watch, "_update_ratio", broken)
+    monkeypatch.setattr(UpdateRatioMeter, "measure", broken)  # gradwatch's own code, after the update
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     watch = gw.Watch(model, opt, clip_norm=1.0, update_ratio_every=1)
@@ -474,11 +478,11 @@ def test_quiet_plugins_are_not_called_in_the_mid_step_hooks() -> None:
         [(3, h) for h in mid] + [(3, "after_step"), (4, "after_step")]
     # the built-in plugins stay quiet on an ordinary step of a model without dropout
     hooked = [p for p in watch.plugins if p is not plugin and any(getattr(type(p), h) is not getattr(gw.WatchPlugin, h) for h in mid)]
-    assert {p.name for p in hooked} >= {"nonfinite", "precision"}
+    assert {p.name for p in hooked} >= {"nonfinite"}  # (the precision plugin comes with diagnose=True)
     busy = [p.name for p in hooked if not p.quiet_step]
     assert busy == [], busy
     watch.close()
-    diagnosing = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_every=10)
+    diagnosing = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=10))
     for _ in range(7):  # past step 1 and the missing-gradient rule's 5 steps; step 8 is not sampled
         diagnosing.step(lambda: F.mse_loss(model(x), y))
     assert [p.name for p in diagnosing.plugins if p.name == "diagnosis" and not p.quiet_step] == []

@@ -141,7 +141,8 @@ def _train_variant(name: str, data: tuple, steps: int, out: Path, tick: Callable
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     sample_every = max(1, steps // 3)
     run_dir = out / name
-    watch = gw.Watch(model, optimizer, clip_norm=1.0, run_dir=run_dir, sample_every=sample_every)
+    watch = gw.Watch(model, optimizer, clip_norm=1.0, run_dir=run_dir,
+                     diagnosis=gw.DiagnosisConfig(sample_every=sample_every))
     g = torch.Generator().manual_seed(0)
     loss = math.nan
     for _ in range(steps):

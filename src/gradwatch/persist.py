@@ -7,7 +7,8 @@ and ``torch.load(weights_only=True)`` reads back); :func:`load_object_state`
 puts them back into a freshly built object of the same kind. Attributes listed
 in the object's ``TRANSIENT`` (caches that are rebuilt on demand) and
 references to other objects (the sampler, the view) are left as the fresh
-object has them.
+object has them; small records (``Episode``) are saved by value when their
+class is marked with :func:`record_class`.
 
 Example:
     >>> from collections import deque
@@ -29,13 +30,31 @@ import numpy as np
 
 _PLAIN = (bool, int, float, str, type(None))
 
+#: classes whose instances are saved by value inside a state (small records such as ``Episode``)
+_RECORDS: dict[str, type] = {}
+
+
+def record_class(cls: type) -> type:
+    """Class decorator: instances of ``cls`` (plain attributes only) are saved by value in a state.
+
+    Example:
+        >>> @record_class
+        ... class Counter2:
+        ...     def __init__(self): self.n = 0
+        >>> c = Counter2(); c.n = 3
+        >>> undump(dump({"a": c}))["a"].n
+        3
+    """
+    _RECORDS[cls.__qualname__] = cls
+    return cls
+
 
 class Unserializable(TypeError):
     """A value with no plain-data form (an object reference: kept as the fresh object has it)."""
 
 
 def dump(value: Any) -> Any:
-    """``value`` as plain data (tagged dicts for deques, sets, tuples, arrays, non-string keys)."""
+    """``value`` as plain data (tagged dicts for deques, sets, tuples, arrays, non-string keys, records)."""
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, (np.floating, np.integer, np.bool_)):
@@ -56,13 +75,14 @@ def dump(value: Any) -> Any:
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
             return {k: dump(v) for k, v in value.items()}
         return {"__items__": [[dump(k), dump(v)] for k, v in value.items()]}
-    if hasattr(value, "__dict__") and getattr(type(value), "PERSIST", False):  # small records (Episode)
-        return {"__object__": object_state(value)}
-    raise Unserializable(type(value).__name__)
+    name = type(value).__qualname__
+    if _RECORDS.get(name) is type(value):
+        return {"__record__": name, "state": {k: dump(v) for k, v in vars(value).items()}}
+    raise Unserializable(name)
 
 
-def undump(value: Any, like: Any = None) -> Any:
-    """Inverse of :func:`dump`; ``like`` (the fresh object's attribute) receives nested object state."""
+def undump(value: Any) -> Any:
+    """Inverse of :func:`dump`."""
     if isinstance(value, list):
         return [undump(v) for v in value]
     if not isinstance(value, dict):
@@ -79,13 +99,14 @@ def undump(value: Any, like: Any = None) -> Any:
         return tuple(undump(v) for v in value["__tuple__"])
     if "__items__" in value:
         return {_hashable(undump(k)): undump(v) for k, v in value["__items__"]}
-    if "__object__" in value:
-        target = like if like is not None else None
-        if target is None:
-            raise Unserializable("nested object state needs the fresh object to load into")
-        load_object_state(target, value["__object__"])
-        return target
-    return {k: undump(v, like.get(k) if isinstance(like, dict) else None) for k, v in value.items()}
+    if "__record__" in value:
+        cls = _RECORDS.get(value["__record__"])
+        if cls is None:
+            raise ValueError(f"state holds a {value['__record__']!r} record that this gradwatch does not know")
+        obj = cls.__new__(cls)
+        vars(obj).update({k: undump(v) for k, v in value["state"].items()})
+        return obj
+    return {k: undump(v) for k, v in value.items()}
 
 
 def _hashable(value: Any) -> Any:
@@ -107,37 +128,6 @@ def object_state(obj: Any) -> dict[str, Any]:
 
 
 def load_object_state(obj: Any, state: dict[str, Any]) -> None:
-    """Put :func:`object_state` back into a fresh object of the same kind (episodes loaded in place)."""
-    current = vars(obj)
+    """Put :func:`object_state` back into a fresh object of the same kind."""
     for name, value in state.items():
-        like = current.get(name)
-        if isinstance(value, dict) and "__items__" in value and isinstance(like, dict):
-            restored = {}
-            for k, v in value["__items__"]:
-                key = _hashable(undump(k))
-                restored[key] = _load_nested(v, like.get(key), like)
-            setattr(obj, name, restored)
-            continue
-        if isinstance(value, dict) and "__object__" in value:
-            if like is None:
-                continue
-            load_object_state(like, value["__object__"])
-            continue
-        if isinstance(value, dict) and not any(k.startswith("__") for k in value) and isinstance(like, dict):
-            setattr(obj, name, {k: _load_nested(v, like.get(k), like) for k, v in value.items()})
-            continue
-        setattr(obj, name, undump(value, like))
-
-
-def _load_nested(value: Any, like: Any, siblings: dict[Any, Any]) -> Any:
-    """A dict entry: nested object state goes into the fresh object, or a new one made like a sibling's."""
-    if isinstance(value, dict) and "__object__" in value:
-        target = like
-        if target is None:
-            template = next((v for v in siblings.values() if hasattr(v, "__dict__")), None)
-            if template is None:
-                raise Unserializable("no object to load nested state into")
-            target = type(template).__new__(type(template))
-        load_object_state(target, value["__object__"])
-        return target
-    return undump(value)
+        setattr(obj, name, undump(value))

@@ -86,6 +86,10 @@ class PluginBus:
             self._callers[method] = found
         return found
 
+    def local_vetoes(self) -> list[WatchPlugin]:
+        """The plugins whose veto may differ between ranks (their vetoes need a collective to agree)."""
+        return [p for p, _ in self.callers("veto") if not p.veto_is_global]
+
     def quiet_now(self) -> bool:
         """Whether every plugin that takes a mid-step hook is quiet for the coming step."""
         for plugin in self._quietable:
@@ -563,8 +567,7 @@ class StepPipeline:
         """torch.distributed: skip on every rank if a plugin vetoed on any rank (a collective only when a
         plugin's veto may differ between ranks)."""
         dist = self.watch._dist
-        if dist is None or not any(type(p).veto is not WatchPlugin.veto and not p.veto_is_global
-                                   for p in self.bus.plugins):
+        if dist is None or not self.bus.local_vetoes():
             return vetoed
         return dist.agree(vetoed)
 

@@ -21,6 +21,7 @@ also copied before the update to measure ``||dw|| / ||w||`` per layer
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -35,7 +36,7 @@ from .clipping import make_clipper
 from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, RepairConfig, Settings, check_positive_int
 from .errors import InternalErrorReporter, NonFiniteError, logger
 from .findings import Finding
-from .layers import LayerIndex
+from .layers import OUTSIDE_MODEL, LayerIndex
 from .pipeline import CALLER_UPDATE, OWN_UPDATE, StepPipeline, StepState, check_loss
 from .plugins import StepContext, WatchPlugin, WatchView
 from .precision import Precision
@@ -176,6 +177,13 @@ class Watch:
             raise ValueError(
                 "NonFiniteConfig(rollback_every=, rollback_lr_factor=) only take effect with on_nonfinite='rollback'; "
                 f"pass on_nonfinite='rollback' or drop them (on_nonfinite is {on_nonfinite!r})")
+        if on_spike is None:
+            changed = [f.name for f in dataclasses.fields(RepairConfig) if f.name.startswith("spike_")
+                       and getattr(repair, f.name) != f.default]
+            if changed:
+                raise ValueError(
+                    f"RepairConfig({', '.join(f'{n}=' for n in changed)}) only takes effect with on_spike='skip'; "
+                    "pass on_spike='skip' or drop it")
         if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)):
             raise TypeError(f"tensorboard must be a log directory path or None, got {type(tensorboard).__name__}")
         plugins = list(plugins)
@@ -192,9 +200,9 @@ class Watch:
                 "init_empty_weights()): they hold no values to train or measure; materialize them first, "
                 "e.g. model.to_empty(device='cpu') and initialize or load the weights")
         index = LayerIndex(inner, optimizer)
-        if not index.params:
+        if not any(name != OUTSIDE_MODEL for name in index.measured_names):  # nothing of the model's own
             trainable = [p for p in inner.parameters() if p.requires_grad]
-            if not trainable and not any(p.requires_grad for g in optimizer.param_groups for p in g["params"]):
+            if not trainable:
                 raise ValueError(
                     "model has no trainable parameters (none with requires_grad=True); "
                     "gradwatch measures gradients, so unfreeze at least one parameter")
@@ -523,9 +531,16 @@ class Watch:
         clipper, the precision (loss scaler), the recent history and every plugin's state.
 
         Plain data and tensors only: ``torch.save`` it with your checkpoint and ``torch.load(...,
-        weights_only=True)`` reads it back.
+        weights_only=True)`` reads it back. A closed Watch still gives its state (to resume in a new one).
+
+        Example:
+            >>> import torch, gradwatch as gw
+            >>> model = torch.nn.Linear(2, 1)
+            >>> watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> watch.state_dict()["step"]
+            0
         """
-        self._expect((StepState.READY,), "watch.state_dict()")
+        self._expect((StepState.READY, StepState.CLOSED), "watch.state_dict()")  # saving after close is fine
         return {
             "version": STATE_VERSION,
             "step": self._step,

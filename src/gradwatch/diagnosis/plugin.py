@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..compat import compiled_inner_module
 from ..config import check_positive_int
 from ..distributed import local_tensor
 from ..findings import Finding
@@ -78,7 +79,7 @@ class DiagnosisPlugin(WatchPlugin):
         super().attach(view)
         index = view.layers
         # Curve layers are measured layers only: a weight tied to an embedding (a GPT head) is not one.
-        self.sampler = ActivationSampler(index.model, [n for n in index.measured_names if n != "(root)"])
+        self.sampler = self._make_sampler()
         self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
         self.depth_rule = DepthCurveRule(self.check_every)
         self.init_rule = InitScaleRule()
@@ -90,6 +91,15 @@ class DiagnosisPlugin(WatchPlugin):
         self.activation_rule = ActivationRule()
         self._version = index.version
 
+    def _make_sampler(self) -> ActivationSampler:
+        """The sampler over the unwrapped model (DDP's ``module``), but over ``torch.compile``'s wrapper
+        as given: there the module names carry the wrapper's prefix, so no weight-layer hook (whose
+        tensor hooks would break the graph) is armed, only the activation-module hooks, which dynamo
+        traces without recompiling."""
+        index = self.view.layers
+        model = self.view.model if compiled_inner_module(self.view.model) is not None else index.model
+        return ActivationSampler(model, [n for n in index.measured_names if n != "(root)"])
+
     def _layer_of(self) -> dict[str, str]:
         index = self.view.layers
         return {pname: index.names[slot] for pname, slot in zip(index.param_names, index.param_layer)}
@@ -100,7 +110,9 @@ class DiagnosisPlugin(WatchPlugin):
         self._version = index.version
         self._curve = None
         self._input = None
-        self.sampler = ActivationSampler(index.model, [n for n in index.measured_names if n != "(root)"])
+        functional = self.sampler.functional  # what the forward calls does not change with the layer list
+        self.sampler = self._make_sampler()
+        self.sampler.functional = functional
         self.missing_rule.watch_more(list(index.param_names), self._layer_of())
 
     def is_sampled(self, step: int) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..findings import Finding
+from ..persist import record_class
 from ..plugins import SkipReason
 from .curve import DepthFit, fit_depth_curve, window_log_median
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
@@ -56,6 +57,7 @@ UPDATE_RATIO_MAX = 0.1
 UPDATE_RATIO_RUNS = 3
 
 
+@record_class
 class Episode:
     """Once-per-episode bookkeeping for one rule and key.
 
@@ -64,8 +66,6 @@ class Episode:
         >>> [e.update(c) for c in (True, True, False, True, False, False, True)]
         [True, False, False, False, False, False, True]
     """
-
-    PERSIST = True  # plain attributes: gradwatch.persist saves and restores them
 
     def __init__(self, quiet: int = 3) -> None:
         self.quiet = quiet

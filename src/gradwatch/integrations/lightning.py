@@ -114,7 +114,7 @@ class GradwatchCallback(Callback):
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.watch is not None and not self.watch._closed:
+        if self.watch is not None and not self.watch.closed:
             return
         if not trainer.optimizers:
             raise ValueError("GradwatchCallback needs an optimizer: configure_optimizers() returned none")
@@ -171,7 +171,7 @@ class GradwatchCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         watch = self.watch
-        if watch is None or watch._closed or optimizer is not watch.optimizer:
+        if watch is None or watch.closed or optimizer is not watch.optimizer:
             return
         loss, self._loss = self._loss, None
         result = watch.observe(loss, batch=self._batch)  # internal errors are reported inside, never raised

@@ -10,7 +10,7 @@ Where it hooks in (transformers 4.4x / 5.x):
 - ``on_train_begin``: builds a :class:`gradwatch.Watch` on the Trainer's model
   and optimizer. The Trainer clips *before* its ``on_pre_optimizer_step``
   event, which would hide the pre-clip per-layer norms, so with
-  ``clip_norm="auto"`` (default) gradwatch takes the clipping over: it clips to
+  ``clip_norm="trainer"`` (default) gradwatch takes the clipping over: it clips to
   ``args.max_grad_norm`` itself and sets ``args.max_grad_norm = 0`` for the run
   (restored at ``on_train_end``). The Trainer's logged ``grad_norm`` stays the
   pre-clip norm.
@@ -58,10 +58,11 @@ class GradwatchCallback(TrainerCallback):
     Args:
         run_dir: run directory (written by rank 0 under torch.distributed);
             None keeps everything in memory. Default: None.
-        clip_norm: ``"auto"`` (clip to ``args.max_grad_norm`` inside gradwatch,
+        clip_norm: ``"trainer"`` (clip to ``args.max_grad_norm`` inside gradwatch,
             so the recorded norms are pre-clip), a float, or None (leave the
             Trainer's own clipping alone; the recorded norms are then post-clip).
-            Default: ``"auto"``.
+            Default: ``"trainer"``. (``"autoclip"`` is not offered here: the
+            Trainer's ``max_grad_norm`` is the clipping a Trainer user asked for.)
         on_nonfinite: ``"skip"`` or ``"raise"``. Default: ``"skip"``.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
@@ -78,7 +79,7 @@ class GradwatchCallback(TrainerCallback):
     def __init__(
         self,
         run_dir: str | os.PathLike[str] | None = None,
-        clip_norm: float | str | None = "auto",
+        clip_norm: float | str | None = "trainer",
         on_nonfinite: str = "skip",
         **watch_options: Any,
     ) -> None:
@@ -86,13 +87,18 @@ class GradwatchCallback(TrainerCallback):
             raise ValueError(
                 f"on_nonfinite must be one of {_ON_NONFINITE} in the transformers callback, got {on_nonfinite!r}"
             )
-        if isinstance(clip_norm, str) and clip_norm != "auto":
-            raise ValueError(f"clip_norm must be 'auto', a positive float or None, got {clip_norm!r}")
+        if clip_norm == "auto":
+            raise ValueError(
+                "clip_norm='auto' was renamed: use clip_norm='trainer' (clip to TrainingArguments.max_grad_norm "
+                "inside gradwatch, the default), a positive float, or None"
+            )
+        if isinstance(clip_norm, str) and clip_norm != "trainer":
+            raise ValueError(f"clip_norm must be 'trainer', a positive float or None, got {clip_norm!r}")
         if clip_norm is not None and not isinstance(clip_norm, str):
             if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (
                 math.isfinite(clip_norm) and clip_norm > 0
             ):
-                raise ValueError(f"clip_norm must be 'auto', a positive float or None, got {clip_norm!r}")
+                raise ValueError(f"clip_norm must be 'trainer', a positive float or None, got {clip_norm!r}")
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
         for reserved in ("precision", "scaler"):
@@ -116,12 +122,12 @@ class GradwatchCallback(TrainerCallback):
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if self.watch is not None and not self.watch._closed:
+        if self.watch is not None and not self.watch.closed:
             return
         if model is None or optimizer is None:
             raise ValueError("GradwatchCallback needs the Trainer's model and optimizer (transformers >= 4.40)")
         clip = self.clip_norm
-        if clip == "auto":
+        if clip == "trainer":
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
             if clip is not None:  # take the clipping over: the Trainer clips before any callback sees the grads
                 self._saved_max_grad_norm = args.max_grad_norm
@@ -163,7 +169,7 @@ class GradwatchCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any
     ) -> None:
         watch = self.watch
-        if watch is None or watch._closed:
+        if watch is None or watch.closed:
             return
         losses, self._losses = self._losses, []
         loss = None

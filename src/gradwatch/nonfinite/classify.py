@@ -336,7 +336,11 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
                          "or keep PyTorch's default init",
                          "clip_norm=1.0 to survive the first steps",
                          "add normalization layers (nn.LayerNorm / BatchNorm)"])
-    if pattern == "lr_too_high" and not (loc is not None and loc.phase == "loss"):
+    # A NaN the loss made itself (log(0), 0/0) is the loss's fault; a loss that overflowed to inf from
+    # finite but huge outputs (their squares past float range) is the growth the norm pattern saw.
+    loss_overflowed = (loc is not None and loc.phase == "loss" and loc.kind in ("inf", "-inf")
+                       and loc.max_abs_input is not None and math.isfinite(loc.max_abs_input))
+    if pattern == "lr_too_high" and not (loc is not None and loc.phase == "loss" and not loss_overflowed):
         finite = [v for v in facts.norms if math.isfinite(v)]
         grew = f" (from {min(finite[-8:]):.3g} to {finite[-1]:.3g})" if finite else ""
         where = f"; the first non-finite value was {loc.describe()}" if loc is not None else ""

@@ -177,7 +177,9 @@ class NonFinitePlugin(WatchPlugin):
             if not record.skipped:
                 self._updates += 1
                 keeper = self.rollback
-                if keeper is not None and keeper.due(ctx.step) and np.isfinite(record.layer_weight_norms).all():
+                groups_changed = keeper is not None and keeper.group_count != len(self.view.optimizer.param_groups)
+                if keeper is not None and (keeper.due(ctx.step) or groups_changed) \
+                        and np.isfinite(record.layer_weight_norms).all():  # (add_param_group: a snapshot now)
                     keeper.snapshot(ctx.step)
             self._quiet_next(ctx.step + 1)
             return []
@@ -342,6 +344,11 @@ class NonFinitePlugin(WatchPlugin):
         if finding.evidence.get("decided_by") == "batch_nonfinite":
             finding.evidence["action"] = "skip"
             finding.message += " The weights were not at fault, so the step was skipped without a rollback."
+            return
+        if keeper.group_count != len(self.view.optimizer.param_groups):  # a group added since the snapshot
+            finding.evidence["action"] = "skip"
+            finding.message += (" A param group was added since the last snapshot, which cannot be restored into "
+                                "this optimizer: the step was skipped without a rollback.")
             return
         event = keeper.restore(step)
         ctx.rollback = event  # the lr backoff, after this plugin, sees it

@@ -125,6 +125,11 @@ class Rollback:
     def has_snapshot(self) -> bool:
         return self._model_state is not None
 
+    @property
+    def group_count(self) -> int | None:
+        """How many param groups the snapshot's optimizer had (None before the first snapshot)."""
+        return None if self._optim_state is None else len(self._optim_state["param_groups"])
+
     def snapshot(self, step: int) -> None:
         """Copy the weights, buffers and optimizer state to the CPU, as after ``step``."""
         with torch.no_grad():
@@ -137,7 +142,8 @@ class Rollback:
         return step % self.every == 0
 
     def restore(self, step: int) -> RollbackEvent:
-        """Load the snapshot into the model and optimizer, then multiply the lr by ``lr_factor``.
+        """Load the snapshot into the model and optimizer (keeping every param group's current
+        hyperparameters), then multiply the lr by ``lr_factor``.
 
         Args:
             step: the failing step (for the event record).
@@ -147,12 +153,14 @@ class Rollback:
         """
         if self._model_state is None or self._optim_state is None or self.step is None:
             raise RuntimeError("Rollback.restore() called before any snapshot(); call snapshot(step) first")
-        lrs = [group["lr"] for group in self.optimizer.param_groups]  # the lr in use now (a scheduler may have moved it)
+        # The hyperparameters in use now (lr, betas, momentum, ...: a scheduler may have moved them since the
+        # snapshot) are kept: a rollback restores what the steps learnt, not the schedule.
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         with torch.no_grad():
             self.model.load_state_dict(self._model_state)  # copies into the existing tensors
         self.optimizer.load_state_dict(_clone(self._optim_state))
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
+        for group, values in zip(self.optimizer.param_groups, hyper):
+            group.update(values)
         before, after = scale_lr_(self.optimizer, self.lr_factor)
         event = RollbackEvent(step=int(step), restored_step=self.step, lr_before=before, lr_after=after, factor=self.lr_factor)
         self.events.append(event)
