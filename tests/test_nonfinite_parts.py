@@ -395,7 +395,7 @@ def test_plugin_state_dict_round_trips() -> None:
     plugin = next(p for p in watch.plugins if p.name == "nonfinite")
     state = plugin.state_dict()
     assert state == {"replays": 1, "bundles": 0, "updates": 1, "first_norm": plugin._first_norm,
-                     "fp16_overflows": 0, "repeats": 0, "rng_used": False}
+                     "fp16_overflows": 0, "repeats": 0, "rng_used": False, "forward_overflow_said": False}
     other = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
     twin = next(p for p in other.plugins if p.name == "nonfinite")
     twin.load_state_dict(state)

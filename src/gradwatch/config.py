@@ -93,6 +93,8 @@ class DiagnosisConfig(_Config):
             step 1 and every this many steps (hooks only on those steps). Default: 50.
         check_every: fit the gradient-by-depth curve every this many steps (and
             on every sampled step). Default: 50.
+        stall_after: raise ``training_stalled`` after this many consecutive
+            skipped steps (checked also with ``diagnose=False``). Default: 8.
 
     Example:
         >>> DiagnosisConfig(sample_every=10).sample_every
@@ -101,9 +103,10 @@ class DiagnosisConfig(_Config):
 
     sample_every: int = 50
     check_every: int = 50
+    stall_after: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("sample_every", "check_every"):
+        for name in ("sample_every", "check_every", "stall_after"):
             check_positive_int(name, getattr(self, name), f"; e.g. gradwatch.DiagnosisConfig({name}=50)")
 
 

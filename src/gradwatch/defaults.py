@@ -25,12 +25,13 @@ def default_plugins(*, clipper: NoClip, on_nonfinite: str, on_spike: str | None,
         >>> settings = Settings(DiagnosisConfig(), NonFiniteConfig(), RepairConfig(), AmpConfig())
         >>> [p.name for p in default_plugins(clipper=NoClip(), on_nonfinite="skip", on_spike="skip",
         ...                                  diagnose=True, settings=settings)]
-        ['nonfinite', 'spike_skip', 'lr_backoff', 'precision', 'diagnosis']
+        ['nonfinite', 'spike_skip', 'lr_backoff', 'stall', 'precision', 'diagnosis']
     """
     from .amp.plugin import PrecisionPlugin
     from .diagnosis.plugin import DiagnosisPlugin
     from .nonfinite.plugin import NonFinitePlugin
     from .repair import AGCTracker, LRBackoff, SpikeSkip
+    from .stall import StallPlugin
 
     repair = settings.repair
     plugins: list[WatchPlugin] = []
@@ -44,6 +45,7 @@ def default_plugins(*, clipper: NoClip, on_nonfinite: str, on_spike: str | None,
         backoff = 0.5 if (on_spike == "skip" or on_nonfinite == "rollback") else None
     if backoff is not None:
         plugins.append(LRBackoff(float(backoff), repair.lr_backoff_after, repair.lr_backoff_window))
+    plugins.append(StallPlugin(settings.diagnosis.stall_after))  # after every plugin that skips or vetoes
     if diagnose:
         plugins.append(PrecisionPlugin(settings.amp))
         plugins.append(DiagnosisPlugin(settings.diagnosis.sample_every, settings.diagnosis.check_every))

@@ -404,3 +404,30 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
                 f"Step {n}: the loss is {facts.loss} (the forward pass or the loss function made it){not_reproduced}{hint}.",
                 ["check the loss function for log(0) and divisions by zero",
                  "use F.cross_entropy / log_softmax instead of log(softmax(x))"])
+
+
+def forward_overflow_finding(step: int, loc: Localization, loss_scale: float | None) -> Finding:
+    """``fp16_overflow`` for a forward pass that overflows float16 but is finite in float32 (pure).
+
+    Loss scaling only scales the backward pass: the scaler halves its scale on every such
+    step and never recovers, so every step is skipped. The fix is range, not scale.
+
+    Example:
+        >>> loc = Localization(phase="forward", op="aten.mul", kind="inf", created=True, module="mlp.fc",
+        ...                    dtype="float16", max_abs_input=3.1e4)
+        >>> f = forward_overflow_finding(3, loc, 16384.0)
+        >>> f.code, f.severity, f.location["module"]
+        ('fp16_overflow', 'error', 'mlp.fc')
+    """
+    module = loc.module or "(the model)"
+    big = f" (largest input {_fmt(loc.max_abs_input)})" if loc.max_abs_input is not None else ""
+    message = (f"Step {step}: the forward pass overflows float16: {loc.describe()}{big} is beyond float16's "
+               f"largest value 65504, while the same step is finite in float32. Loss scaling only scales the "
+               f"gradients, so it cannot fix this: the scaler halves its scale and skips every such step.")
+    evidence: dict[str, Any] = {"localization": loc.to_dict(), "loss_scale": loss_scale, "decided_by": "fp32_replay"}
+    return Finding("fp16_overflow", "error", step, message, evidence=evidence, location=loc.location(),
+                   fixes=["train in bfloat16 instead: precision='bf16' has float32's range and needs no loss scaling",
+                          f"keep {module} in float32: wrap it in torch.autocast(device_type, enabled=False) and "
+                          "cast its input with .float()",
+                          "keep the activations small: a normalization layer (nn.LayerNorm) before it, or a "
+                          "smaller init or learning rate if they grew during training"])

@@ -54,7 +54,7 @@ from ..plugins import MicroBatch, StepContext, WatchPlugin, WatchView
 from ..records import StepRecord
 from .batch import BatchReport, check_batch
 from .bundle import bundle_name, make_bundle
-from .classify import StepFacts, classify, weight_scale
+from .classify import StepFacts, classify, forward_overflow_finding, weight_scale
 from .replay import ReplayOutcome, capture_rng_state, replay
 from .rollback import Rollback
 
@@ -120,6 +120,7 @@ class NonFinitePlugin(WatchPlugin):
         self.replays = 0
         self.bundles = 0
         self._fp16_overflows = 0  # steps found to be float16 range overflows (finite in float32)
+        self._forward_overflow_said = False  # fp16_overflow raised for a forward-pass overflow
         self.rollback: Rollback | None = None
         self._rng_used: bool | None = None  # does the closure draw random numbers? None: not checked yet
         self._rng_check = False
@@ -200,7 +201,11 @@ class NonFinitePlugin(WatchPlugin):
         outcome, micro = self._replay(ctx, record)
         if self._fp16_range_overflow(micro, outcome):
             self._fp16_overflows += 1
-            return []  # finite in float32: a float16 range overflow, which the AMP plugin reports (fp16_overflow)
+            assert outcome is not None and outcome.localization is not None  # (a range overflow was located)
+            if outcome.localization.phase != "backward" and not self._forward_overflow_said:
+                self._forward_overflow_said = True  # the scaler cannot fix it, and never reports it: say it here
+                return [forward_overflow_finding(ctx.step, outcome.localization, record.loss_scale)]
+            return []  # gradients out of float16 range: the scaler's business, the AMP plugin reports it
         if outcome is None and self._fp16_overflows and (batch is None or not batch.degenerate):
             return []  # replays used up on a run whose failures were float16 range overflows: still the AMP plugin's
         history = [r for r in watch.history if r.step <= ctx.step]
@@ -390,7 +395,7 @@ class NonFinitePlugin(WatchPlugin):
         (the checkpoint holds the weights): a resumed rollback run snapshots before its first step."""
         return {"replays": self.replays, "bundles": self.bundles, "updates": self._updates,
                 "first_norm": self._first_norm, "rng_used": self._rng_used, "repeats": self.repeats,
-                "fp16_overflows": self._fp16_overflows}
+                "fp16_overflows": self._fp16_overflows, "forward_overflow_said": self._forward_overflow_said}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.replays = int(state.get("replays", 0))
@@ -400,3 +405,4 @@ class NonFinitePlugin(WatchPlugin):
         self._rng_used = state.get("rng_used")
         self.repeats = int(state.get("repeats", 0))
         self._fp16_overflows = int(state.get("fp16_overflows", 0))
+        self._forward_overflow_said = bool(state.get("forward_overflow_said", False))
