@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..activation_fns import ACTIVATIONS
 from ..findings import Finding
 from ..plugins import SkipReason
 from .curve import DepthFit, fit_depth_curve, window_log_median
@@ -48,7 +49,10 @@ SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
 SPIKE_BOUND_STEPS = 10  # steps decided by one comparison between two sorts of the window
 # activations
 DEAD_SHARE = 0.6  # "most units" dead for every example of the batch (healthy deep nets reach 0.3-0.5)
-SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
+SATURATED_SHARE = 0.5  # "most outputs" of a sigmoid/tanh in the flat tails
+# GELU/SiLU/Mish are ReLU-like: a healthy layer has about half of its inputs in the flat negative region
+# (as ReLU has half at zero); only a layer with nearly all of them there is saturated.
+SMOOTH_FLAT_SHARE = 0.9
 MISSING_AFTER = 5  # steps with no gradient at all before a parameter is reported
 # Update-to-weight ratio ||dw||/||w||: ~1e-3 per step is the usual healthy range; above 0.1 for three
 # measurements in a row every step rewrites a tenth of the weights (healthy controls: < 0.03).
@@ -552,35 +556,73 @@ class LossSpikeRule:
 
 
 class ActivationRule:
-    """``dead_relu`` and ``saturated_activations`` from sampled activation statistics."""
+    """``dead_relu`` and ``saturated_activations`` from sampled activation statistics.
+
+    One finding per code and episode lists every affected site (six saturated tanh
+    layers are one finding naming six layers); the episode ends when no site is
+    affected on a sampled step. Each activation is judged by its own derivative
+    (:mod:`gradwatch.activation_fns`): ``dead`` (ReLU family and GELU/SiLU/Mish:
+    units flat for every example), ``saturated`` (sigmoid/tanh: outputs in the flat
+    tails) and ``flat`` (GELU/SiLU/Mish: inputs where ``|f'|`` is flat; about half
+    of them may be, as for ReLU, so only ``SMOOTH_FLAT_SHARE`` counts).
+    """
+
+    CODES = ("dead_relu", "saturated_activations")
 
     def __init__(self) -> None:
-        self.episodes: dict[tuple[str, str], Episode] = {}
+        self.episodes: dict[str, Episode] = {code: Episode(quiet=1) for code in self.CODES}
+
+    @staticmethod
+    def _hits(activations: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any], float]]]:
+        hits: dict[str, list[tuple[str, dict[str, Any], float]]] = {code: [] for code in ActivationRule.CODES}
+        for site, stats in activations.items():
+            for key, code, limit in (("dead", "dead_relu", DEAD_SHARE), ("saturated", "saturated_activations", SATURATED_SHARE),
+                                     ("flat", "saturated_activations", SMOOTH_FLAT_SHARE)):
+                share = stats.get(key)
+                if share is not None and math.isfinite(share) and share >= limit:
+                    hits[code].append((site, stats, share))
+        return hits
 
     def check(self, inp: RuleInput) -> list[Finding]:
         if not inp.sampled_now or inp.sample is None or not inp.record.finite:  # a NaN forward says nothing of units
             return []
         out: list[Finding] = []
-        for site, stats in inp.sample.activations.items():
-            if "dead" in stats:
-                code, share, limit = "dead_relu", stats["dead"], DEAD_SHARE
-            else:
-                code, share, limit = "saturated_activations", stats["saturated"], SATURATED_SHARE
-            episode = self.episodes.setdefault((code, site), Episode(quiet=1))
-            hit = math.isfinite(share) and share >= limit
-            if not episode.update(hit) or not hit:
-                continue
-            if code == "dead_relu":
-                message = (f"{share:.0%} of the units of ReLU {site} output zero for every example in the batch: "
-                           "they pass no gradient and no longer learn.")
-                fixes = [f"use LeakyReLU(0.01) or GELU at {site}", "lower the learning rate (large updates kill units)",
-                         "kaiming_normal_ init and zero biases for the layer before it", "add BatchNorm/LayerNorm before it"]
-                evidence = {"dead_share": share, "units": stats.get("units"), "examples": stats.get("examples"), "threshold": limit}
-            else:
-                message = (f"{share:.0%} of the outputs of {stats['kind']} {site} sit in its flat tails (derivative below "
-                           "10% of its maximum): little gradient passes.")
-                fixes = [f"normalize the input of {site} (LayerNorm/BatchNorm before it)",
-                         "xavier_normal_ init for the layer before it", "use ReLU/GELU instead"]
-                evidence = {"saturated_share": share, "kind": stats["kind"], "threshold": limit}
-            out.append(Finding(code, "warning", inp.step, message, evidence=evidence, location={"module": site}, fixes=fixes))
+        for code, sites in self._hits(inp.sample.activations).items():
+            if self.episodes[code].update(bool(sites)) and sites:
+                out.append(self._finding(code, inp.step, sites))
         return out
+
+    @staticmethod
+    def _finding(code: str, step: int, sites: list[tuple[str, dict[str, Any], float]]) -> Finding:
+        labels = [stats.get("label", site) for site, stats, _ in sites]
+        shares = [share for _, _, share in sites]
+        worst = max(range(len(sites)), key=lambda k: shares[k])
+        listed = "; ".join(f"{label} ({share:.0%})" for label, share in zip(labels, shares))
+        kinds = sorted({stats["kind"] for _, stats, _ in sites})
+        where = f"{len(sites)} activation layers" if len(sites) > 1 else "1 activation layer"
+        # layers the fixes act on: the layer each activation follows (else the site itself)
+        before = [stats.get("after") or site for site, stats, _ in sites]
+        evidence: dict[str, Any] = {"layers": dict(zip(labels, shares)), "sites": [s for s, _, _ in sites],
+                                    "kinds": kinds}
+        if code == "dead_relu":
+            message = (f"In {where}, most units pass no gradient for every example in the batch (their "
+                       f"derivative is zero, or below 10% of its maximum): {listed}. They no longer learn.")
+            relu_only = all(ACTIVATIONS[k].family == "relu" for k in kinds)
+            fixes = [f"use LeakyReLU(0.01) or GELU at {_span(labels)}"] if relu_only else [
+                f"normalize the inputs of {_span(labels)} (LayerNorm before them)"]
+            fixes += ["lower the learning rate (large updates kill units)",
+                      f"kaiming_normal_ init and zero biases for {_span(before)}"]
+            evidence.update(dead_share=shares[worst], units=sites[worst][1].get("units"),
+                            examples=sites[worst][1].get("examples"), threshold=DEAD_SHARE)
+        else:
+            message = (f"In {where}, most values sit where the activation's derivative is below 10% of its maximum "
+                       f"(its flat region), so little gradient passes: {listed}.")
+            fixes = [f"normalize the inputs of {_span(labels)} (LayerNorm/BatchNorm before them)",
+                     f"xavier_normal_ init for {_span(before)}"]
+            if set(kinds) & {"sigmoid", "tanh"}:
+                fixes.append("use ReLU/GELU instead of sigmoid/tanh between layers")
+            evidence.update(saturated_share=shares[worst], kind=sites[worst][1]["kind"],
+                            threshold=SMOOTH_FLAT_SHARE if "flat" in sites[worst][1] and "saturated" not in sites[worst][1]
+                            else SATURATED_SHARE)
+        location = {"module": sites[0][0], "modules": [s for s, _, _ in sites]}
+        return Finding(code, "warning", step, message, evidence=evidence, location=location, fixes=fixes)
