@@ -9,8 +9,8 @@ derivative ``f'``:
 
 - a value sits in the function's *flat region* where ``|f'| < FLAT_SHARE * max |f'|``
   (10%: tanh ``|y| > 0.9487``, sigmoid ``y < 0.0257`` or ``> 0.9743``; GELU
-  ``x < -1.75`` and a narrow band around ``x = -0.75`` where ``f'`` crosses zero;
-  SiLU ``x < -2.9`` ...);
+  ``x < -1.73`` and ``-1.16 < x < -0.53`` around ``x = -0.75`` where ``f'``
+  crosses zero; SiLU ``x < -0.88`` ...);
 - *families* decide what a flat region means:
 
   ``"relu"``       ReLU, ReLU6, ReLU²: the flat region is exactly zero output;
