@@ -5,6 +5,10 @@ random token batches with AdamW and ``watch.step(closure)``; every warning or
 error finding on these runs is a false alarm. Also probes each model once
 (``gw.probe``) and counts the probe's warnings.
 
+Also a converged run: 30 decaying steps, then 200 steps at 0 (or 1e-9) with
+3.7e-9 blips every 7 steps, with and without ``on_spike="skip"``: every
+``loss_spike`` there is a false alarm.
+
 Usage::
 
     python -m benchmarks.false_alarms --steps 100 [--sample-every 10]
@@ -71,6 +75,20 @@ def run(name: str, steps: int, sample_every: int, run_dir: Path) -> tuple[list[g
     return ([f for f in watch.findings if f.severity in warn], [f for f in probe.findings if f.severity in warn])
 
 
+def converged_blips(level: float, on_spike: str | None) -> list[gw.Finding]:
+    """The loss_spike findings of a run that converged to ``level`` and blips to 3.7e-9."""
+    import math
+
+    model = torch.nn.Linear(4, 1)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.0), on_spike=on_spike)
+    x = torch.randn(8, 4)
+    losses = [2.3 * math.exp(-k / 5) for k in range(30)] + [3.7e-9 if k % 7 == 3 else level for k in range(200)]
+    for value in losses:
+        watch.step(lambda: model(x).mean() * 0.0 + value)  # the loss is exactly `value`
+    watch.close()
+    return [f for f in watch.findings if f.code == "loss_spike"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -86,6 +104,11 @@ def main() -> None:
                   f"{dict(Counter(f.code for f in probed))}")
             for f in (found[:3] + probed[:2]):
                 print("   ", f.code, "|", f.message[:160])
+    for level in (0.0, 1e-9):
+        for on_spike in (None, "skip"):
+            spikes = converged_blips(level, on_spike)
+            print(f"converged at {level:g}, on_spike={on_spike}: {len(spikes)} loss_spike in 230 steps"
+                  + (f" ({spikes[0].message[:100]})" if spikes else ""))
 
 
 if __name__ == "__main__":
