@@ -27,7 +27,9 @@ def spike_reference(losses, norms, threshold=6.0, window=128, warmup=32):
 
     A step is a spike when, against the last ``window`` finite values before it (at least
     ``warmup`` of them), its loss or (on a log scale) its gradient norm lies more than
-    ``threshold`` x 1.4826 x MAD above the median, and more than 5% above the median value.
+    ``threshold`` x 1.4826 x MAD above the median, more than 5% above the median value, and
+    above it by more than 1% of the signal's early level (median |x| of its first ``warmup``
+    finite values; no such floor before those are seen).
     """
     hist_l, hist_n, out = [], [], []
     for loss, norm in zip(losses, norms):
@@ -37,10 +39,11 @@ def spike_reference(losses, norms, threshold=6.0, window=128, warmup=32):
             if len(h) < warmup or not math.isfinite(value):
                 continue
             med_raw = np.median(h)
+            early = np.median(np.abs(hist[:warmup]))  # hist keeps every finite value, oldest first
             x, base = (math.log(value), np.log(h[h > 0])) if log else (value, h)
             med = np.median(base)
             scale = max(1.4826 * np.median(np.abs(base - med)), 1e-6 * max(abs(med), 1e-12))
-            if (x - med) / scale > threshold and value - med_raw > 0.05 * abs(med_raw):
+            if (x - med) / scale > threshold and value - med_raw > max(0.05 * abs(med_raw), 0.01 * early):
                 hit = True
         out.append(hit)
         if math.isfinite(loss):

@@ -146,7 +146,7 @@ def infer_nonlinearities(model: nn.Module, batch: Any = None) -> dict[str, tuple
         return hook
 
     handles = [m.register_forward_hook(make(n)) for n, m in layers]
-    tracer = ActivationTracer(owner, lambda: None, lambda: last[0])
+    tracer = ActivationTracer(owner, lambda: None, lambda: last[0], model=model)
     try:
         with _Restore(model), torch.no_grad(), tracer:
             model(*args, **kwargs)

@@ -79,3 +79,51 @@ def robust_zscore(history: Sequence[float], value: float) -> float:
         return value
     scale = max(MAD_TO_SIGMA * mad, 1e-6 * max(abs(median), 1e-12))
     return (value - median) / scale
+
+
+class EarlyLevel:
+    """The typical size of a signal early in the run: the median ``|x|`` of its first ``n`` finite values.
+
+    Spike rules compare a jump with it: a converged loss that sits at 0 and
+    blips to 3.7e-9 has a MAD of 0 (so a huge robust z-score) and an undefined
+    ratio, yet moved by a billionth of where the run started. Fixed once ``n``
+    finite values were seen (None before).
+
+    Args:
+        n: finite values that set the level. Default: 20.
+
+    Example:
+        >>> early = EarlyLevel(n=3)
+        >>> for v in (2.3, float("nan"), -2.1, 2.5, 0.0):
+        ...     early.observe(v)
+        >>> early.level, early.floor(0.01)
+        (2.3, 0.023)
+    """
+
+    PERSIST = True  # plain attributes: gradwatch.persist saves and restores them
+
+    def __init__(self, n: int = 20) -> None:
+        self.n = n
+        self.level: float | None = None
+        self.values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        """Feed one value (non-finite ones are ignored; nothing changes once the level is set)."""
+        if self.level is None and math.isfinite(value):
+            self.values.append(abs(float(value)))
+            if len(self.values) >= self.n:
+                self.level = float(np.median(self.values))
+                self.values = []
+
+    def floor(self, share: float) -> float:
+        """``share`` times the level: the smallest jump that counts (0 while the level is unknown or 0)."""
+        return share * self.level if self.level else 0.0
+
+    def state_dict(self) -> dict[str, object]:
+        return {"n": self.n, "level": self.level, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.n = int(state.get("n", self.n))  # type: ignore[arg-type]
+        level = state.get("level")
+        self.level = None if level is None else float(level)  # type: ignore[arg-type]
+        self.values = [float(v) for v in state.get("values", [])]  # type: ignore[union-attr]

@@ -20,12 +20,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..activation_fns import ACTIVATIONS
 from ..findings import Finding
 from ..persist import record_class
 from ..plugins import SkipReason
 from .curve import DepthFit, fit_depth_curve, window_log_median
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
-from .robust import robust_zscore
+from .robust import EarlyLevel, robust_zscore
 from .sampler import ActivationSample
 
 # vanishing / exploding: the fitted gradient ratio over the whole stack, and how straight the line is.
@@ -47,9 +48,16 @@ SPIKE_RATIO = 10.0
 SPIKE_LOG_Z = 6.0
 SPIKE_LINEAR_Z = 20.0  # for losses that can be negative (no ratio, no log)
 SPIKE_BOUND_STEPS = 10  # steps decided by one comparison between two sorts of the window
+# ... and the jump above the median must be at least 1% of the run's early loss level (median |loss| of the
+# first SPIKE_MIN_HISTORY finite steps): a converged loss at 0 blipping to 3.7e-9 has an undefined ratio
+# and a robust z of ~1e9, but moved by a billionth of where the run started.
+SPIKE_MIN_JUMP = 0.01
 # activations
 DEAD_SHARE = 0.6  # "most units" dead for every example of the batch (healthy deep nets reach 0.3-0.5)
-SATURATED_SHARE = 0.5  # "most outputs" in the flat tails
+SATURATED_SHARE = 0.5  # "most outputs" of a sigmoid/tanh in the flat tails
+# GELU/SiLU/Mish are ReLU-like: a healthy layer has about half of its inputs in the flat negative region
+# (as ReLU has half at zero); only a layer with nearly all of them there is saturated.
+SMOOTH_FLAT_SHARE = 0.9
 MISSING_AFTER = 5  # steps with no gradient at all before a parameter is reported
 # Update-to-weight ratio ||dw||/||w||: ~1e-3 per step is the usual healthy range; above 0.1 for three
 # measurements in a row every step rewrites a tenth of the weights (healthy controls: < 0.03).
@@ -117,6 +125,8 @@ def _span(names: Sequence[str]) -> str:
 
 
 def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
     return f"{x:.2g}" if 1e-2 <= abs(x) < 1e3 else f"{x:.1e}"
 
 
@@ -460,11 +470,18 @@ class LossSpikeRule:
     """``loss_spike``: an order of magnitude above a robust recent baseline (NaN/inf never enter it).
 
     The baseline is the median of the finite losses among the last ``SPIKE_WINDOW``
-    steps. Most steps are decided by one comparison: whenever the window is sorted
+    steps. A spike is at least ``SPIKE_RATIO`` times it and ``SPIKE_LOG_Z`` robust
+    deviations above it in log space (losses that can be zero or negative: ``SPIKE_LINEAR_Z``
+    deviations, no ratio), and its jump above the median is at least ``SPIKE_MIN_JUMP``
+    of the run's early loss level (:class:`~gradwatch.diagnosis.robust.EarlyLevel`), so a
+    converged loss at 0 with 1e-9 blips is quiet.
+
+    Most steps are decided by one comparison: whenever the window is sorted
     (at least every ``SPIKE_BOUND_STEPS`` steps) the rule keeps a value that no median
     of the next ``SPIKE_BOUND_STEPS`` windows can fall below (each step replaces at
-    most one value), and a loss under ``SPIKE_RATIO`` times it cannot be a spike;
-    only the other steps sort the window (the same decision either way).
+    most one value), and a loss under ``SPIKE_RATIO`` times it, or less than the jump
+    floor above it, cannot be a spike; only the other steps sort the window (the same
+    decision either way).
     """
 
     TRANSIENT = ("_clear_below", "_clear_steps")  # a fresh rule sorts its window on the next step
@@ -472,6 +489,7 @@ class LossSpikeRule:
     def __init__(self) -> None:
         self.losses: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last SPIKE_WINDOW losses (non-finite ones too)
         self.episode = Episode(quiet=1)
+        self.early = EarlyLevel(SPIKE_MIN_HISTORY)
         self._clear_below = -math.inf  # a finite loss below this is no spike, for ...
         self._clear_steps = 0  # ... this many more steps
 
@@ -481,6 +499,7 @@ class LossSpikeRule:
 
     def _push(self, value: float) -> None:
         self.losses.append(value)
+        self.early.observe(value)
         self._clear_steps -= 1
 
     def _bound(self) -> None:
@@ -489,11 +508,16 @@ class LossSpikeRule:
         The window before step j (1 <= j <= SPIKE_BOUND_STEPS) keeps all but at most
         j - 1 of these n values and adds at most j - 1 new ones, so its median is at
         least the value of rank (n - 2 (SPIKE_BOUND_STEPS - 1)) // 2 - 1 here (0-based).
+        The jump floor only grows (0 until the early level is known), so a bound made
+        with today's floor stays valid.
         """
         ordered = self._ordered()
         rank = (len(ordered) - 2 * (SPIKE_BOUND_STEPS - 1)) // 2 - 1
         low = ordered[rank] if rank >= 0 and len(ordered) >= SPIKE_MIN_HISTORY else math.nan
-        self._clear_below = SPIKE_RATIO * low if low > 0 else -math.inf  # NaN: no bound
+        by_ratio = SPIKE_RATIO * low if low > 0 else -math.inf  # NaN: no bound
+        floor = self.early.floor(SPIKE_MIN_JUMP)
+        by_jump = low + floor if floor > 0 and math.isfinite(low) else -math.inf
+        self._clear_below = max(by_ratio, by_jump)
         self._clear_steps = SPIKE_BOUND_STEPS
 
     def check(self, inp: RuleInput) -> list[Finding]:
@@ -523,28 +547,35 @@ class LossSpikeRule:
                 self.episode.update(False)
             return []
         median = _median_sorted(ordered)
-        if median > 0 and value < SPIKE_RATIO * median:  # no spike, no MAD needed
+        floor = self.early.floor(SPIKE_MIN_JUMP)
+        if (median > 0 and value < SPIKE_RATIO * median) or value - median < floor:  # no spike, no MAD needed
             self._push(value)
             if self.episode.active:
                 self.episode.update(False)
             return []
         finite = list(ordered)
         self._push(value)
+        ratio: float | None
         if median > 0 and ordered[0] > 0:
             ratio = value / median
             z = robust_zscore(np.log(finite), math.log(value)) if value > 0 else -math.inf
             hit = ratio >= SPIKE_RATIO and z >= SPIKE_LOG_Z
         else:
-            ratio = math.nan
+            ratio = None  # no ratio to a median that is zero or negative, or to a window that reaches it
             z = robust_zscore(finite, value)
             hit = z >= SPIKE_LINEAR_Z
         if not self.episode.update(hit) or not hit:
             return []
+        if ratio is not None:
+            how = f"{_fmt(ratio)}x the median of the last {len(finite)} steps ({_fmt(median)})"
+        else:
+            how = f"up from a median of {_fmt(median)} over the last {len(finite)} steps ({_fmt(z)} robust deviations above it)"
         return [Finding(
             "loss_spike", "warning", inp.step,
-            f"The loss jumped to {_fmt(value)}, {_fmt(ratio)}x the median of the last {len(finite)} steps ({_fmt(median)}).",
+            f"The loss jumped to {_fmt(value)}, {how}.",
             evidence={"loss": value, "baseline_median": median, "ratio": ratio, "robust_z": z,
-                      "window": len(finite), "grad_norm": record.grad_norm},
+                      "window": len(finite), "grad_norm": record.grad_norm, "early_loss_level": self.early.level,
+                      "min_jump": floor},
             location={},
             fixes=["look at this step's batch (pass batch= to watch.step to keep it)",
                    "Watch(on_spike='skip') skips such steps", "lower the learning rate or add warm-up"],
@@ -552,35 +583,73 @@ class LossSpikeRule:
 
 
 class ActivationRule:
-    """``dead_relu`` and ``saturated_activations`` from sampled activation statistics."""
+    """``dead_relu`` and ``saturated_activations`` from sampled activation statistics.
+
+    One finding per code and episode lists every affected site (six saturated tanh
+    layers are one finding naming six layers); the episode ends when no site is
+    affected on a sampled step. Each activation is judged by its own derivative
+    (:mod:`gradwatch.activation_fns`): ``dead`` (ReLU family and GELU/SiLU/Mish:
+    units flat for every example), ``saturated`` (sigmoid/tanh: outputs in the flat
+    tails) and ``flat`` (GELU/SiLU/Mish: inputs where ``|f'|`` is flat; about half
+    of them may be, as for ReLU, so only ``SMOOTH_FLAT_SHARE`` counts).
+    """
+
+    CODES = ("dead_relu", "saturated_activations")
 
     def __init__(self) -> None:
-        self.episodes: dict[tuple[str, str], Episode] = {}
+        self.episodes: dict[str, Episode] = {code: Episode(quiet=1) for code in self.CODES}
+
+    @staticmethod
+    def _hits(activations: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any], float]]]:
+        hits: dict[str, list[tuple[str, dict[str, Any], float]]] = {code: [] for code in ActivationRule.CODES}
+        for site, stats in activations.items():
+            for key, code, limit in (("dead", "dead_relu", DEAD_SHARE), ("saturated", "saturated_activations", SATURATED_SHARE),
+                                     ("flat", "saturated_activations", SMOOTH_FLAT_SHARE)):
+                share = stats.get(key)
+                if share is not None and math.isfinite(share) and share >= limit:
+                    hits[code].append((site, stats, share))
+        return hits
 
     def check(self, inp: RuleInput) -> list[Finding]:
         if not inp.sampled_now or inp.sample is None or not inp.record.finite:  # a NaN forward says nothing of units
             return []
         out: list[Finding] = []
-        for site, stats in inp.sample.activations.items():
-            if "dead" in stats:
-                code, share, limit = "dead_relu", stats["dead"], DEAD_SHARE
-            else:
-                code, share, limit = "saturated_activations", stats["saturated"], SATURATED_SHARE
-            episode = self.episodes.setdefault((code, site), Episode(quiet=1))
-            hit = math.isfinite(share) and share >= limit
-            if not episode.update(hit) or not hit:
-                continue
-            if code == "dead_relu":
-                message = (f"{share:.0%} of the units of ReLU {site} output zero for every example in the batch: "
-                           "they pass no gradient and no longer learn.")
-                fixes = [f"use LeakyReLU(0.01) or GELU at {site}", "lower the learning rate (large updates kill units)",
-                         "kaiming_normal_ init and zero biases for the layer before it", "add BatchNorm/LayerNorm before it"]
-                evidence = {"dead_share": share, "units": stats.get("units"), "examples": stats.get("examples"), "threshold": limit}
-            else:
-                message = (f"{share:.0%} of the outputs of {stats['kind']} {site} sit in its flat tails (derivative below "
-                           "10% of its maximum): little gradient passes.")
-                fixes = [f"normalize the input of {site} (LayerNorm/BatchNorm before it)",
-                         "xavier_normal_ init for the layer before it", "use ReLU/GELU instead"]
-                evidence = {"saturated_share": share, "kind": stats["kind"], "threshold": limit}
-            out.append(Finding(code, "warning", inp.step, message, evidence=evidence, location={"module": site}, fixes=fixes))
+        for code, sites in self._hits(inp.sample.activations).items():
+            if self.episodes[code].update(bool(sites)) and sites:
+                out.append(self._finding(code, inp.step, sites))
         return out
+
+    @staticmethod
+    def _finding(code: str, step: int, sites: list[tuple[str, dict[str, Any], float]]) -> Finding:
+        labels = [stats.get("label", site) for site, stats, _ in sites]
+        shares = [share for _, _, share in sites]
+        worst = max(range(len(sites)), key=lambda k: shares[k])
+        listed = "; ".join(f"{label} ({share:.0%})" for label, share in zip(labels, shares))
+        kinds = sorted({stats["kind"] for _, stats, _ in sites})
+        where = f"{len(sites)} activation layers" if len(sites) > 1 else "1 activation layer"
+        # layers the fixes act on: the layer each activation follows (else the site itself)
+        before = [stats.get("after") or site for site, stats, _ in sites]
+        evidence: dict[str, Any] = {"layers": dict(zip(labels, shares)), "sites": [s for s, _, _ in sites],
+                                    "kinds": kinds}
+        if code == "dead_relu":
+            message = (f"In {where}, most units pass no gradient for every example in the batch (their "
+                       f"derivative is zero, or below 10% of its maximum): {listed}. They no longer learn.")
+            relu_only = all(ACTIVATIONS[k].family == "relu" for k in kinds)
+            fixes = [f"use LeakyReLU(0.01) or GELU at {_span(labels)}"] if relu_only else [
+                f"normalize the inputs of {_span(labels)} (LayerNorm before them)"]
+            fixes += ["lower the learning rate (large updates kill units)",
+                      f"kaiming_normal_ init and zero biases for {_span(before)}"]
+            evidence.update(dead_share=shares[worst], units=sites[worst][1].get("units"),
+                            examples=sites[worst][1].get("examples"), threshold=DEAD_SHARE)
+        else:
+            message = (f"In {where}, most values sit where the activation's derivative is below 10% of its maximum "
+                       f"(its flat region), so little gradient passes: {listed}.")
+            fixes = [f"normalize the inputs of {_span(labels)} (LayerNorm/BatchNorm before them)",
+                     f"xavier_normal_ init for {_span(before)}"]
+            if set(kinds) & {"sigmoid", "tanh"}:
+                fixes.append("use ReLU/GELU instead of sigmoid/tanh between layers")
+            evidence.update(saturated_share=shares[worst], kind=sites[worst][1]["kind"],
+                            threshold=SMOOTH_FLAT_SHARE if "flat" in sites[worst][1] and "saturated" not in sites[worst][1]
+                            else SATURATED_SHARE)
+        location = {"module": sites[0][0], "modules": [s for s, _, _ in sites]}
+        return Finding(code, "warning", step, message, evidence=evidence, location=location, fixes=fixes)

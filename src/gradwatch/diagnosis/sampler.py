@@ -6,13 +6,18 @@ On a sampled step (step 1 and every ``sample_every`` steps) the sampler
   kernel, embeddings excepted) and registers a tensor hook on that output, so
   that backward delivers ``||dL/dh_l||`` for each layer (the activation
   gradient, which the weight-gradient norm can hide: Glorot & Bengio eq. 14);
-- hooks ReLU/ReLU6, Sigmoid and Tanh *modules* and, while the closure's
+- hooks activation *modules* (torch's ReLU, Sigmoid, Tanh, GELU, SiLU, Mish ...,
+  Hugging Face's ``NewGELUActivation`` & co., recognised by
+  :func:`gradwatch.activation_fns.module_activation`) and, while the closure's
   forward runs (``watch.step(closure)``), a :class:`torch.overrides.TorchFunctionMode`
-  catches the *functional* forms (``F.relu``, ``torch.sigmoid``,
+  catches the *functional* forms (``F.relu``, ``F.gelu``, ``torch.sigmoid``,
   ``Tensor.tanh``, ...), named after the layer that ran just before them
-  (``"relu after fc3"``); the mode is left before backward. The first sampled
-  closure looks for them; later sampled steps use the mode only if it found
-  some (a model of activation modules alone then pays nothing for it);
+  (``"relu after fc3"``); the mode is left before backward. A functional call
+  *inside* a recognised activation module is part of that module (the
+  ``torch.tanh`` inside a tanh-approximated GELU is not a tanh layer). The first
+  sampled closure looks for functional activations; later sampled steps use the
+  mode only if it found some (a model of activation modules alone then pays
+  nothing for it);
 - computes every statistic as a tensor (no host sync inside hooks), and
   carries them all to the host in one transfer in :meth:`collect`.
 
@@ -20,7 +25,8 @@ Every hook is removed after the backward pass; unsampled steps run with no
 hook and no mode at all. Statistics are taken only while grad mode is on, so
 evaluation passes under ``torch.no_grad()`` between steps are not counted.
 
-Statistics:
+Statistics (each activation judged by its own derivative, see
+:mod:`gradwatch.activation_fns`):
 
 - ReLU family: ``dead`` = share of units that are exactly zero for every
   example of the batch (a unit is a feature of a ``(B, D)`` output, a channel
@@ -30,6 +36,12 @@ Statistics:
 - Sigmoid / tanh: ``saturated`` = share of outputs in the flat tails, where
   the derivative is below 10% of its maximum (sigmoid: y < 0.0257 or
   y > 0.9743; tanh: |y| > 0.9487).
+- GELU, SiLU, Mish, QuickGELU (ReLU-like, smooth): ``flat`` = share of inputs
+  where ``|f'|`` is below 10% of its maximum, and ``dead`` = share of units
+  whose ``|f'|`` is that small for every example (same unit rules as ReLU).
+
+Every site also carries ``label`` (``"GELU (tanh)"``) and ``after`` (the layer
+that ran just before it, or None).
 """
 
 from __future__ import annotations
@@ -44,24 +56,36 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-MIN_EXAMPLES = 16
-# Flat tails: derivative below 10% of its maximum.
-SIGMOID_LOW = 0.5 - math.sqrt(0.25 - 0.025)  # s(1-s) = 0.025 -> s = 0.0257
-TANH_HIGH = math.sqrt(0.9)  # 1 - t^2 = 0.1 -> |t| = 0.9487
+from ..activation_fns import ACTIVATIONS, ActivationFn, function_activation, module_activation
 
-_FAMILY = {"relu": "relu", "relu_": "relu", "relu6": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-           "tanh": "tanh", "tanh_": "tanh"}
-_ACT_MODULES: tuple[tuple[type, str], ...] = (
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
-)
+MIN_EXAMPLES = 16
 
 
 def activation_family(module: nn.Module) -> str | None:
-    """``"relu"``, ``"sigmoid"``, ``"tanh"`` for an activation module, else None."""
-    for kind, family in _ACT_MODULES:
-        if isinstance(module, kind):
-            return family
-    return None
+    """The name of the activation function a module computes (``"relu"``, ``"tanh"``, ``"gelu_tanh"`` ...), else None.
+
+    None also for activations recognised but not measured (LeakyReLU, ELU, ...).
+
+    Example:
+        >>> activation_family(nn.Tanh()), activation_family(nn.GELU()), activation_family(nn.Linear(2, 2))
+        ('tanh', 'gelu', None)
+    """
+    fn = module_activation(module)
+    return fn.name if fn is not None and fn.measured else None
+
+
+def site_label(fn: ActivationFn, module: str | None, after: str | None) -> str:
+    """How a person reads one activation site: the function once, where it is, the layer it follows.
+
+    Example:
+        >>> site_label(ACTIVATIONS["gelu_tanh"], "h.0.mlp.act", "h.0.mlp.c_fc")
+        'GELU (tanh) h.0.mlp.act (after h.0.mlp.c_fc)'
+        >>> site_label(ACTIVATIONS["relu"], None, "fc3")
+        'ReLU after fc3'
+    """
+    if module is None:
+        return f"{fn.label} after {after}" if after else fn.label
+    return f"{fn.label} {module} (after {after})" if after else f"{fn.label} {module}"
 
 
 def is_curve_layer(module: nn.Module) -> bool:
@@ -88,7 +112,8 @@ class ActivationSample:
     """What one sampled step measured (host-side numbers).
 
     ``grad_rms`` maps a curve layer to the RMS of ``dL/dh`` on its output;
-    ``activations`` maps an activation site to ``{"kind", "dead" | "saturated", ...}``.
+    ``activations`` maps an activation site (a module name, or ``"relu after fc3"`` for a
+    functional call) to ``{"kind", "label", "after", "dead" | "saturated" | "flat", ...}``.
     """
 
     step: int
@@ -115,13 +140,18 @@ class _FunctionalActivations(TorchFunctionMode):
         self.sampler = sampler
 
     def __torch_function__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        family = _FAMILY.get(getattr(func, "__name__", ""))
-        if family is not None and self.sampler._inside_act_module == 0 and isinstance(out, torch.Tensor):
-            self.sampler._found_functional = True
-            site = f"{func.__name__.rstrip('_')} after {self.sampler._last_layer}" if self.sampler._last_layer else func.__name__.rstrip("_")
+        sampler = self.sampler
+        fn = function_activation(func, kwargs) if sampler._inside_act_module == 0 else None
+        x = args[0] if fn is not None and args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and not fn.from_output and fn.family != "relu":  # judged on the input, before an in-place op
+            sampler._found_functional = True
             with _NoTorchFunction():
-                self.sampler._record(site, family, out)
+                sampler._record_functional(fn, x)
+        out = func(*args, **(kwargs or {}))
+        if x is not None and (fn.from_output or fn.family == "relu") and isinstance(out, torch.Tensor):
+            sampler._found_functional = True
+            with _NoTorchFunction():
+                sampler._record_functional(fn, out)
         return out
 
 
@@ -135,8 +165,8 @@ class ActivationSampler:
         >>> model(torch.randn(32, 4)).pow(2).mean().backward()
         >>> sampler.disarm()
         >>> sample = sampler.collect(1)
-        >>> sorted(sample.grad_rms), sample.activations["1"]["kind"]
-        (['0', '2'], 'relu')
+        >>> sorted(sample.grad_rms), sample.activations["1"]["kind"], sample.activations["1"]["label"]
+        (['0', '2'], 'relu', 'ReLU 1 (after 0)')
     """
 
     def __init__(self, model: nn.Module, layer_names: list[str] | None = None) -> None:
@@ -144,15 +174,18 @@ class ActivationSampler:
         modules = dict(model.named_modules())
         names = layer_names if layer_names is not None else [n for n, m in modules.items() if n and is_curve_layer(m)]
         self.curve_layers = {n: modules[n] for n in names if n in modules and n and is_curve_layer(modules[n])}
-        self.act_modules = {n: (m, activation_family(m)) for n, m in modules.items() if activation_family(m)}
+        #: every recognised activation module (measured or not: calls inside them are theirs)
+        self._act_fns = {n: (m, fn) for n, m in modules.items() if (fn := module_activation(m)) is not None}
+        #: the measured ones: name -> (module, activation name)
+        self.act_modules = {n: (m, fn.name) for n, (m, fn) in self._act_fns.items() if fn.measured}
         self._handles: list[Any] = []
         self._mode: _FunctionalActivations | None = None
         #: whether the model calls functional activations: None until a whole sampled forward ran under the mode
         self.functional: bool | None = None
         self._found_functional = False
-        # the forward hooks, made once (arm() only registers them): curve layers, then activation modules
+        # the hooks, made once (arm() only registers them): curve layers, then activation modules
         self._forward_hooks = [(m, self._layer_hook(n)) for n, m in self.curve_layers.items()]
-        self._forward_hooks += [(m, self._act_hook(n, kind)) for n, (m, kind) in self.act_modules.items()]
+        self._act_hooks = [(m, self._act_pre_hook(n, fn), self._act_hook(n, fn)) for n, (m, fn) in self._act_fns.items()]
         self._reset()
 
     @property
@@ -163,45 +196,60 @@ class ActivationSampler:
         self._grad_norms: dict[str, list[torch.Tensor]] = {}  # layer -> ||dL/dh|| of each call
         self._grad_numel: dict[str, int] = {}
         self._peak: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, per-unit max, examples)
-        self._sat: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, count in tails, numel)
+        self._sat: dict[str, tuple[str, torch.Tensor, int]] = {}  # site -> (kind, count flat, numel)
+        self._where: dict[str, tuple[str | None, str | None]] = {}  # site -> (module, layer it follows)
         self._order: list[str] = []
         self._last_layer = ""
         self._inside_act_module = 0
 
     # ----- recording (inside hooks: tensors only, no host sync) ---------------------------
-    def _record(self, site: str, kind: str, out: torch.Tensor) -> None:
-        if not torch.is_grad_enabled() or not out.is_floating_point():
+    def _record_functional(self, fn: ActivationFn, t: torch.Tensor) -> None:
+        after = self._last_layer or None
+        site = f"{fn.name} after {after}" if after else fn.name
+        self._record(site, fn.name, t, where=(None, after))
+
+    def _record(self, site: str, kind: str, t: torch.Tensor, where: tuple[str | None, str | None] = (None, None)) -> None:
+        """Accumulate the statistics of one call of activation ``kind`` at ``site``.
+
+        ``t`` is the output for the ReLU family and for tanh/sigmoid (their derivative
+        is a function of the output), the input for the smooth ones (GELU, SiLU ...).
+        """
+        if not torch.is_grad_enabled() or not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return
-        y = out.detach()
-        if kind == "relu":
-            dims = _unit_reduce_dims(y)
-            if dims is None:
-                return
+        fn = ACTIVATIONS[kind]
+        y = t.detach()
+        if site not in self._where:
+            self._where[site] = where
+            self._order.append(site)
+        if fn.family == "relu":
             # ReLU-family outputs are >= 0: a unit's largest value over the batch says whether it is
             # alive (> 0, or NaN); one reduction here, the comparison on the host in collect()
-            peak = y.amax(dim=dims)
-            examples = y.numel() // max(1, peak.numel())
-            prev = self._peak.get(site)
-            if prev is not None and prev[1].shape == peak.shape:
-                peak = torch.maximum(prev[1], peak)  # NaN propagates: counted alive
-                examples += prev[2]
-            elif site not in self._order:
-                self._order.append(site)
-            self._peak[site] = (kind, peak, examples)
+            self._add_peak(site, kind, y)
+            return
+        if y.element_size() < 4:
+            y = y.float()  # half precision: the derivative in float32
+        flat = fn.flat(y)
+        if fn.family == "smooth":  # a unit is alive while |f'| is not flat for some example (NaN: alive)
+            self._add_peak(site, kind, (~flat).to(y.dtype))
+        count = flat.sum()
+        prev = self._sat.get(site)
+        if prev is not None:
+            count, numel = count + prev[1], prev[2] + y.numel()
         else:
-            if kind == "sigmoid":
-                tails = (y < SIGMOID_LOW) | (y > 1.0 - SIGMOID_LOW)
-            else:
-                tails = y.abs() > TANH_HIGH
-            count = tails.sum()
-            prev = self._sat.get(site)
-            if prev is not None:
-                count = count + prev[1]
-                numel = prev[2] + y.numel()
-            else:
-                numel = y.numel()
-                self._order.append(site)
-            self._sat[site] = (kind, count, numel)
+            numel = y.numel()
+        self._sat[site] = (kind, count, numel)
+
+    def _add_peak(self, site: str, kind: str, y: torch.Tensor) -> None:
+        dims = _unit_reduce_dims(y)
+        if dims is None:
+            return
+        peak = y.amax(dim=dims)
+        examples = y.numel() // max(1, peak.numel())
+        prev = self._peak.get(site)
+        if prev is not None and prev[1].shape == peak.shape:
+            peak = torch.maximum(prev[1], peak)  # NaN propagates: counted alive
+            examples += prev[2]
+        self._peak[site] = (kind, peak, examples)
 
     def _grad_hook(self, name: str) -> Callable:
         """The tensor hook that takes ``||dL/dh||`` of layer ``name``'s output."""
@@ -229,15 +277,26 @@ class ActivationSampler:
 
         return hook
 
-    def _act_pre_hook(self, module: nn.Module, args: Any) -> None:
-        self._inside_act_module += 1  # functional activations inside an activation module are that module's
+    def _act_pre_hook(self, name: str, fn: ActivationFn) -> Callable:
+        on_input = fn.measured and fn.family == "smooth"
 
-    def _act_hook(self, name: str, kind: str) -> Callable:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            # an activation module inside another one (or called from one) is the outer one's
+            if self._inside_act_module == 0 and on_input and args and isinstance(args[0], torch.Tensor):
+                with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:  # before an in-place forward
+                    self._record(name, fn.name, args[0], where=(name, self._last_layer or None))
+            self._inside_act_module += 1  # functional activations inside an activation module are that module's
+
+        return pre_hook
+
+    def _act_hook(self, name: str, fn: ActivationFn) -> Callable:
+        on_output = fn.measured and fn.family != "smooth"
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._inside_act_module = max(0, self._inside_act_module - 1)
-            if isinstance(output, torch.Tensor):
+            if on_output and self._inside_act_module == 0 and isinstance(output, torch.Tensor):
                 with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
-                    self._record(name, kind, output)
+                    self._record(name, fn.name, output, where=(name, self._last_layer or None))
 
         return hook
 
@@ -248,8 +307,9 @@ class ActivationSampler:
             return
         self._reset()
         handles = self._handles
-        if self.functional is not False:  # the pre-hook only keeps the mode from counting a module twice
-            handles += [module.register_forward_pre_hook(self._act_pre_hook) for module, _ in self.act_modules.values()]
+        for module, pre_hook, hook in self._act_hooks:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(hook))
         handles += [module.register_forward_hook(hook) for module, hook in self._forward_hooks]
 
     def enter_mode(self) -> None:
@@ -310,6 +370,7 @@ class ActivationSampler:
             i += calls
             sample.grad_norm[name] = math.sqrt(sq) if sq >= 0 else math.nan
             sample.grad_rms[name] = math.sqrt(sq / max(1, self._grad_numel[name])) if sq >= 0 else math.nan
+        stats: dict[str, dict[str, Any]] = {}
         if dead_sites:
             units = [self._peak[site][1].numel() for site in dead_sites]
             peaks = values[i : i + sum(units)]
@@ -317,11 +378,17 @@ class ActivationSampler:
             alive = np.add.reduceat(alive_flags, np.cumsum([0] + units[:-1])).tolist()
             i += len(peaks)
             for site, n_units, n_alive in zip(dead_sites, units, alive):
-                kind, _, examples = self._peak[site]
-                sample.activations[site] = {"kind": kind, "dead": 1.0 - n_alive / n_units, "units": n_units,
-                                            "examples": examples}
+                stats[site] = {"dead": 1.0 - n_alive / n_units, "units": n_units, "examples": self._peak[site][2]}
         for site, count in zip(sat_sites, values[i:].tolist()):
             kind, _, numel = self._sat[site]
-            sample.activations[site] = {"kind": kind, "saturated": count / max(1, numel), "numel": numel}
+            key = "saturated" if ACTIVATIONS[kind].family == "saturating" else "flat"
+            stats.setdefault(site, {}).update({key: count / max(1, numel), "numel": numel})
+        for site in self._order:  # in the order the forward met them
+            if site in stats:
+                kind = (self._peak.get(site) or self._sat[site])[0]
+                module, after = self._where[site]
+                fn = ACTIVATIONS[kind]
+                sample.activations[site] = {"kind": kind, "label": site_label(fn, module, after), "after": after,
+                                            **stats[site]}
         self._reset()
         return sample

@@ -299,7 +299,7 @@ def _probe(
     conv_names = frozenset(l.name for l in index.layers if isinstance(index.module(l.name), CONV_LAYERS))
     rec = _Recorder(model, index, specs)
     index.start_order_tracking()
-    tracer = ActivationTracer(rec.owner, rec.current_block, lambda: rec.last_layer, conv_names, rec.tick)
+    tracer = ActivationTracer(rec.owner, rec.current_block, lambda: rec.last_layer, conv_names, rec.tick, model=model)
     try:
         with tracer:
             output = model(*args, **kwargs)

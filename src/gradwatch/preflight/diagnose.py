@@ -15,8 +15,11 @@ Thresholds (module constants, each with its reason):
 - ``init_scale_too_large`` when a weight's std is more than 3x the larger of its
   Kaiming and Xavier expectations;
 - ``dead_relu`` when more than half of a ReLU layer's units are <= 0 for every
-  example; ``saturated_activations`` when more than half of a sigmoid/tanh
-  layer's values have a derivative below 10% of its maximum.
+  example (GELU/SiLU/Mish: their derivative is below 10% of its maximum for every
+  example); ``saturated_activations`` when more than half of a sigmoid/tanh
+  layer's values have a derivative below 10% of its maximum. Activations are
+  judged whole (gradwatch.activation_fns): the tanh inside a tanh-approximated
+  GELU is not a tanh layer.
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def diagnose(probe: "Probe") -> list[Finding]:
         worst = max(dead, key=lambda r: r.dead_fraction or 0.0)
         findings.append(Finding(
             "dead_relu", "warning", STEP,
-            f"{worst.dead_fraction:.0%} of the units after {worst.name} output zero for every example in the batch"
+            f"{worst.dead_fraction:.0%} of the {worst.activation} units after {worst.name} pass no gradient for any "
+            "example in the batch (output zero, or derivative below 10% of its maximum)"
             + (f" ({len(dead)} layers above {DEAD_MAX:.0%})." if len(dead) > 1 else "."),
             {"layers": {r.name: r.dead_fraction for r in dead}},
             {"module": worst.name},

@@ -6,7 +6,14 @@
 ``x.sigmoid()``) alike, and normalization calls (``F.layer_norm`` ...). Each
 activation call is attributed to the layer whose output it consumed (directly,
 or else the layer that ran last) and summarized as plain numbers: mean, std,
-the share of dead ReLU-family units, the share of saturated sigmoid/tanh values.
+the share of dead units, the share of saturated sigmoid/tanh values.
+
+Given the model, the tracer also hooks its activation *modules* (recognised by
+:func:`gradwatch.activation_fns.module_activation`: torch's, Hugging Face's
+``NewGELUActivation`` & co.) and records each one as a whole: the functional
+calls inside its forward (the ``torch.tanh`` inside a tanh-approximated GELU)
+are not recorded separately. Dead units and saturation are judged by the
+derivative of the whole function (:class:`gradwatch.activation_fns.ActivationFn`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..activation_fns import ACTIVATIONS, ActivationFn, module_activation
+
 #: function name -> activation name as torch.nn.init.calculate_gain spells it (or our own).
 ACTIVATION_FUNCS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "relu6": "relu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu",
@@ -27,6 +36,8 @@ ACTIVATION_FUNCS: dict[str, str] = {
 }
 DEAD_FAMILY = ("relu",)  # units whose output is exactly 0 where the input is <= 0
 SATURATING = ("tanh", "sigmoid")
+#: gradwatch.activation_fns name -> the name used here (calculate_gain's, or the theory module's)
+_TRACE_NAME = {"relu6": "relu", "relu2": "relu", "gelu_tanh": "gelu", "quick_gelu": "gelu"}
 NORM_FUNCS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm")
 NORM_MODULES: tuple[type, ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -50,7 +61,8 @@ class ActivationStats:
     block: str | None
     mean: float
     std: float
-    dead_fraction: float | None  # ReLU family: units <= 0 for every example and position
+    dead_fraction: float | None  # ReLU family: units <= 0 for every example and position; GELU/SiLU/Mish:
+    # units whose derivative is below 10% of its maximum for every example and position
     saturated_fraction: float | None  # sigmoid/tanh: values whose derivative < 10% of its maximum
 
 
@@ -75,19 +87,35 @@ def _unit_dim(x: torch.Tensor, conv: bool) -> int:
     return 1 if conv and x.dim() >= 3 else x.dim() - 1
 
 
-def summarize(name: str, x_in: torch.Tensor, y: torch.Tensor, conv: bool) -> tuple[float, float, float | None, float | None]:
-    """(mean, std, dead_fraction, saturated_fraction) of one activation call: tensors in, numbers out."""
+def summarize(name: str, x_in: torch.Tensor, y: torch.Tensor, conv: bool,
+              fn: ActivationFn | None = None) -> tuple[float, float, float | None, float | None]:
+    """(mean, std, dead_fraction, saturated_fraction) of one activation call: tensors in, numbers out.
+
+    ``fn`` (from :data:`gradwatch.activation_fns.ACTIVATIONS`; default: looked up by
+    ``name``) decides the tests: ReLU family, units <= 0 for every example; sigmoid/tanh,
+    the share of outputs whose derivative is below 10% of its maximum; GELU/SiLU/Mish,
+    units whose derivative is that small for every example.
+
+    Example:
+        >>> summarize("tanh", torch.zeros(2), torch.tensor([0.0, 0.99]), False)[3]
+        0.5
+    """
+    fn = fn if fn is not None else ACTIVATIONS.get(name)
     y = y.detach().float()
     mean, std = float(y.mean()), float(y.std()) if y.numel() > 1 else 0.0
     dead = saturated = None
-    if name in DEAD_FAMILY and x_in.dim() >= 1:
-        dim = _unit_dim(x_in, conv)
+    if fn is None or not fn.measured or x_in.dim() < 1:
+        return mean, std, dead, saturated
+    dim = _unit_dim(x_in, conv)
+    if fn.family == "relu":
         alive = (x_in.detach() > 0).movedim(dim, -1).reshape(-1, x_in.shape[dim]).any(dim=0)
         dead = float(1.0 - alive.float().mean())
-    elif name == "tanh":
-        saturated = float(((1 - y * y) < SATURATION_SHARE).float().mean())
-    elif name == "sigmoid":
-        saturated = float(((y * (1 - y)) < 0.25 * SATURATION_SHARE).float().mean())
+    elif fn.family == "saturating":
+        saturated = float(fn.flat(y).float().mean())
+    else:  # smooth: judged on the input
+        passing = ~fn.flat(x_in.detach().float())
+        alive = passing.movedim(dim, -1).reshape(-1, x_in.shape[dim]).any(dim=0)
+        dead = float(1.0 - alive.float().mean())
     return mean, std, dead, saturated
 
 
@@ -96,7 +124,8 @@ class ActivationTracer(TorchFunctionMode):
 
     ``tensor_owner`` maps ``id(tensor)`` of layer outputs to layer names (filled by
     the caller's forward hooks); ``current_block`` and ``last_layer`` are callables
-    giving the block and layer running now.
+    giving the block and layer running now. With ``model``, its activation modules are
+    hooked while the tracer is entered and recorded whole (see the module docstring).
 
     Example:
         >>> tracer = ActivationTracer({}, lambda: None, lambda: "0")
@@ -113,6 +142,7 @@ class ActivationTracer(TorchFunctionMode):
         last_layer: Callable[[], str | None],
         conv_layers: frozenset[str] = frozenset(),
         counter: Callable[[], int] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.tensor_owner = tensor_owner
@@ -121,11 +151,53 @@ class ActivationTracer(TorchFunctionMode):
         self.conv_layers = conv_layers
         self.counter = counter or (lambda: 0)
         self.record = TraceRecord()
+        # activation modules measured whole (recognised-only ones, e.g. LeakyReLU, keep their functional call)
+        self._act_modules = [(m, fn) for _, m in (model.named_modules() if model is not None else ())
+                             if (fn := module_activation(m)) is not None and fn.measured]
+        self._handles: list[Any] = []
+        self._inside: list[tuple[torch.Tensor, torch.Tensor, str | None, bool]] = []  # (input, its copy, layer, direct)
+
+    def __enter__(self) -> "ActivationTracer":
+        for module, fn in self._act_modules:
+            self._handles.append(module.register_forward_pre_hook(self._module_pre))
+            self._handles.append(module.register_forward_hook(self._module_post(fn)))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._inside = []
+        super().__exit__(*exc)
+
+    def _module_pre(self, module: nn.Module, args: Any) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        owner = self.tensor_owner.get(id(x)) if x is not None else None
+        layer = owner if owner is not None else self.last_layer()
+        with torch._C.DisableTorchFunction():  # an in-place forward overwrites its input: keep a copy
+            x_in = x.detach().clone() if x is not None and getattr(module, "inplace", False) else x
+        self._inside.append((x, x_in, layer, owner is not None))
+
+    def _module_post(self, fn: ActivationFn) -> Callable[..., None]:
+        act = _TRACE_NAME.get(fn.name, fn.name)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._inside:
+                return
+            x, x_in, layer, direct = self._inside.pop()
+            if self._inside or x is None or not x.is_floating_point() or not isinstance(output, torch.Tensor):
+                return  # an activation module inside another one is the outer one's
+            with torch._C.DisableTorchFunction():
+                mean, std, dead, sat = summarize(act, x_in, output, layer in self.conv_layers, fn)
+            self.record.activations.append(ActivationStats(act, None, layer, direct, self.current_block(),
+                                                           mean, std, dead, sat))
+
+        return hook
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         fname = getattr(func, "__name__", "")
-        act = ACTIVATION_FUNCS.get(fname)
+        act = ACTIVATION_FUNCS.get(fname) if not self._inside else None  # inside an activation module: its own
         if act is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             x = args[0]
             owner = self.tensor_owner.get(id(x))
@@ -136,7 +208,8 @@ class ActivationTracer(TorchFunctionMode):
                 param = None
                 if act == "leaky_relu":
                     param = float(args[1]) if len(args) > 1 else float(kwargs.get("negative_slope", 0.01))
-                mean, std, dead, sat = summarize(act, x_in, out, layer in self.conv_layers)
+                fn = ACTIVATIONS.get("gelu_tanh" if fname == "gelu" and kwargs.get("approximate") == "tanh" else act)
+                mean, std, dead, sat = summarize(act, x_in, out, layer in self.conv_layers, fn)
                 self.record.activations.append(
                     ActivationStats(act, param, layer, owner is not None, self.current_block(), mean, std, dead, sat)
                 )

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..diagnosis.robust import median_mad, robust_zscore
+from ..diagnosis.robust import EarlyLevel, median_mad, robust_zscore
 from ..findings import Finding
 from ..plugins import SkipReason, StepContext, WatchPlugin
 from ..records import StepRecord
@@ -36,6 +36,9 @@ SIGNALS = ("loss", "grad_norm")
 #: A spike must also exceed the median by this fraction of |median|: a robust
 #: scale of ~0 (a flat history) would otherwise make any wiggle a "spike".
 MIN_RELATIVE_JUMP = 0.05
+#: ... and by this fraction of the signal's early level (median |x| of its first ``warmup``
+#: finite values): a converged loss at 0 that blips to 3.7e-9 (median 0, MAD 0) is no spike.
+MIN_EARLY_JUMP = 0.01
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -84,6 +87,7 @@ class SpikeDetector:
         if self.warmup > self.window:
             raise ValueError(f"spike_warmup ({warmup}) must not exceed spike_window ({window})")
         self.history: dict[str, deque[float]] = {name: deque(maxlen=self.window) for name in SIGNALS}
+        self.early: dict[str, EarlyLevel] = {name: EarlyLevel(self.warmup) for name in SIGNALS}
 
     def check(self, loss: float, grad_norm: float) -> dict[str, Any] | None:
         """Evidence of the strongest spike among the two signals, or None (not a spike / too little history)."""
@@ -101,7 +105,7 @@ class SpikeDetector:
             if not z > self.threshold:
                 continue
             median, mad = median_mad(history)
-            if not value - median > MIN_RELATIVE_JUMP * abs(median):
+            if not value - median > max(MIN_RELATIVE_JUMP * abs(median), self.early[name].floor(MIN_EARLY_JUMP)):
                 continue
             if worst is None or z > worst["z"]:
                 worst = {
@@ -121,13 +125,23 @@ class SpikeDetector:
         for name, value in zip(SIGNALS, (loss, grad_norm)):
             if math.isfinite(value):
                 self.history[name].append(float(value))
+                self.early[name].observe(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: list(values) for name, values in self.history.items()}
+        state: dict[str, Any] = {name: list(values) for name, values in self.history.items()}
+        state["early"] = {name: level.state_dict() for name, level in self.early.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in SIGNALS:
             self.history[name] = deque((float(v) for v in state.get(name, [])), maxlen=self.window)
+            early = state.get("early", {}).get(name)
+            self.early[name] = EarlyLevel(self.warmup)
+            if early is not None:
+                self.early[name].load_state_dict(early)
+            else:  # a state from before the early level: the oldest values kept stand in for it
+                for value in list(self.history[name])[: self.warmup]:
+                    self.early[name].observe(value)
 
 
 class SpikeSkip(WatchPlugin):
@@ -179,11 +193,12 @@ class SpikeSkip(WatchPlugin):
         if spike is None or SkipReason.SPIKE not in record.skipped_by:
             return []
         what = "loss" if spike["signal"] == "loss" else "gradient norm"
-        ratio = spike["value"] / spike["median"] if spike["median"] > 0 else math.inf
+        ratio = spike["value"] / spike["median"] if spike["median"] > 0 else None  # no ratio to a median <= 0
+        times = f"x{ratio:.3g}; " if ratio is not None else ""
         message = (
             f"Step {ctx.step} was skipped: its {what} {spike['value']:.4g} is {spike['z']:.3g} robust standard "
             f"deviations above the median {spike['median']:.4g} of the last {spike['window']} steps "
-            f"(x{ratio:.3g}; threshold {spike['threshold']:g})."
+            f"({times}threshold {spike['threshold']:g})."
         )
         evidence = dict(spike, ratio=ratio, spikes_skipped=self.skipped, action="skipped")
         fixes = [
