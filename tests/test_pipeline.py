@@ -476,9 +476,12 @@ def test_the_default_watch_never_clips_a_healthy_run():
 def test_one_clipper_instance_is_bound_to_one_watch():
     clipper = gw.AutoClip()
     model_a, model_b = _mlp(0), _mlp(1)
-    gw.Watch(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), clip_norm=clipper)
+    first = gw.Watch(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), clip_norm=clipper)
     with pytest.raises(ValueError, match="already used by another Watch"):
         gw.Watch(model_b, torch.optim.SGD(model_b.parameters(), lr=0.1), clip_norm=clipper)
+    x = torch.randn(4, 6)
+    assert not first.step(lambda: model_a(x).square().mean()).skipped  # the first Watch is unaffected
+    first.close()
 
 
 def test_rollback_keeps_the_hyperparameters_a_scheduler_set():
