@@ -65,7 +65,7 @@ def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     watch_model = make()
     watch_opt = torch.optim.AdamW(watch_model.parameters(), lr=1e-4)
-    watch = gw.Watch(watch_model, watch_opt, run_dir=tmp / f"{name}-watch")
+    watch = gw.Watch(watch_model, watch_opt, clip_norm=1.0, run_dir=tmp / f"{name}-watch")  # clips as the baseline
 
     def watched() -> None:
         watch.step(lambda: loss_of(watch_model))
@@ -75,7 +75,7 @@ def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     lean_model = make()
     lean_opt = torch.optim.AdamW(lean_model.parameters(), lr=1e-4)
-    lean = gw.Watch(lean_model, lean_opt, run_dir=tmp / f"{name}-lean", diagnose=False)
+    lean = gw.Watch(lean_model, lean_opt, clip_norm=1.0, run_dir=tmp / f"{name}-lean", diagnose=False)
 
     def watched_lean() -> None:
         lean.step(lambda: loss_of(lean_model))

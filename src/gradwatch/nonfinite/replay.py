@@ -52,8 +52,8 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from ..compat import torch_dispatch_mode, tree_flatten
 
 RngState = dict[str, Any]  # {"cpu": ByteTensor, "<device type>": [ByteTensor per device]}
 
@@ -415,7 +415,7 @@ def _tag_graph(node: Any, tag: dict[str, Any]) -> None:
         todo.extend(child for child, _ in n.next_functions)
 
 
-class _Checker(TorchDispatchMode):
+class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
     """Check every floating output of every aten op; stop at the first one that creates NaN/inf."""
 
     def __init__(self, tracker: _ModuleTracker) -> None:
