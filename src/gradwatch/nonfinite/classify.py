@@ -140,6 +140,16 @@ def _op_name(loc: Localization) -> str:
 def _forward_cause_and_fixes(loc: Localization) -> tuple[str, list[str]]:
     """Why a forward/loss op went non-finite, and what to change (concrete, with the line)."""
     op, at = _op_name(loc), _at(loc)
+    facts = loc.facts or {}
+    if facts.get("all_targets_ignored"):
+        ii = facts["ignore_index"]
+        return (f"every one of the batch's {facts['targets']} targets is ignore_index ({ii}), so the mean loss "
+                f"is 0 / 0 valid targets: the batch has nothing to learn from (often padding or truncation that "
+                f"masked every label)", [
+            f"skip such batches before the step: if (labels != {ii}).any(): watch.step(...)",
+            "check the label masking: a sequence cut before its first answer token has every label masked",
+            "or use reduction='sum' divided by the count of valid targets clamped to 1",
+        ])
     if op in _LOG:
         return ("log of a negative number is NaN" if loc.kind == "nan" else "log of 0 is -inf", [
             "use torch.log_softmax / F.cross_entropy instead of log(softmax(x))",
@@ -373,7 +383,8 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
                         f"produced {loc.kind}: {cause}; the node was created{created}{_at(loc)}"
                         f"{f' in module {loc.module}' if loc.module else ''}.", fixes)
         cause, fixes = _forward_cause_and_fixes(loc)
-        if loc.phase == "loss":
+        # a loss computed inside the model's forward (transformers' labels=) is still the loss's numerics
+        if loc.phase == "loss" or (loc.facts or {}).get("all_targets_ignored"):
             return done("loss_numerics", "replay",
                         f"Step {n}: the model's output was finite but the loss became {loc.kind} at {loc.op}"
                         f"{f' in {loc.function}' if loc.function else ''}{_at(loc)}: {cause}.", fixes)

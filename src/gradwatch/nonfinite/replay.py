@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..compat import torch_dispatch_mode, tree_flatten
+from ..compat import current_autograd_node, torch_dispatch_mode, tree_flatten
 
 RngState = dict[str, Any]  # {"cpu": ByteTensor, "<device type>": [ByteTensor per device]}
 
@@ -218,6 +218,7 @@ class Localization:
     ops_checked: int = 0
     model_output_finite: bool | None = None
     loss: float | None = None
+    facts: dict[str, Any] | None = None  # op-specific facts that explain the value (e.g. every target ignored)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe once passed through gradwatch's finding serializer)."""
@@ -415,6 +416,27 @@ def _tag_graph(node: Any, tag: dict[str, Any]) -> None:
         todo.extend(child for child, _ in n.next_functions)
 
 
+_NLL = frozenset({"nll_loss_forward", "nll_loss2d_forward", "nll_loss", "nll_loss2d"})
+
+
+def _op_facts(func: Any, args: Any) -> dict[str, Any] | None:
+    """Facts about the op's inputs that explain a non-finite output (None when there is nothing to add).
+
+    Cross-entropy / NLL with ``reduction="mean"`` over a batch whose every target is
+    ``ignore_index`` divides 0 by 0 targets: a NaN with perfectly finite logits.
+    """
+    if func.overloadpacket.__name__ not in _NLL or len(args) < 5:
+        return None
+    target, reduction, ignore_index = args[1], args[3], args[4]
+    if not isinstance(target, torch.Tensor) or reduction != 1 or target.numel() == 0:
+        return None
+    with torch.no_grad():
+        ignored = int((target == ignore_index).sum())
+    if ignored != target.numel():
+        return None
+    return {"all_targets_ignored": True, "ignore_index": int(ignore_index), "targets": int(target.numel())}
+
+
 class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
     """Check every floating output of every aten op; stop at the first one that creates NaN/inf."""
 
@@ -449,6 +471,7 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
         if not created and self.first_seen is not None:
             return out
         where = self._locate(func, bad, inputs, created)
+        where.facts = _op_facts(func, args)
         if created:
             self.found = where
             raise _Stop(where.op)
@@ -485,7 +508,7 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
             model_output_finite=self.tracker.model_output_finite,
         )
         if self.phase == "backward":
-            node = torch._C._current_autograd_node()
+            node = current_autograd_node()
             if node is not None:
                 where.node = node.name()
                 tag = node.metadata.get(_TAG) if hasattr(node, "metadata") else None
