@@ -49,3 +49,60 @@ def test_gpt2_with_every_label_masked():
     watch.close()
     finding = result.findings[0]
     assert finding.code == "loss_numerics" and "ignore_index (-100)" in finding.message
+
+
+class _Checkpointed(nn.Module):
+    """A frozen embedding, then a checkpointed block: with use_reentrant=True the block gets no gradient."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 16)
+        self.emb.requires_grad_(False)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(torch.relu(checkpoint(self.block, self.emb(x), use_reentrant=self.reentrant)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that no input requires grad: the bug itself
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_without_gradients_points_at_use_reentrant(reentrant):
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant)
+    watch = gw.Watch(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    for _ in range(8):
+        x, y = torch.randn(4, 8), torch.randn(4, 1)
+        watch.step(lambda: F.mse_loss(model(x), y))
+    watch.close()
+    missing = [f for f in watch.findings if f.code == "missing_gradients"]
+    if not reentrant:
+        assert missing == []
+        return
+    assert len(missing) == 1 and missing[0].evidence["layers"] == ["block"]
+    assert missing[0].evidence["ran_forward"] == ["block"]
+    assert "use_reentrant=False" in missing[0].fixes[0]
+
+
+def test_an_unused_branch_is_still_called_unused():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(8):
+        x = torch.randn(4, 4)
+        watch.step(lambda: model(x).square().mean())
+    watch.close()
+    missing = next(f for f in watch.findings if f.code == "missing_gradients")
+    assert missing.evidence["ran_forward"] == [] and "unused branch" in missing.message
+    assert "use_reentrant" not in " ".join(missing.fixes)

@@ -181,7 +181,8 @@ class DiagnosisPlugin(WatchPlugin):
         if sampled_now or ctx.step % self.check_every == 0:
             findings += self.depth_rule.check(inp)
         if not self.missing_rule.done:
-            findings += self.missing_rule.check(inp)
+            index = self.view.layers
+            findings += self.missing_rule.check(inp, {layer.name for layer in index.layers if layer.ran_forward})
         findings += self.clip_rule.check(inp)
         findings += self.spike_rule.check(inp)
         if sampled_now:

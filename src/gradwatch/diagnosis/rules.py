@@ -387,7 +387,8 @@ class MissingGradRule:
     def watching(self) -> bool:
         return not self.done and (self.never is None or bool(self.never))
 
-    def check(self, inp: RuleInput) -> list[Finding]:
+    def check(self, inp: RuleInput, ran_forward: set[str] | None = None) -> list[Finding]:
+        """``ran_forward``: the layers that ran in the first step's forward (None: unknown)."""
         if self.done:
             return []
         if self.never is not None and not self.never:  # every parameter had a gradient: nothing left to watch
@@ -398,16 +399,25 @@ class MissingGradRule:
         self.done = True
         names = [n for n in self.param_names if n in self.never]
         layers = list(dict.fromkeys(self.layer_of.get(n, n) for n in names))
+        ran = [n for n in layers if ran_forward is not None and n in ran_forward]
+        fixes = ["look for .detach(), .data, torch.no_grad() or .item() between these layers and the loss",
+                 "if the branch is unused on purpose, freeze it: requires_grad_(False)"]
+        if ran:  # they computed something, yet no gradient came back: the graph was cut after them
+            why = (f"{_span(ran)} ran in the forward pass, so their output was cut from the graph before the loss: a "
+                   f".detach(), torch.no_grad(), or activation checkpointing with torch.utils.checkpoint("
+                   f"use_reentrant=True) whose inputs do not require grad (its output then carries no graph)")
+            fixes = ["with activation checkpointing, pass use_reentrant=False to torch.utils.checkpoint.checkpoint "
+                     "(or make its inputs require grad; transformers: "
+                     "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"] + fixes
+        else:
+            why = "They are not connected to the loss (a .detach(), an unused branch)"
         return [Finding(
             "missing_gradients", "warning", inp.step,
             f"{len(names)} trainable parameter(s) in {len(layers)} layer(s) received no gradient on any of the first "
-            f"{self.steps} steps: {_span(layers)}. They are not connected to the loss (a .detach(), an unused branch).",
-            evidence={"parameters": names, "layers": layers, "steps_observed": self.steps},
+            f"{self.steps} steps: {_span(layers)}. {why}.",
+            evidence={"parameters": names, "layers": layers, "steps_observed": self.steps, "ran_forward": ran},
             location={"layers": ", ".join(layers[:10]) + (" ..." if len(layers) > 10 else "")},
-            fixes=[
-                "look for .detach(), .data, torch.no_grad() or .item() between these layers and the loss",
-                "if the branch is unused on purpose, freeze it: requires_grad_(False)",
-            ],
+            fixes=fixes,
         )]
 
 
