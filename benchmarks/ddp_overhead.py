@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     base_opt = torch.optim.AdamW(base.parameters(), lr=1e-4)
     watched = make()
     watch_opt = torch.optim.AdamW(watched.parameters(), lr=1e-4)
-    watch = gw.Watch(watched, watch_opt, run_dir=Path(out) / "watch-run")
+    watch = gw.Watch(watched, watch_opt, clip_norm=1.0, run_dir=Path(out) / "watch-run")  # clips as the baseline
 
     def baseline() -> None:
         models.gpt_loss(base, x, y).backward()

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     model = make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
-        watch = gw.Watch(model, opt, run_dir=Path(tmp) / "run")
+        watch = gw.Watch(model, opt, clip_norm=1.0, run_dir=Path(tmp) / "run")  # clips as the baseline
         for _ in range(2 * BLOCK):  # warm-up: step 1 (layer order), a first sample, the optimizer state
             baseline()
             watch.step(lambda: loss_of(model))

@@ -99,7 +99,8 @@ class PeerLoop:
         clip = (watch_options or {}).get("clip_norm", 1.0)
         self.clip = float(clip) if isinstance(clip, (int, float)) else None  # the plain loop mirrors the scenario's clipping
         if peer == "gradwatch":
-            self.watch = gw.Watch(model, opt, run_dir=tmp / f"gw-{id(self)}", **(watch_options or {}))
+            options = {"clip_norm": 1.0, **(watch_options or {})}  # the default clips nothing; the loop clips at 1
+            self.watch = gw.Watch(model, opt, run_dir=tmp / f"gw-{id(self)}", **options)
         elif peer == "wandb":
             import wandb
 

@@ -11,7 +11,7 @@ whose features are scaled x1e3, and one batch is NaN, replayed identically
 - ``none``        plain PyTorch loop, no protection
 - ``torch_clip``  plain loop with ``torch.nn.utils.clip_grad_norm_(params, 1.0)``
 - ``fixed``       ``Watch(clip_norm=1.0)`` (non-finite steps skipped, as always)
-- ``auto``        ``Watch(clip_norm="auto")``
+- ``auto``        ``Watch(clip_norm="autoclip")``
 - ``zclip``       ``Watch(clip_norm="zclip")``
 - ``agc``         ``Watch(clip_norm=gw.AGC(0.01))`` (unit-wise, the final classifier left unclipped)
 - ``skip``        ``Watch(clip_norm=None, on_spike="skip")``
@@ -53,7 +53,7 @@ MODES = ("clean", "none", "torch_clip", "fixed", "auto", "zclip", "agc", "skip",
 RECOMMENDED: dict[str, Any] = {"clip_norm": "zclip", "on_spike": "skip"}
 WATCH_OPTIONS: dict[str, dict[str, Any]] = {
     "fixed": {"clip_norm": 1.0},
-    "auto": {"clip_norm": "auto"},
+    "auto": {"clip_norm": "autoclip"},
     "zclip": {"clip_norm": "zclip"},
     "agc": {"clip_norm": lambda: gw.AGC(0.01)},  # a fresh clipper per run
     "skip": {"clip_norm": None, "on_spike": "skip"},
