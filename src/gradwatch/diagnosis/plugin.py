@@ -38,6 +38,7 @@ from .rules import (
     MissingGradRule,
     RuleInput,
 )
+from .recurrent import RecurrentRule, recurrent_weights
 from .sampler import ActivationSample, ActivationSampler, is_curve_layer
 
 
@@ -81,6 +82,7 @@ class DiagnosisPlugin(WatchPlugin):
         self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
         self.depth_rule = DepthCurveRule(self.check_every)
         self.init_rule = InitScaleRule()
+        self.recurrent_rule = RecurrentRule(recurrent_weights(index.model))
         self.lr_rule = LrRule()
         self.missing_rule = MissingGradRule(list(index.param_names), self._layer_of())
         self.clip_rule = ClippingRule(fixed_threshold=getattr(view.clipper, "name", "fixed") == "fixed")
@@ -146,6 +148,7 @@ class DiagnosisPlugin(WatchPlugin):
             self.missing_rule.observe({n for n, p in zip(index.param_names, index.params) if p.grad is None})
         if ctx.step == 1:
             self._weight_scales = self._measure_weight_scales()
+            self.recurrent_rule.measure_before_update(1)
 
     def after_step(self, ctx: StepContext, record: Any) -> list[Finding]:
         sampled_now = self._sampled_pending == ctx.step
@@ -167,8 +170,11 @@ class DiagnosisPlugin(WatchPlugin):
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []
-        if not self.init_rule.done:
-            findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold)
+        if self.recurrent_rule.enabled:  # exploding_gradients through time (a vanilla RNN's recurrent weight)
+            findings += self.recurrent_rule.check(record, ctx.step, record.clip_threshold)
+        if not self.init_rule.done:  # a huge first norm the recurrent rule explained is not reported twice
+            findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold,
+                                             explained=bool(findings))
         findings += self.lr_rule.check(inp, self._lr)  # lr_too_high: norm growth, loss trend, update ratio
         if sampled_now or ctx.step % self.check_every == 0:
             findings += self.depth_rule.check(inp)
@@ -244,6 +250,6 @@ class DiagnosisPlugin(WatchPlugin):
         self._input = None
 
     def _rules(self) -> dict[str, Any]:
-        return {"depth": self.depth_rule, "init": self.init_rule, "lr": self.lr_rule,
+        return {"depth": self.depth_rule, "init": self.init_rule, "lr": self.lr_rule, "recurrent": self.recurrent_rule,
                 "missing": self.missing_rule, "clip": self.clip_rule, "spike": self.spike_rule,
                 "activation": self.activation_rule}

@@ -246,7 +246,9 @@ class InitScaleRule:
     def __init__(self) -> None:
         self.done = False
 
-    def check(self, inp: RuleInput, weight_scales: dict[str, float], clip: float | None) -> list[Finding]:
+    def check(self, inp: RuleInput, weight_scales: dict[str, float], clip: float | None,
+              explained: bool = False) -> list[Finding]:
+        """Findings of step 1; ``explained``: another rule already named the cause of a huge first norm."""
         if self.done:
             return []
         self.done = True
@@ -255,7 +257,7 @@ class InitScaleRule:
         first = inp.record.grad_norm
         if not inp.record.finite:
             return []  # the NaN root-cause plugin reports non-finite steps (using norm_pattern too)
-        huge = norm_pattern([first]) == "init_scale_too_large"
+        huge = norm_pattern([first]) == "init_scale_too_large" and not explained
         big = {n: s for n, s in weight_scales.items() if s >= WEIGHT_SCALE_FACTOR}
         if not (huge or big):
             return []
