@@ -61,12 +61,12 @@ def bert() -> nn.Module:
 
 
 class LstmLM(nn.Module):
-    """Embedding -> 1-layer LSTM -> Linear head over the vocabulary."""
+    """Embedding -> 1-layer LSTM (or vanilla tanh RNN) -> Linear head over the vocabulary."""
 
-    def __init__(self) -> None:
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 32)
-        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.lstm = cell(32, 64, batch_first=True)
         self.head = nn.Linear(64, VOCAB)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -116,6 +116,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "llama": (llama, "hf-causal"),
     "bert": (bert, "hf-masked"),
     "lstm": (LstmLM, "plain"),
+    "rnn-tanh": (lambda: LstmLM(nn.RNN), "plain"),
 }
 
 
@@ -176,7 +177,8 @@ DIVERGING = [("gpt2", "adam", 1.0), ("gpt2-4L", "adam", 1.0), ("llama", "adam", 
              ("gpt2", "adam", 0.1), ("gpt2", "adam", 0.03), ("gpt2", "adam", 0.01)]
 HEALTHY = [("gpt2", "adam", 1e-3), ("gpt2", "adam", 3e-4), ("gpt2-4L", "adam", 1e-3), ("bert", "adam", 1e-3),
            ("llama", "adam", 1e-3), ("llama", "adam", 3e-4), ("mlp-digits", "adam", 1e-3), ("mlp-digits", "sgd", 0.05),
-           ("lstm", "adam", 1e-3), ("lstm", "adam", 3e-4), ("lstm", "sgd", 0.05)]
+           ("lstm", "adam", 1e-3), ("lstm", "adam", 3e-4), ("lstm", "sgd", 0.05),
+           ("rnn-tanh", "adam", 1e-3), ("rnn-tanh", "sgd", 0.05)]
 
 
 def main() -> None:
@@ -191,7 +193,7 @@ def main() -> None:
     for runs, diverging, steps in ((DIVERGING, True, args.diverging_steps), (HEALTHY, False, args.steps)):
         for model, opt, lr in runs:
             r = measure(model, opt, lr, steps, diverging)
-            print(f"{r.model:<11} {r.opt:<5} {r.lr:>7g}  {'diverging' if diverging else 'healthy':<9} "
+            print(f"{r.model:<11} {r.opt:<5} {r.lr:>7g}  {'high lr' if diverging else 'healthy':<9} "
                   f"{r.first if r.first else '-':>11} {r.signal:<13} {r.trend if r.trend else '-':>5} "
                   f"{'-' if diverging else r.false_alarms:>5}  {r.loss_start:.3g} -> {r.loss_end:.3g}", flush=True)
 
