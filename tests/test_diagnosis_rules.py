@@ -425,23 +425,24 @@ def test_update_ratio_rule_flags_updates_that_rewrite_the_weights():
     """||dw||/||w|| above 0.1 on 3 measurements in a row -> lr_too_high once; healthy ratios (~1e-3) stay quiet."""
     from types import SimpleNamespace
 
-    from gradwatch.diagnosis.rules import UpdateRatioRule
+    from gradwatch.diagnosis.rules import LrRule
 
     def inp(step, ratios):
         record = SimpleNamespace(update_ratio=None if ratios is None else np.array(ratios), finite=True,
-                                 layer_names=["0", "2", "4"])
-        return SimpleNamespace(record=record, step=step)
+                                 layer_names=["0", "2", "4"], grad_norm=1.0, loss=1.0, skipped=False)
+        return SimpleNamespace(record=record, step=step, history=[record])
 
-    rule = UpdateRatioRule()
-    healthy = [rule.check(inp(s, [1e-3, 2e-3, 5e-4] if s % 10 == 0 else None), 0.1) for s in range(1, 200)]
+    rule = LrRule()
+    healthy = [rule.check(inp(s, [1e-3, 2e-3, 5e-4] if s % 10 == 0 else None), lambda: 0.1) for s in range(1, 200)]
     assert not any(healthy)
-    rule = UpdateRatioRule()
+    rule = LrRule()
     found = []
     for s in range(1, 80):
         ratios = ([0.5, 0.3, 2.0] if s < 60 else [1e-3] * 3) if s % 10 == 0 else None
-        found += rule.check(inp(s, ratios), 0.5)
+        found += rule.check(inp(s, ratios), lambda: 0.5)
     (finding,) = found
     assert finding.code == "lr_too_high" and finding.step == 30  # the third high measurement
+    assert finding.evidence["signal"] == "update_ratio"
     assert finding.evidence["update_ratio_median"] == 0.5 and finding.location["layer"] == "4"
     assert finding.fixes[0] == "lower lr from 0.5 to 0.05"
 

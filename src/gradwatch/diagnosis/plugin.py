@@ -35,10 +35,10 @@ from .rules import (
     InitScaleRule,
     LossSpikeRule,
     LrRule,
-    UpdateRatioRule,
     MissingGradRule,
     RuleInput,
 )
+from .recurrent import RecurrentRule, recurrent_weights
 from .sampler import ActivationSample, ActivationSampler, is_curve_layer
 
 
@@ -72,7 +72,6 @@ class DiagnosisPlugin(WatchPlugin):
         self._weight_scales: dict[str, float] = {}
         self._kinds: set[str] = set()
         self._input: RuleInput | None = None
-        self._lr_flagged = False  # the norm-growth rule raised lr_too_high on the latest step
         self._version = -1  # the layer index version the curve layers were found for
 
     def attach(self, view: WatchView) -> None:
@@ -83,8 +82,8 @@ class DiagnosisPlugin(WatchPlugin):
         self._kinds = {kind for _, kind in self.sampler.act_modules.values()}
         self.depth_rule = DepthCurveRule(self.check_every)
         self.init_rule = InitScaleRule()
+        self.recurrent_rule = RecurrentRule(recurrent_weights(index.model))
         self.lr_rule = LrRule()
-        self.update_rule = UpdateRatioRule()
         self.missing_rule = MissingGradRule(list(index.param_names), self._layer_of())
         self.clip_rule = ClippingRule(fixed_threshold=getattr(view.clipper, "name", "fixed") == "fixed")
         self.spike_rule = LossSpikeRule()
@@ -149,6 +148,7 @@ class DiagnosisPlugin(WatchPlugin):
             self.missing_rule.observe({n for n, p in zip(index.param_names, index.params) if p.grad is None})
         if ctx.step == 1:
             self._weight_scales = self._measure_weight_scales()
+            self.recurrent_rule.measure_before_update(1)
 
     def after_step(self, ctx: StepContext, record: Any) -> list[Finding]:
         sampled_now = self._sampled_pending == ctx.step
@@ -170,14 +170,12 @@ class DiagnosisPlugin(WatchPlugin):
         # Every step: the rules that keep per-step state. The others only on the steps where they
         # can say something (each would return [] at once otherwise; this runs on every step).
         findings: list[Finding] = []
-        if not self.init_rule.done:
-            findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold)
-        lr_found = self.lr_rule.check(inp, self._lr)  # lr_too_high from the norm's growth (or nothing)
-        self._lr_flagged = bool(lr_found)  # one lr_too_high a step is enough
-        if lr_found:
-            findings += lr_found
-        elif record.update_ratio is not None:
-            findings += self.update_rule.check(inp, self._lr())
+        if self.recurrent_rule.enabled:  # exploding_gradients through time (a vanilla RNN's recurrent weight)
+            findings += self.recurrent_rule.check(record, ctx.step, record.clip_threshold)
+        if not self.init_rule.done:  # a huge first norm the recurrent rule explained is not reported twice
+            findings += self.init_rule.check(inp, self._weight_scales, record.clip_threshold,
+                                             explained=bool(findings))
+        findings += self.lr_rule.check(inp, self._lr)  # lr_too_high: norm growth, loss trend, update ratio
         if sampled_now or ctx.step % self.check_every == 0:
             findings += self.depth_rule.check(inp)
         if not self.missing_rule.done:
@@ -192,9 +190,9 @@ class DiagnosisPlugin(WatchPlugin):
     def after_update(self, record: Any) -> list[Finding]:
         """observe(): the update ratio arrived after the step's rules ran (the caller stepped)."""
         inp = self._input
-        if inp is None or inp.record is not record or self._lr_flagged:  # not this step's, or already said
+        if inp is None or inp.record is not record:  # not this step's
             return []
-        return self.update_rule.check(inp, self._lr())
+        return self.lr_rule.check_update(inp, self._lr)
 
     def abort(self, ctx: StepContext) -> None:
         self.sampler.disarm()  # the closure raised: never leave hooks or the function mode behind
@@ -253,6 +251,6 @@ class DiagnosisPlugin(WatchPlugin):
         self._input = None
 
     def _rules(self) -> dict[str, Any]:
-        return {"depth": self.depth_rule, "init": self.init_rule, "lr": self.lr_rule, "update": self.update_rule,
+        return {"depth": self.depth_rule, "init": self.init_rule, "lr": self.lr_rule, "recurrent": self.recurrent_rule,
                 "missing": self.missing_rule, "clip": self.clip_rule, "spike": self.spike_rule,
                 "activation": self.activation_rule}

@@ -28,6 +28,7 @@ from .curve import DepthFit, fit_depth_curve, window_log_median
 from .patterns import DIVERGED_GROWTH, HUGE_FIRST_NORM, norm_pattern
 from .robust import EarlyLevel, robust_zscore
 from .sampler import ActivationSample
+from .trend import TREND_RATIO, TREND_WINDOW, LossTrend
 
 # vanishing / exploding: the fitted gradient ratio over the whole stack, and how straight the line is.
 VANISH_TOTAL = 1e-3  # first layer gets < 1/1000 of the last layer's gradient (healthy controls: > 0.02)
@@ -245,7 +246,9 @@ class InitScaleRule:
     def __init__(self) -> None:
         self.done = False
 
-    def check(self, inp: RuleInput, weight_scales: dict[str, float], clip: float | None) -> list[Finding]:
+    def check(self, inp: RuleInput, weight_scales: dict[str, float], clip: float | None,
+              explained: bool = False) -> list[Finding]:
+        """Findings of step 1; ``explained``: another rule already named the cause of a huge first norm."""
         if self.done:
             return []
         self.done = True
@@ -254,7 +257,7 @@ class InitScaleRule:
         first = inp.record.grad_norm
         if not inp.record.finite:
             return []  # the NaN root-cause plugin reports non-finite steps (using norm_pattern too)
-        huge = norm_pattern([first]) == "init_scale_too_large"
+        huge = norm_pattern([first]) == "init_scale_too_large" and not explained
         big = {n: s for n, s in weight_scales.items() if s >= WEIGHT_SCALE_FACTOR}
         if not (huge or big):
             return []
@@ -280,83 +283,142 @@ class InitScaleRule:
         )]
 
 
-class LrRule:
-    """``lr_too_high`` on finite steps: sane first norm, then growth step over step, with the loss rising."""
+@record_class
+class UpdateRatioSignal:
+    """The update-to-weight ratio half of :class:`LrRule`: each update rewrites a large share of the weights.
 
-    def __init__(self) -> None:
-        self.first: float | None = None
-        self.episode = Episode(quiet=20)
-
-    def check(self, inp: RuleInput, lr_of: Callable[[], float | None]) -> list[Finding]:
-        """Findings of this step; ``lr_of`` reads the learning rate (only when a finding is made)."""
-        record = inp.record
-        if self.first is None:
-            self.first = record.grad_norm
-            return []
-        if record.grad_norm < DIVERGED_GROWTH * self.first and not self.episode.active:
-            return []  # norm_pattern needs a finite norm DIVERGED_GROWTH times the first one
-        if not record.finite:
-            return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
-        window = [r for r in list(inp.history)[-30:]]
-        norms = [self.first] + [r.grad_norm for r in window]
-        skipped = [False] + [bool(r.skipped) for r in window]
-        pattern = norm_pattern(norms, skipped)
-        losses = [r.loss for r in window if r.finite]
-        rising_loss = len(losses) >= 3 and losses[-1] > 2.0 * min(losses)
-        hit = pattern == "lr_too_high" and rising_loss
-        if not self.episode.update(hit) or not hit:
-            return []
-        growth = record.grad_norm / max(self.first, 1e-30)
-        lr = lr_of()
-        lr_text = f"from {lr:.3g} to {lr / 10:.3g}" if lr else "by 10x"
-        return [Finding(
-            "lr_too_high", "error", inp.step,
-            f"The learning rate is too high: the first gradient norm was sane ({_fmt(self.first)}), then it grew "
-            f"step over step after updates to {_fmt(record.grad_norm)} ({_fmt(growth)}x) while the loss rose to {_fmt(record.loss)}.",
-            evidence={"first_grad_norm": self.first, "grad_norm": record.grad_norm, "growth": growth,
-                      "recent_grad_norms": [float(v) for v in norms[-8:]], "loss": record.loss, "lr": lr},
-            location={},
-            fixes=[f"lower lr {lr_text}", "add a learning-rate warm-up", "clip_norm=1.0 bounds each step"],
-        )]
-
-
-class UpdateRatioRule:
-    """``lr_too_high`` from the update-to-weight ratio: each update rewrites a large share of the weights.
-
-    Catches what the norm-growth rule cannot: Adam at a far too high learning rate
+    Catches what the norm growth cannot: Adam at a far too high learning rate
     (the update size does not follow the gradient norm) and runs whose norms do not
-    grow because the units died. Reads ``record.update_ratio`` (measured every
-    ``update_ratio_every`` steps); the median over layers, above
-    ``UPDATE_RATIO_MAX`` on ``UPDATE_RATIO_RUNS`` measurements in a row.
+    grow because the units died. Reads ``record.update_ratio`` (measured on each of
+    the first ``update_ratio_every`` steps, then every ``update_ratio_every``); high
+    when the median over layers is above ``UPDATE_RATIO_MAX`` on
+    ``UPDATE_RATIO_RUNS`` measurements in a row.
+
+    Example:
+        >>> signal = UpdateRatioSignal()
+        >>> [signal.observe(np.array(r)) for r in ([0.5, 0.2], [0.3, 0.4], [0.2, 0.3])]
+        [False, False, True]
     """
 
     def __init__(self) -> None:
         self.medians: list[float] = []
-        self.episode = Episode(quiet=5)
+        self.worst: tuple[int, float] | None = None  # (layer slot, ratio) of the latest measurement
 
-    def check(self, inp: RuleInput, lr: float | None) -> list[Finding]:
-        ratios = inp.record.update_ratio
-        if ratios is None or not inp.record.finite:
-            return []
+    @property
+    def high(self) -> bool:
+        """Whether the latest ``UPDATE_RATIO_RUNS`` measurements were all above ``UPDATE_RATIO_MAX``."""
+        return len(self.medians) == UPDATE_RATIO_RUNS and min(self.medians) > UPDATE_RATIO_MAX
+
+    def observe(self, ratios: np.ndarray) -> bool:
+        """Take one measurement (per-layer ratios, NaN for unmeasured layers); returns :attr:`high`."""
         finite = sorted(v for v in ratios.tolist() if math.isfinite(v))  # a few layers: plain Python beats numpy here
-        if not finite:
+        if finite:
+            self.medians = (self.medians + [_median_sorted(finite)])[-UPDATE_RATIO_RUNS:]
+            worst = int(np.nanargmax(ratios))
+            self.worst = (worst, float(ratios[worst]))
+        return self.high
+
+
+class LrRule:
+    """``lr_too_high`` on finite steps, from three signals, one finding per episode.
+
+    - ``norm_growth`` (error): a sane first norm, then growth step over step after
+      updates (:func:`~gradwatch.diagnosis.patterns.norm_pattern`), with the loss rising;
+    - ``loss_trend`` (error): the loss climbs over a window after updates
+      (:class:`~gradwatch.diagnosis.trend.LossTrend`), not only by one 10x jump;
+    - ``update_ratio`` (warning): each update rewrites a large share of the weights
+      (:class:`UpdateRatioSignal`).
+
+    Whichever signal comes first raises the finding; its evidence carries all three
+    (recent losses and their window, update-ratio medians, norms, the lr). The episode
+    ends after ``quiet`` finite steps on which no signal holds.
+    """
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.episode = Episode(quiet=20)
+        self.trend = LossTrend()
+        self.ratio = UpdateRatioSignal()
+
+    def check(self, inp: RuleInput, lr_of: Callable[[], float | None]) -> list[Finding]:
+        """Findings of this step; ``lr_of`` reads the learning rate (only when a finding is made)."""
+        record = inp.record
+        if not record.finite:
+            return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
+        trend_hit = self.trend.observe(record.loss)
+        ratio_hit = self.ratio.observe(record.update_ratio) if record.update_ratio is not None else self.ratio.high
+        if self.first is None:
+            self.first = record.grad_norm
+            return self._decide(inp, lr_of, None, trend_hit, ratio_hit)
+        pattern = None
+        if record.grad_norm >= DIVERGED_GROWTH * self.first:  # norm_pattern needs DIVERGED_GROWTH times the first norm
+            window = list(inp.history)[-30:]
+            norms = [self.first] + [r.grad_norm for r in window]
+            pattern = norm_pattern(norms, [False] + [bool(r.skipped) for r in window])
+            losses = [r.loss for r in window if r.finite]
+            if not (len(losses) >= 3 and losses[-1] > 2.0 * min(losses)):
+                pattern = None  # the norm grew but the loss did not rise
+        return self._decide(inp, lr_of, pattern, trend_hit, ratio_hit)
+
+    def check_update(self, inp: RuleInput, lr_of: Callable[[], float | None]) -> list[Finding]:
+        """``observe()``: the step's update ratio arrived after :meth:`check` ran (the caller stepped)."""
+        record = inp.record
+        if record.update_ratio is None or not record.finite or not self.ratio.observe(record.update_ratio):
             return []
-        self.medians = (self.medians + [_median_sorted(finite)])[-UPDATE_RATIO_RUNS:]
-        hit = len(self.medians) == UPDATE_RATIO_RUNS and min(self.medians) > UPDATE_RATIO_MAX
+        if not self.episode.update(True):
+            return []
+        return [self._finding(inp, lr_of(), "update_ratio", None)]
+
+    def _decide(self, inp: RuleInput, lr_of: Callable[[], float | None], pattern: str | None,
+                trend_hit: bool, ratio_hit: bool) -> list[Finding]:
+        norm_hit = pattern == "lr_too_high"
+        hit = norm_hit or trend_hit or ratio_hit
+        if not hit and not self.episode.active:  # the usual step
+            return []
         if not self.episode.update(hit) or not hit:
             return []
-        worst = int(np.nanargmax(ratios))
+        signal = "norm_growth" if norm_hit else "loss_trend" if trend_hit else "update_ratio"
+        return [self._finding(inp, lr_of(), signal, pattern)]
+
+    def _finding(self, inp: RuleInput, lr: float | None, signal: str, pattern: str | None) -> Finding:
+        record, trend, ratio = inp.record, self.trend, self.ratio
+        first = self.first if self.first is not None else record.grad_norm
+        growth = record.grad_norm / max(first, 1e-30)
         lr_text = f"from {lr:.3g} to {lr / 10:.3g}" if lr else "by 10x"
-        return [Finding(
-            "lr_too_high", "warning", inp.step,
-            f"The learning rate is too high: each update changes the weights by {_fmt(self.medians[-1])} of their "
-            f"norm (median over layers, {UPDATE_RATIO_RUNS} measurements in a row; ~1e-3 is usual), so every step "
-            f"rewrites a large part of what was learned (worst: {inp.record.layer_names[worst]}, {_fmt(float(ratios[worst]))}).",
-            evidence={"update_ratio_median": self.medians[-1], "recent_medians": list(self.medians),
-                      "threshold": UPDATE_RATIO_MAX, "lr": lr},
-            location={"layer": inp.record.layer_names[worst]},
-            fixes=[f"lower lr {lr_text}", "add a learning-rate warm-up"],
-        )]
+        norms = [float(r.grad_norm) for r in list(inp.history)[-8:]] if inp.history else [record.grad_norm]
+        evidence: dict[str, Any] = {
+            "signal": signal, "lr": lr, "loss": record.loss,
+            "losses": trend.losses(), "loss_window": TREND_WINDOW, "loss_recent_median": trend.recent_median,
+            "loss_best": trend.best, "loss_first": trend.first, "loss_trend_ratio": TREND_RATIO,
+            "update_ratio_medians": list(ratio.medians), "update_ratio_threshold": UPDATE_RATIO_MAX,
+            "first_grad_norm": first, "grad_norm": record.grad_norm, "growth": growth, "recent_grad_norms": norms,
+        }
+        if ratio.medians:
+            evidence["update_ratio_median"] = ratio.medians[-1]
+        location: dict[str, Any] = {}
+        if signal == "norm_growth":
+            severity = "error"
+            message = (f"The learning rate is too high: the first gradient norm was sane ({_fmt(first)}), then it grew "
+                       f"step over step after updates to {_fmt(record.grad_norm)} ({_fmt(growth)}x) while the loss rose "
+                       f"to {_fmt(record.loss)}.")
+        elif signal == "loss_trend":
+            severity = "error"
+            per = f"; each update changes the weights by {_fmt(ratio.medians[-1])} of their norm" if ratio.medians else ""
+            message = (f"The learning rate is too high: the loss climbed after updates, from {_fmt(trend.best)} at its "
+                       f"best to a median of {_fmt(trend.recent_median)} over the last {TREND_WINDOW} steps "
+                       f"({_fmt(trend.recent_median / trend.best) + 'x' if trend.best > 0 else 'up'}){per}.")
+        else:
+            severity = "warning"
+            worst_slot, worst_value = ratio.worst if ratio.worst is not None else (0, math.nan)
+            worst_name = record.layer_names[worst_slot]
+            location = {"layer": worst_name}
+            message = (f"The learning rate is too high: each update changes the weights by {_fmt(ratio.medians[-1])} of "
+                       f"their norm (median over layers, {UPDATE_RATIO_RUNS} measurements in a row; ~1e-3 is usual), so "
+                       f"every step rewrites a large part of what was learned (worst: {worst_name}, {_fmt(worst_value)}).")
+        fixes = [f"lower lr {lr_text}", "add a learning-rate warm-up"]
+        if signal != "update_ratio":
+            fixes.append("clip_norm=1.0 bounds each step")
+        return Finding("lr_too_high", severity, inp.step, message, evidence=evidence, location=location, fixes=fixes)
 
 
 class MissingGradRule:
