@@ -31,13 +31,14 @@ that module and are not recorded separately.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .compat import no_torch_function
 
 #: a value is flat where |f'| is below this share of the function's largest |f'|.
 FLAT_SHARE = 0.1
@@ -112,7 +113,7 @@ class ActivationFn:
     @property
     def max_slope(self) -> float:
         """The largest ``|f'|`` (numerically, on a fine grid; 1.0 for the ReLU family)."""
-        return _max_slope(self.name)
+        return _MAX_SLOPES[self.name]
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the values in the flat region (``|f'| < FLAT_SHARE * max |f'|``).
@@ -148,7 +149,6 @@ ACTIVATIONS: dict[str, ActivationFn] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def _max_slope(name: str) -> float:
     fn = ACTIVATIONS[name]
     if fn.slope is None:
@@ -156,8 +156,13 @@ def _max_slope(name: str) -> float:
     grid = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
     if fn.from_output:  # outputs of tanh / sigmoid over the same inputs
         grid = torch.tanh(grid) if name == "tanh" else torch.sigmoid(grid)
-    with torch._C.DisableTorchFunction():  # may first run under a TorchFunctionMode
+    with no_torch_function():  # never seen by a TorchFunctionMode the caller may have on
         return float(fn.slope(grid).abs().max())
+
+
+#: worked out once at import (~ms): read inside forward hooks, where torch.compile traces the
+#: hook and must see a constant, not a cached function call
+_MAX_SLOPES: dict[str, float] = {name: _max_slope(name) for name in ACTIVATIONS}
 
 
 # ----- recognising modules -----------------------------------------------------------------------

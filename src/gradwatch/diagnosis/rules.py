@@ -347,6 +347,7 @@ class LrRule:
             return []  # non-finite steps: the NaN root-cause plugin applies norm_pattern there
         trend_hit = self.trend.observe(record.loss)
         ratio_hit = self.ratio.observe(record.update_ratio) if record.update_ratio is not None else self.ratio.high
+        ratio_hit = ratio_hit and not self._loss_falling(record.loss)
         if self.first is None:
             self.first = record.grad_norm
             return self._decide(inp, lr_of, None, trend_hit, ratio_hit)
@@ -365,9 +366,17 @@ class LrRule:
         record = inp.record
         if record.update_ratio is None or not record.finite or not self.ratio.observe(record.update_ratio):
             return []
+        if self._loss_falling(record.loss):
+            return []
         if not self.episode.update(True):
             return []
         return [self._finding(inp, lr_of(), "update_ratio", None)]
+
+    def _loss_falling(self, loss: float) -> bool:
+        """Large updates on a loss that is below where it started are an aggressive lr that works
+        (Adam at 1e-2 on a small model), not a failure: the update-ratio signal waits for the loss."""
+        first = self.trend.first
+        return first is not None and math.isfinite(loss) and loss < first
 
     def _decide(self, inp: RuleInput, lr_of: Callable[[], float | None], pattern: str | None,
                 trend_hit: bool, ratio_hit: bool) -> list[Finding]:

@@ -57,6 +57,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..activation_fns import ACTIVATIONS, ActivationFn, function_activation, module_activation
+from ..compat import no_torch_function
 
 MIN_EXAMPLES = 16
 
@@ -128,7 +129,7 @@ class ActivationSample:
 
 #: Turns torch-function handling (modes included) off for the sampler's own ops; a new
 #: instance per use (one instance entered twice would not restore the state).
-_NoTorchFunction = torch._C.DisableTorchFunction
+_NoTorchFunction = no_torch_function  # gradwatch's own ops inside hooks, unseen by the sampling mode
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: keeps no state
 
 

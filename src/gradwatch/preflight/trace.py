@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..activation_fns import ACTIVATIONS, ActivationFn, module_activation
+from ..compat import no_torch_function
 
 #: function name -> activation name as torch.nn.init.calculate_gain spells it (or our own).
 ACTIVATION_FUNCS: dict[str, str] = {
@@ -174,7 +175,7 @@ class ActivationTracer(TorchFunctionMode):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         owner = self.tensor_owner.get(id(x)) if x is not None else None
         layer = owner if owner is not None else self.last_layer()
-        with torch._C.DisableTorchFunction():  # an in-place forward overwrites its input: keep a copy
+        with no_torch_function():  # an in-place forward overwrites its input: keep a copy
             x_in = x.detach().clone() if x is not None and getattr(module, "inplace", False) else x
         self._inside.append((x, x_in, layer, owner is not None))
 
@@ -187,7 +188,7 @@ class ActivationTracer(TorchFunctionMode):
             x, x_in, layer, direct = self._inside.pop()
             if self._inside or x is None or not x.is_floating_point() or not isinstance(output, torch.Tensor):
                 return  # an activation module inside another one is the outer one's
-            with torch._C.DisableTorchFunction():
+            with no_torch_function():
                 mean, std, dead, sat = summarize(act, x_in, output, layer in self.conv_layers, fn)
             self.record.activations.append(ActivationStats(act, None, layer, direct, self.current_block(),
                                                            mean, std, dead, sat))
