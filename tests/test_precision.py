@@ -330,11 +330,15 @@ def test_calibration_backoffs_at_the_start_are_not_a_finding_but_scale_below_one
     for _ in range(6):
         found += [f for f in watch.step(lambda: nn.functional.mse_loss(model(x).float(), y)).findings if f.code == "fp16_overflow"]
     watch.close()
-    assert found and found[0].severity == "error" and found[0].evidence["loss_scale"] < 1
-    cause = found[0].evidence["cause"]
+    # step 1: the forward pass itself overflows float16 (finite in float32), named at once
+    assert found[0].step == 1 and found[0].evidence["decided_by"] == "fp32_replay"
+    assert found[0].evidence["localization"]["dtype"] == "float16" and "bf16" in found[0].fixes[0]
+    below = [f for f in found if f.evidence["loss_scale"] < 1]  # then the scale falls below 1: the scaler's view
+    assert below and below[0].severity == "error"
+    cause = below[0].evidence["cause"]
     assert cause["kind"] == "range" and cause["what"] == "activations" and cause["module"] == "4"
     assert cause["magnitude"] > 65504
-    assert "bf16" in found[0].fixes[0]
+    assert "bf16" in below[0].fixes[0]
 
 
 def test_diagnose_overflow_tells_range_from_a_true_source() -> None:

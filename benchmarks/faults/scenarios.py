@@ -323,6 +323,11 @@ def b_mlp_div_unlabeled() -> Setup:
     return digits_task(m, adam(m), inject=_at(70, _unlabeled), loss=_masked_ce)
 
 
+def b_mlp_unlabeled_from_step40() -> Setup:
+    m = _mlp(4, "relu", "kaiming")
+    return digits_task(m, adam(m), inject=_from(40, _unlabeled), loss=_masked_ce)
+
+
 def b_mlp_bce_by_hand() -> Setup:
     m = _mlp(4, "relu", "kaiming")
     return digits_task(m, adam(m, 1e-2), loss=_bce_by_hand)
@@ -635,6 +640,9 @@ SCENARIOS: list[Scenario] = [
     S("mlp_tanh_x12", "mlp", "3 x Linear(32)+tanh, Xavier x12, Adam",
       "weights 12x Xavier: tanh pre-activations far in the flat tails", "saturated_activations",
       b_mlp_saturated_tanh, steps=60, expected_module=("0", "1", "2", "3", "4", "5")),
+    S("mlp_unlabeled_from_step40", "mlp", "4 x Linear(32)+ReLU, CE averaged over labeled examples",
+      "from step 40 on every batch has no labeled example (a broken label column): every step is skipped",
+      "training_stalled", b_mlp_unlabeled_from_step40, steps=60, onset=40),
     S("mlp_detached_aux", "mlp", "MLP + auxiliary Linear whose output is detached",
       "aux(x).detach(): the aux layer never receives a gradient", "missing_gradients", b_mlp_missing_aux,
       steps=40, expected_module=("aux",), quick=True),
