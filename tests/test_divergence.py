@@ -53,17 +53,19 @@ def test_a_loss_that_climbs_over_a_window_is_lr_too_high_once_with_its_evidence(
     losses = [4.6, 8.0, 12.0, 15.0, 19.0, 24.0, 30.0, 38.0, 45.0, 52.0] + [60.0 + (k % 3) for k in range(40)]
     (finding,) = _run_lr_rule(losses)
     assert finding.code == "lr_too_high" and finding.severity == "error"
-    assert finding.step == TREND_WINDOW  # median(4.6 .. 38) = 17 >= 2 x 4.6, rise 12.4 >= 0.25 x 4.6
+    # the first full window (steps 1-8) sets the level, median 17; at step 14 the median of steps
+    # 7-14 is (52 + 60) / 2 = 56 >= 3 x 17 (step 13: 48.5), and above it by 39 >= 0.25 x 4.6
+    assert finding.step == 14
     ev = finding.evidence
     assert ev["signal"] == "loss_trend" and ev["loss_window"] == TREND_WINDOW
-    assert ev["losses"] == losses[:TREND_WINDOW] and ev["loss_best"] == 4.6
-    assert ev["loss_recent_median"] == pytest.approx(17.0) and ev["lr"] == 1.0
+    assert ev["losses"] == losses[6:14] and ev["loss_best"] == 17.0
+    assert ev["loss_recent_median"] == pytest.approx(56.0) and ev["lr"] == 1.0
     assert ev["update_ratio_medians"] == []  # none measured in this run: the key is there, empty
     assert finding.fixes[0] == "lower lr from 1 to 0.1"
 
 
 @pytest.mark.parametrize("case", ["noisy_flat", "converging", "brief_rise", "converged_drift", "warmup_bump",
-                                  "negative"])
+                                  "negative", "lucky_first_batch"])
 def test_the_loss_trend_stays_quiet_on_healthy_shapes(case):
     rng = np.random.default_rng(0)
     steps = np.arange(200)
@@ -78,8 +80,11 @@ def test_the_loss_trend_stays_quiet_on_healthy_shapes(case):
         losses = np.concatenate([2.3 * np.exp(-steps[:100] / 10) + 0.01, np.linspace(0.01, 0.03, 100)])
     elif case == "warmup_bump":  # the loss rises 40% during warm-up, then falls
         losses = 2.3 + 0.9 * np.sin(np.minimum(steps, 30) / 30 * np.pi) - 0.005 * steps
-    else:  # an ELBO-like loss below zero, falling
+    elif case == "negative":  # an ELBO-like loss below zero, falling
         losses = -10.0 - 0.05 * steps + 0.5 * rng.standard_normal(200)
+    else:  # regression on noisy targets, batch 8: the loss of each batch spreads 0.2-1.6; step 1 at 0.26
+        losses = rng.chisquare(8, 200) / 8
+        losses[0] = 0.26
     trend = LossTrend()
     assert not any(trend.observe(float(v)) for v in losses)
     assert not _run_lr_rule([float(v) for v in losses])
@@ -111,7 +116,7 @@ def test_lr_rule_state_round_trips_through_the_watch_state():
 
 
 # ----- GPT-2 at lr 1.0 ------------------------------------------------------------------------------
-def test_gpt2_adam_at_lr_1_is_lr_too_high_within_20_steps_and_its_loss_trend_fires_too():
+def test_gpt2_adam_at_lr_1_is_lr_too_high_within_20_steps():
     watch, losses = bench.lm_run("gpt2", "adam", 1.0, steps=20)
     found = [f for f in watch.findings if f.code == "lr_too_high"]
     assert len(found) == 1 and found[0].step <= 20  # once per episode
@@ -119,7 +124,8 @@ def test_gpt2_adam_at_lr_1_is_lr_too_high_within_20_steps_and_its_loss_trend_fir
     assert ev["lr"] == 1.0 and found[0].fixes[0] == "lower lr from 1 to 0.1"
     assert ev["losses"] and ev["update_ratio_medians"] and ev["update_ratio_medians"][-1] > 0.1
     assert losses[-1] > 10 * losses[0]  # it did diverge
-    assert bench.trend_step(losses) is not None and bench.trend_step(losses) <= 20  # the loss signal alone
+    # (the loss-trend signal alone cannot fire here: the climb starts on step 2, inside the first
+    # window that sets the starting level; the update ratio names it on step 3)
 
 
 # ----- healthy runs: no false alarms ---------------------------------------------------------------

@@ -413,8 +413,8 @@ class LrRule:
         elif signal == "loss_trend":
             severity = "error"
             per = f"; each update changes the weights by {_fmt(ratio.medians[-1])} of their norm" if ratio.medians else ""
-            message = (f"The learning rate is too high: the loss climbed after updates, from {_fmt(trend.best)} at its "
-                       f"best to a median of {_fmt(trend.recent_median)} over the last {TREND_WINDOW} steps "
+            message = (f"The learning rate is too high: the loss climbed after updates, from a median of "
+                       f"{_fmt(trend.best)} over the first {TREND_WINDOW} steps to a median of {_fmt(trend.recent_median)} over the last {TREND_WINDOW} steps "
                        f"({_fmt(trend.recent_median / trend.best) + 'x' if trend.best > 0 else 'up'}){per}.")
         else:
             severity = "warning"
