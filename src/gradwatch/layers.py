@@ -281,21 +281,12 @@ class LayerIndex:
         self._frozen = frozen
         #: trainable parameters of the model that the optimizer does not hold: (name, parameter)
         self.unheld: list[tuple[str, nn.Parameter]] = unheld
-        self._param_layer_tensor: dict[torch.device, torch.Tensor] = {}
         self.version += 1
 
     @property
     def measured_names(self) -> list[str]:
         """Names of the layers measured now, in depth order."""
         return [layer.name for layer in self.measured_layers]
-
-    def param_layer_tensor(self, device: torch.device) -> torch.Tensor:
-        """``param_layer`` as a long tensor on ``device`` (cached)."""
-        cached = self._param_layer_tensor.get(device)
-        if cached is None:
-            cached = torch.tensor(self.param_layer, dtype=torch.long, device=device)
-            self._param_layer_tensor[device] = cached
-        return cached
 
     def module(self, layer_name: str) -> nn.Module:
         """The module behind a layer name (``"(root)"`` and ``"(outside model)"`` are the model itself)."""
