@@ -106,3 +106,53 @@ def test_an_unused_branch_is_still_called_unused():
     missing = next(f for f in watch.findings if f.code == "missing_gradients")
     assert missing.evidence["ran_forward"] == [] and "unused branch" in missing.message
     assert "use_reentrant" not in " ".join(missing.fixes)
+
+
+class _PooledButIgnored(nn.Module):
+    """An encoder that also runs a pooler (like ``ViTModel``/``BertModel`` by default); the head reads token 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.pooler = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        hidden = self.encoder(x)
+        self.pooled = torch.tanh(self.pooler(hidden))  # computed with a graph, never used by the loss
+        return self.head(hidden)
+
+
+def test_a_module_that_ran_with_a_graph_but_whose_output_the_loss_ignores_is_named_unused_not_cut():
+    torch.manual_seed(0)
+    model = _PooledButIgnored()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(8):
+        x = torch.randn(4, 4)
+        watch.step(lambda: model(x).square().mean())
+    watch.close()
+    missing = next(f for f in watch.findings if f.code == "missing_gradients")
+    # the pooler's output required grad (autograd says so), yet its weights got no gradient: unused, not cut
+    assert missing.evidence["layers"] == ["pooler"] and missing.evidence["output_unused"] == ["pooler"]
+    assert "does not depend on it" in missing.message and "use_reentrant" not in " ".join(missing.fixes)
+    assert "add_pooling_layer=False" in missing.fixes[0]
+
+
+def test_a_module_run_under_no_grad_is_still_named_cut():
+    class NoGradBranch(_PooledButIgnored):
+        def forward(self, x):
+            hidden = self.encoder(x)
+            with torch.no_grad():
+                side = self.pooler(hidden)
+            return self.head(hidden + side)
+
+    torch.manual_seed(0)
+    model = NoGradBranch()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(8):
+        x = torch.randn(4, 4)
+        watch.step(lambda: model(x).square().mean())
+    watch.close()
+    missing = next(f for f in watch.findings if f.code == "missing_gradients")
+    assert missing.evidence["layers"] == ["pooler"] and missing.evidence["output_unused"] == []
+    assert "cut from the graph" in missing.message

@@ -124,6 +124,10 @@ class LayerIndex:
         self.version = 0  # bumped by every rebuild that changes what is measured or the layer list
         self._order: list[str] = []
         self._ran: set[str] = set()
+        #: layers that ran with grad mode off on the tracked forward pass (under torch.no_grad() or a
+        #: reentrant checkpoint's forward): their output carried no graph, so no gradient can come back.
+        #: None until the first forward pass was tracked.
+        self.no_graph_output: set[str] | None = None
         self._tracked = False
         self._handles: list[Any] = []
         self._seen: list[str] = []
@@ -171,9 +175,13 @@ class LayerIndex:
             return
         self._seen = []
         seen_set: set[str] = set()
+        self._graph_outputs: tuple[set[str], set[str]] = (set(), set())  # (with a graph, without one)
+        with_graph, without_graph = self._graph_outputs
 
         def make_hook(name: str):
             def hook(module: nn.Module, args: Any) -> None:
+                # grad mode off (torch.no_grad(), a reentrant checkpoint's forward): its output carries no graph
+                (with_graph if torch.is_grad_enabled() else without_graph).add(name)
                 if name not in seen_set:
                     seen_set.add(name)
                     self._seen.append(name)
@@ -194,6 +202,8 @@ class LayerIndex:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        with_graph, without_graph = getattr(self, "_graph_outputs", (set(), set()))
+        self.no_graph_output = without_graph - with_graph  # any call that carried a graph could get gradients
         if not self._seen:
             return  # nothing ran forward under the hooks: keep registration order
         self._tracked = True

@@ -180,7 +180,8 @@ class DiagnosisPlugin(WatchPlugin):
             findings += self.depth_rule.check(inp)
         if not self.missing_rule.done:
             index = self.view.layers
-            findings += self.missing_rule.check(inp, {layer.name for layer in index.layers if layer.ran_forward})
+            findings += self.missing_rule.check(inp, {layer.name for layer in index.layers if layer.ran_forward},
+                                                    index.no_graph_output)
         findings += self.clip_rule.check(inp)
         findings += self.spike_rule.check(inp)
         if sampled_now:

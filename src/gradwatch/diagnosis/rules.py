@@ -458,8 +458,10 @@ class MissingGradRule:
     def watching(self) -> bool:
         return not self.done and (self.never is None or bool(self.never))
 
-    def check(self, inp: RuleInput, ran_forward: set[str] | None = None) -> list[Finding]:
-        """``ran_forward``: the layers that ran in the first step's forward (None: unknown)."""
+    def check(self, inp: RuleInput, ran_forward: set[str] | None = None,
+              no_graph_output: set[str] | None = None) -> list[Finding]:
+        """``ran_forward``: the layers that ran in the first step's forward (None: unknown);
+        ``no_graph_output``: those of them whose output carried no autograd graph (None: unknown)."""
         if self.done:
             return []
         if self.never is not None and not self.never:  # every parameter had a gradient: nothing left to watch
@@ -471,22 +473,35 @@ class MissingGradRule:
         names = [n for n in self.param_names if n in self.never]
         layers = list(dict.fromkeys(self.layer_of.get(n, n) for n in names))
         ran = [n for n in layers if ran_forward is not None and n in ran_forward]
+        cut = [n for n in ran if no_graph_output is None or n in no_graph_output]
+        unused = [n for n in ran if n not in cut]
         fixes = ["look for .detach(), .data, torch.no_grad() or .item() between these layers and the loss",
                  "if the branch is unused on purpose, freeze it: requires_grad_(False)"]
-        if ran:  # they computed something, yet no gradient came back: the graph was cut after them
-            why = (f"{_span(ran)} ran in the forward pass, so their output was cut from the graph before the loss: a "
-                   f".detach(), torch.no_grad(), or activation checkpointing with torch.utils.checkpoint("
-                   f"use_reentrant=True) whose inputs do not require grad (its output then carries no graph)")
+        reasons = []
+        if unused:  # their output was part of the graph, yet the loss does not depend on it
+            reasons.append(f"{_span(unused)} ran in the forward pass and their output was part of the autograd graph, "
+                           f"but the loss does not depend on it: an output computed and never used (a pooler or head "
+                           f"whose result the loss ignores), or detached further on")
+            fixes = ["if the module is not needed, build the model without it (transformers: e.g. "
+                     "ViTModel(config, add_pooling_layer=False)) or freeze it: requires_grad_(False)",
+                     "if it should train, make the loss use its output"] + fixes[:1]
+        if cut:  # they computed something with no graph attached: the graph was cut inside or before them
+            reasons.append(f"{_span(cut)} ran in the forward pass, so their output was cut from the graph before the "
+                           f"loss: a .detach(), torch.no_grad(), or activation checkpointing with "
+                           f"torch.utils.checkpoint(use_reentrant=True) whose inputs do not require grad (its output "
+                           f"then carries no graph)")
             fixes = ["with activation checkpointing, pass use_reentrant=False to torch.utils.checkpoint.checkpoint "
                      "(or make its inputs require grad; transformers: "
                      "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"] + fixes
-        else:
-            why = "They are not connected to the loss (a .detach(), an unused branch)"
+        if len(ran) < len(layers):
+            reasons.append(("The others are" if ran else "They are") + " not connected to the loss (a .detach(), an unused branch)")
+        why = "; ".join(reasons)
         return [Finding(
             "missing_gradients", "warning", inp.step,
             f"{len(names)} trainable parameter(s) in {len(layers)} layer(s) received no gradient on any of the first "
             f"{self.steps} steps: {_span(layers)}. {why}.",
-            evidence={"parameters": names, "layers": layers, "steps_observed": self.steps, "ran_forward": ran},
+            evidence={"parameters": names, "layers": layers, "steps_observed": self.steps, "ran_forward": ran,
+                      "output_unused": unused},
             location={"layers": ", ".join(layers[:10]) + (" ..." if len(layers) > 10 else "")},
             fixes=fixes,
         )]
