@@ -452,3 +452,48 @@ def test_a_batch_of_one_repeated_example_is_degenerate() -> None:
     (bad,) = report.degenerate
     assert bad.identical_rows and bad.whole and "all 8 examples of batch[0] are identical" in bad.describe()
     assert not check_batch((torch.randn(8, 6), torch.zeros(8))).degenerate
+
+
+def test_an_absorbed_log0_is_not_the_origin_of_a_later_overflow() -> None:
+    """T5's relative-position buckets take log(0) = -inf and cast it to an integer: not a failure."""
+    lin = nn.Linear(4, 4)
+    x = torch.randn(6, 4)
+
+    def buckets() -> torch.Tensor:
+        rel = torch.arange(6).float()
+        return (torch.log(rel / 2) * 3).to(torch.long).clamp(min=0)  # log(0) = -inf, cast away
+
+    def closure() -> torch.Tensor:
+        h = lin(x) + buckets().float()[:, None]
+        return torch.exp(h * 1e3).sum()  # exp overflows: +inf made here from finite values
+
+    where = replay_step(lin, closure, None)
+    assert where.op == "aten.exp" and where.created and where.kind == "inf"
+    quiet = replay(lin, lambda: (lin(x) + buckets().float()[:, None]).sum(), None)
+    assert quiet.localization is None and math.isfinite(quiet.loss) and quiet.grads_finite is True
+
+
+def test_an_additive_minus_inf_mask_in_the_batch_is_a_mask_and_the_fully_masked_row_is_the_origin() -> None:
+    from gradwatch.nonfinite.batch import check_batch
+
+    lin = nn.Linear(4, 4)
+    x = torch.randn(6, 4)
+    mask = torch.zeros(6, 6)
+    mask[:, 3:] = float("-inf")  # keys 3-5 are padding
+    mask[2] = float("-inf")  # query 2 is an all-padding example: its row attends to nothing
+
+    report = check_batch({"x": x, "attention_mask": mask})
+    assert report.nonfinite == [] and report.degenerate == []  # 0 / -inf only: a mask, not a bad batch
+    assert report.tensors[1].additive_mask and report.tensors[1].neginf == 6 * 3 + 3
+    bad_input = mask.clone()
+    bad_input[0, 0] = float("nan")
+    assert check_batch({"x": bad_input}).nonfinite[0].nan == 1  # a NaN is never a mask
+
+    def closure() -> torch.Tensor:
+        h = lin(x)
+        attn = (h @ h.T + mask).softmax(-1)  # MARK-masked-softmax: row 2 is softmax over -inf only = NaN
+        return (attn @ h).sum()
+
+    where = replay_step(lin, closure, None)
+    assert where.op == "aten._softmax" and where.kind == "nan" and where.created
+    assert where.nonfinite_rows == [2] and where.source.endswith(str(_line("MARK-masked-softmax")))

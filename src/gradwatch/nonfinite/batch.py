@@ -11,6 +11,8 @@ tensor:
   all zeros, whether it is constant, and which examples (rows along dim 0) are
   constant along their features (``x / x.std()`` of such a row is 0/0).
 
+A floating tensor holding only 0 and -inf is an additive attention mask (-inf
+masks a position out, on purpose): it is marked ``additive_mask``, not a problem.
 Integer tensors (token ids, labels) cannot hold NaN and are only counted. These
 checks run only on a non-finite step (a few small reductions and one host sync
 per tensor), never on healthy steps.
@@ -46,10 +48,12 @@ class TensorCheck:
     n_constant_rows: int = 0
     n_rows: int = 0
     identical_rows: bool = False  # every example is the same (statistics over the batch, x.std(0), are 0)
+    additive_mask: bool = False  # only 0 and -inf: an additive attention mask (-inf = masked out), on purpose
 
     @property
     def nonfinite(self) -> int:
-        return self.nan + self.posinf + self.neginf
+        """Non-finite values that are a problem (the -inf of an additive mask are not)."""
+        return 0 if self.additive_mask else self.nan + self.posinf + self.neginf
 
     @property
     def degenerate(self) -> bool:
@@ -160,6 +164,10 @@ def _check_tensor(path: str, tensor: torch.Tensor) -> TensorCheck:
     bad = nan | posinf | neginf
     counts = torch.stack([nan.sum(), posinf.sum(), neginf.sum()]).tolist()  # one host sync
     check.nan, check.posinf, check.neginf = (int(c) for c in counts)
+    if check.neginf and not check.nan and not check.posinf:
+        check.additive_mask = bool((flat[~neginf] == 0).all())  # 0 = attend, -inf = masked: an attention mask
+        if check.additive_mask:
+            return check
     if check.nonfinite:
         first = int(torch.argmax(bad.to(torch.uint8)))
         check.first_nonfinite = f"{path}[{', '.join(str(i) for i in _index(first, t.shape))}]"

@@ -312,6 +312,20 @@ def _any_nan(values: list[Any]) -> bool:
     return False
 
 
+def _neg_inf_only(values: list[Any]) -> bool:
+    """Whether every non-finite value among these tensors is -inf (no NaN, no +inf)."""
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v) and v != float("-inf"):
+            return False
+        if _floating(v) and not v.is_complex() and not _finite(v):
+            t = v.detach()
+            if bool(torch.isnan(t).any()) or bool(torch.isposinf(t).any()):
+                return False
+        elif _floating(v) and v.is_complex() and not _finite(v):
+            return False
+    return True
+
+
 def _read_inputs(func: Any, args: Any, kwargs: dict[str, Any]) -> list[Any]:
     """The op's inputs, without the arguments it writes (``x.div_(0)``, ``out=``): their values are new."""
     try:
@@ -462,12 +476,20 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
         if bad is None:
             return out
         inputs = _read_inputs(func, args, kwargs)
-        # Created here: from finite inputs; or a NaN from inputs without NaN when the only non-finite
-        # values so far came from an intentional constant (masked_fill(mask, -inf) and then a softmax
-        # over a fully masked row): an -inf mask is on purpose, the NaN it turns into is not.
-        created = _all_finite(inputs) or (
-            self.first_seen_intentional and _has_nan(bad) and not _any_nan(inputs)
-        )
+        made_here = _all_finite(inputs)
+        if _neg_inf_only([bad]) and _neg_inf_only(inputs):
+            # -inf and nothing else: log(0), a masked_fill(mask, -inf), an additive -inf attention mask.
+            # Often on purpose (T5 casts its log(0) away; a mask is meant to be -inf), so it is
+            # remembered as the fallback answer (the step may still end non-finite because of it)
+            # and the replay goes on. A mask's -inf (a non-finite constant or input) is "intentional":
+            # a NaN it turns into later (a softmax over a fully masked row) is the failure.
+            if self.first_seen is None or (self.first_seen_intentional and made_here):  # log(0) beats a mask
+                self.first_seen = self._locate(func, bad, inputs, made_here)
+                self.first_seen.facts = _op_facts(func, args)
+                self.first_seen_intentional = not made_here
+            return out
+        # Created here: from finite inputs; or a NaN from inputs without NaN after an intentional -inf.
+        created = made_here or (self.first_seen_intentional and _has_nan(bad) and not _any_nan(inputs))
         if not created and self.first_seen is not None:
             return out
         where = self._locate(func, bad, inputs, created)
@@ -475,8 +497,8 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
         if created:
             self.found = where
             raise _Stop(where.op)
-        self.first_seen = where  # tensors all finite, a non-finite scalar argument: an intentional constant
-        self.first_seen_intentional = _all_finite([v for v in inputs if not isinstance(v, float)])
+        self.first_seen = where
+        self.first_seen_intentional = False
         return out
 
     def _locate(self, func: Any, bad: torch.Tensor, inputs: list[Any], created: bool) -> Localization:
