@@ -156,3 +156,62 @@ def test_a_module_run_under_no_grad_is_still_named_cut():
     missing = next(f for f in watch.findings if f.code == "missing_gradients")
     assert missing.evidence["layers"] == ["pooler"] and missing.evidence["output_unused"] == []
     assert "cut from the graph" in missing.message
+
+
+class _BatchStandardized(nn.Module):
+    """Hand-written batch standardization with torch's default (Bessel-corrected) std, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head((h - h.mean(0)) / h.std(0))
+
+
+def test_a_std_over_a_batch_of_one_names_bessels_correction_and_drop_last():
+    torch.manual_seed(0)
+    model = _BatchStandardized()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+        assert not watch.step(lambda: F.cross_entropy(model(x), y), batch=(x, y)).skipped
+    x, y = torch.randn(1, 8), torch.randint(0, 3, (1,))  # the epoch's last batch holds one example
+    with pytest.warns(UserWarning, match="degrees of freedom"):  # torch's own warning: the premise
+        assert torch.isnan(torch.randn(1, 4).std(0)).all()
+    with pytest.warns(UserWarning, match="degrees of freedom"):
+        result = watch.step(lambda: F.cross_entropy(model(x), y), batch=(x, y))
+    watch.close()
+    assert result.skipped
+    finding = result.findings[0]
+    assert finding.location["op"] == "aten.std"
+    assert finding.evidence["localization"]["facts"] == {"too_few_for_variance": True, "count": 1,
+                                                         "correction": 1.0, "dims": [0]}
+    assert "of 1 value with Bessel's correction 1 divides by 1 - 1 = 0" in finding.message
+    assert any("drop_last=True" in fix for fix in finding.fixes) and "add an eps" not in " ".join(finding.fixes)
+
+
+def test_an_op_fed_huge_values_is_named_an_overflow_upstream_not_an_eps_problem():
+    class Cubic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h.pow(3)  # finite for sane inputs; 1e15^3 is out of float32's range
+
+    torch.manual_seed(0)
+    model = Cubic()
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x = torch.randn(4, 4)
+    assert not watch.step(lambda: model(x).mean(), batch=(x,)).skipped
+    big = x * 1e15
+    assert torch.isfinite(model.lin(big)).all() and torch.isinf(model(big)).any()  # the premise
+    result = watch.step(lambda: model(big).mean(), batch=(big,))
+    watch.close()
+    finding = result.findings[0]
+    assert finding.location["op"] == "aten.pow" and finding.evidence["localization"]["max_abs_input"] > 1e15
+    assert "already huge" in finding.message and "root of a negative" not in finding.message
+    assert "add an eps" not in " ".join(finding.fixes)

@@ -118,6 +118,9 @@ def _fmt(x: float | None) -> str:
 
 # ----- op-specific causes and fixes -----------------------------------------------------------
 _LOG = {"log", "log2", "log10", "xlogy", "special_xlogy"}
+#: inputs this large are far outside any healthy activation scale: an op that overflows on them (x ** 4,
+#: a cumulative product) is a symptom of values grown out of range upstream, not a missing eps
+OVERFLOW_INPUT = 1e12
 _DIV = {"div", "div_", "reciprocal", "remainder", "fmod", "true_divide", "floor_divide"}
 _ROOT = {"sqrt", "rsqrt", "pow"}
 _EXP = {"exp", "exp2", "expm1", "sinh", "cosh", "special_exp2"}
@@ -149,6 +152,23 @@ def _forward_cause_and_fixes(loc: Localization) -> tuple[str, list[str]]:
             f"skip such batches before the step: if (labels != {ii}).any(): watch.step(...)",
             "check the label masking: a sequence cut before its first answer token has every label masked",
             "or use reduction='sum' divided by the count of valid targets clamped to 1",
+        ])
+    if facts.get("too_few_for_variance"):
+        n, c = facts["count"], facts["correction"]
+        dims = f" over dim {facts['dims'][0] if len(facts['dims']) == 1 else facts['dims']}" if facts["dims"] else ""
+        return (f"a {op}{dims} of {n} value{'s' if n != 1 else ''} with Bessel's correction {c:g} divides by "
+                f"{n} - {c:g} = {n - c:g}: often a batch of one example (the last, smaller batch of an epoch)", [
+            f"use correction=0 (unbiased=False){at}, or skip the statistic when there are fewer than 2 values",
+            "drop the incomplete last batch: DataLoader(..., drop_last=True)",
+        ])
+    if (loc.kind in ("inf", "nan+inf") and op not in _EXP | _LINEAR | _DIV and loc.max_abs_input is not None
+            and loc.max_abs_input >= OVERFLOW_INPUT):
+        where = f" entering {loc.module}" if loc.module else ""
+        return (f"its inputs were already huge (largest {_fmt(loc.max_abs_input)}), so {loc.op} left float32's "
+                f"range (3.4e38): the values grew out of range upstream", [
+            f"normalize the activations{where} (nn.LayerNorm / BatchNorm)",
+            "lower the initialization scale or the learning rate",
+            "clip_norm=1.0",
         ])
     if op in _LOG:
         return ("log of a negative number is NaN" if loc.kind == "nan" else "log of 0 is -inf", [

@@ -433,13 +433,21 @@ def _tag_graph(node: Any, tag: dict[str, Any]) -> None:
 _NLL = frozenset({"nll_loss_forward", "nll_loss2d_forward", "nll_loss", "nll_loss2d"})
 
 
-def _op_facts(func: Any, args: Any) -> dict[str, Any] | None:
+_VARIANCE = frozenset({"var", "std", "var_mean", "std_mean"})
+
+
+def _op_facts(func: Any, args: Any, kwargs: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Facts about the op's inputs that explain a non-finite output (None when there is nothing to add).
 
-    Cross-entropy / NLL with ``reduction="mean"`` over a batch whose every target is
-    ``ignore_index`` divides 0 by 0 targets: a NaN with perfectly finite logits.
+    - Cross-entropy / NLL with ``reduction="mean"`` over a batch whose every target is
+      ``ignore_index`` divides 0 by 0 targets: a NaN with perfectly finite logits.
+    - A variance or standard deviation over ``n`` values with Bessel's correction ``c >= n``
+      (``x.std(0)`` of a batch of one example) divides by ``n - c <= 0``.
     """
-    if func.overloadpacket.__name__ not in _NLL or len(args) < 5:
+    name = func.overloadpacket.__name__
+    if name in _VARIANCE:
+        return _variance_facts(args, kwargs or {})
+    if name not in _NLL or len(args) < 5:
         return None
     target, reduction, ignore_index = args[1], args[3], args[4]
     if not isinstance(target, torch.Tensor) or reduction != 1 or target.numel() == 0:
@@ -449,6 +457,20 @@ def _op_facts(func: Any, args: Any) -> dict[str, Any] | None:
     if ignored != target.numel():
         return None
     return {"all_targets_ignored": True, "ignore_index": int(ignore_index), "targets": int(target.numel())}
+
+
+def _variance_facts(args: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    correction = kwargs.get("correction")
+    correction = 1 if correction is None else correction
+    dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    count = x.numel() if not dims else math.prod(x.shape[d] for d in dims)
+    if count - correction > 0:
+        return None
+    return {"too_few_for_variance": True, "count": int(count), "correction": float(correction), "dims": dims}
 
 
 class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
@@ -485,7 +507,7 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
             # a NaN it turns into later (a softmax over a fully masked row) is the failure.
             if self.first_seen is None or (self.first_seen_intentional and made_here):  # log(0) beats a mask
                 self.first_seen = self._locate(func, bad, inputs, made_here)
-                self.first_seen.facts = _op_facts(func, args)
+                self.first_seen.facts = _op_facts(func, args, kwargs)
                 self.first_seen_intentional = not made_here
             return out
         # Created here: from finite inputs; or a NaN from inputs without NaN after an intentional -inf.
@@ -493,7 +515,7 @@ class _Checker(torch_dispatch_mode()):  # type: ignore[misc]
         if not created and self.first_seen is not None:
             return out
         where = self._locate(func, bad, inputs, created)
-        where.facts = _op_facts(func, args)
+        where.facts = _op_facts(func, args, kwargs)
         if created:
             self.found = where
             raise _Stop(where.op)
