@@ -121,7 +121,7 @@ def _run_probe(sc: Scenario, setup: Any, outcome: dict[str, Any]) -> dict[str, A
     t0 = time.perf_counter()
     batch = setup.batch(1)
     try:
-        result = fn(setup.model, batch[:2], loss_fn=setup.probe_loss)
+        result = fn(setup.model, batch if isinstance(batch, dict) else batch[:2], loss_fn=setup.probe_loss)
     except Exception as exc:
         return {"available": True, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
     found = [_finding_dict(f, "probe") for f in getattr(result, "findings", [])]

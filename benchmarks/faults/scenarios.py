@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import archs, data
+from . import archs, data, hf
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Setup:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    family: str  # mlp | cnn | gpt | rnn | resnet
+    family: str  # mlp | cnn | gpt | rnn | resnet; transformers models: gpt2 | bert | t5 | llama | vit (resnet too)
     arch: str  # the model in a few words
     cause: str  # the injected root cause, one sentence ("" for healthy runs)
     expected: str | None  # the DESIGN.md code a correct diagnosis raises; None for a healthy run
@@ -533,6 +533,63 @@ def b_rescnn_spike() -> Setup:
     return digits_task(m, adam(m, 1e-2), image=True, inject=_at(100, _wrong_labels))
 
 
+# transformers models built from configs (benchmarks/faults/hf.py): the model's own loss
+def _adamw(model: nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def b_gpt2_all_ignored() -> Setup:
+    m = hf.gpt2()
+    return hf.task(m, _adamw(m), "gpt2", inject=hf.at(40, hf.all_ignored))
+
+
+def b_bert_all_ignored() -> Setup:
+    m = hf.bert()
+    return hf.task(m, _adamw(m), "bert", inject=hf.at(40, hf.all_ignored))
+
+
+def b_bert_padding_row_4d_mask() -> Setup:
+    m = hf.bert(attention="eager")
+    return hf.task(m, _adamw(m), "bert",
+                   inject=lambda step, b: hf.additive_mask(hf.padding_row(b) if step == 30 else b))
+
+
+def b_bert_padding_row_absorbed() -> Setup:
+    m = hf.bert()
+    return hf.task(m, _adamw(m), "bert", inject=hf.at(30, hf.padding_row))
+
+
+def b_llama_adamw_lr1() -> Setup:
+    m = hf.llama()
+    return hf.task(m, _adamw(m, 1.0), "llama")
+
+
+def b_t5_fp16_ff_overflow() -> Setup:
+    m = hf.t5()
+    with torch.no_grad():  # the feed-forward's output projection at 1e5x: its fp16 output passes 65504
+        m.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    return hf.task(m, _adamw(m), "t5", precision="fp16")
+
+
+def b_vit_unused_pooler() -> Setup:
+    m = hf.ViTWithOwnHead()
+    return hf.task(m, _adamw(m), "vit")
+
+
+def b_hf_resnet_sgd_lr50() -> Setup:
+    m = hf.resnet()
+    return hf.task(m, sgd(m, 50.0), "resnet")
+
+
+def _hf_healthy(name: str) -> Callable[[], Setup]:
+    def build() -> Setup:
+        m = getattr(hf, name)()
+        return hf.task(m, _adamw(m), name)
+
+    build.__name__ = f"h_{name}"
+    return build
+
+
 # healthy controls
 def h_mlp_relu() -> Setup:
     m = _mlp(6, "relu", "kaiming")
@@ -770,6 +827,30 @@ SCENARIOS: list[Scenario] = [
       steps=60, expected_module=("stem.1", "stem.2")),
     S("rescnn_wrong_labels_step100", "resnet", "ResNet (2 basic blocks, BN), Adam",
       "one batch with every label wrong at step 100", "loss_spike", b_rescnn_spike, steps=130, onset=100),
+    # ----- transformers models built from configs (random init), trained on their own loss
+    S("gpt2_all_ignored_step40", "gpt2", "GPT2LMHeadModel (4 layers, d=64), AdamW",
+      "a batch whose labels are all -100 at step 40 (truncation left no target): the mean loss is 0 / 0",
+      "loss_numerics", b_gpt2_all_ignored, steps=60, onset=40, expected_op="aten.nll_loss_forward"),
+    S("bert_mlm_all_ignored_step40", "bert", "BertForMaskedLM (4 layers, d=64), AdamW",
+      "an MLM batch with no masked position at step 40: every label is -100", "loss_numerics",
+      b_bert_all_ignored, steps=60, onset=40, expected_op="aten.nll_loss_forward", quick=True),
+    S("bert_padding_row_inf_mask", "bert", "BertForMaskedLM, eager attention, the user's 4-D additive mask",
+      "the mask is built with -inf (not finfo.min) and one example at step 30 is all padding: its softmax "
+      "row is over -inf only = NaN", "nonfinite_forward", b_bert_padding_row_4d_mask, steps=50, onset=30,
+      expected_op="aten._softmax", expected_module=("bert.encoder.layer.0.attention.self",
+                                                   "bert.encoder.layer.0.attention"), quick=True),
+    S("llama_adamw_lr1", "llama", "LlamaForCausalLM (RMSNorm, SwiGLU, rotary; 4 layers), AdamW lr=1",
+      "AdamW's learning rate 1000x its usual value", "lr_too_high", b_llama_adamw_lr1, steps=40),
+    S("t5_fp16_ff_overflow", "t5", "T5ForConditionalGeneration (2+2 layers, d=64), fp16 autocast + GradScaler",
+      "the first encoder feed-forward's output projection at 1e5x: its float16 output passes 65504 "
+      "(finite in float32)", "fp16_overflow", b_t5_fp16_ff_overflow, steps=40,
+      expected_module=("encoder.block.0.layer.1.DenseReluDense.wo", "encoder.block.0.layer.1.DenseReluDense",
+                       "encoder.block.0.layer.1")),
+    S("vit_unused_pooler", "vit", "ViTModel (default pooler) + the user's head on the [CLS] token",
+      "ViTModel(config) builds a pooler that the head never reads: it gets no gradient", "missing_gradients",
+      b_vit_unused_pooler, steps=40, expected_module=("vit.pooler.dense", "vit.pooler")),
+    S("hf_resnet_sgd_lr50", "resnet", "ResNetForImageClassification (2 basic stages, BN), SGD lr=50",
+      "learning rate far above the stable one", "lr_too_high", b_hf_resnet_sgd_lr50, steps=60),
     # ----- healthy controls: same families, trained for HEALTHY_STEPS steps
     S("healthy_mlp_relu_6", "mlp", "6 x Linear(32)+ReLU, Kaiming, Adam", "", None, h_mlp_relu, steps=HEALTHY_STEPS, quick=True),
     S("healthy_mlp_relu_ln_12", "mlp", "12 x Linear(32)+LayerNorm+ReLU, Kaiming, AdamW", "", None, h_mlp_relu_ln_deep,
@@ -794,6 +875,20 @@ SCENARIOS: list[Scenario] = [
     S("healthy_gru", "rnn", "GRU(32), Adam", "", None, h_gru, steps=HEALTHY_STEPS),
     S("healthy_resmlp_ln_6", "resnet", "6 residual MLP blocks (LN), Adam", "", None, h_resmlp, steps=HEALTHY_STEPS),
     S("healthy_rescnn_bn", "resnet", "ResNet (2 basic blocks, BN), Adam", "", None, h_rescnn, steps=HEALTHY_STEPS),
+    S("healthy_gpt2", "gpt2", "GPT2LMHeadModel (4 layers, d=64, NewGELU), AdamW", "", None, _hf_healthy("gpt2"),
+      steps=HEALTHY_STEPS),
+    S("healthy_bert_mlm", "bert", "BertForMaskedLM (4 layers, d=64, GELU), AdamW", "", None, _hf_healthy("bert"),
+      steps=HEALTHY_STEPS),
+    S("healthy_bert_padding_row", "bert", "BertForMaskedLM; one all-padding example at step 30 (HF's own mask)",
+      "", None, b_bert_padding_row_absorbed, steps=HEALTHY_STEPS),
+    S("healthy_t5", "t5", "T5ForConditionalGeneration (2+2 layers, d=64, ReLU FF), AdamW", "", None,
+      _hf_healthy("t5"), steps=HEALTHY_STEPS),
+    S("healthy_llama", "llama", "LlamaForCausalLM (RMSNorm, SwiGLU, rotary; 4 layers), AdamW", "", None,
+      _hf_healthy("llama"), steps=HEALTHY_STEPS),
+    S("healthy_vit", "vit", "ViTForImageClassification (4 layers, d=64, patch 2), AdamW", "", None,
+      _hf_healthy("vit"), steps=HEALTHY_STEPS),
+    S("healthy_hf_resnet", "resnet", "ResNetForImageClassification (2 basic stages, BN), AdamW", "", None,
+      _hf_healthy("resnet"), steps=HEALTHY_STEPS),
 ]
 
 
