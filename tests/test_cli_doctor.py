@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from test_doctor import _run as train_run
 
-import gradwatch as gw
 from gradwatch.cli import main
 
 
@@ -19,30 +16,14 @@ def _strict(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def _train(path, lr: float, nan_at: int | None) -> tuple[gw.Watch, list[gw.StepResult]]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=lr), run_dir=path)
-    g = torch.Generator().manual_seed(0)
-    results = []
-    for step in range(1, 11):
-        x = torch.randn(32, 8, generator=g)
-        y = x.sum(1, keepdim=True)
-        if step == nan_at:
-            x = x * float("nan")
-        results.append(watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y)))
-    watch.close()
-    return watch, results
-
-
 def test_doctor_json_has_every_finding_and_the_counts(tmp_path, capsys) -> None:
-    watch, results = _train(tmp_path / "run", lr=0.01, nan_at=4)
+    watch = train_run(tmp_path / "run", lr=0.01, steps=10, nan_at=4)
     assert main(["doctor", str(tmp_path / "run")]) == 1
     capsys.readouterr()
     assert main(["doctor", "--json", str(tmp_path / "run")]) == 1
     report = _strict(capsys.readouterr().out)
     assert report["steps"] == 10 and report["layers"] == 3
-    assert report["skipped_steps"] == sum(r.skipped for r in results) == 1
+    assert report["skipped_steps"] == 1  # the NaN step (on_nonfinite="skip")
     severities = [f.severity for f in watch.findings]
     assert report["counts"] == {s: severities.count(s) for s in ("error", "warning", "info")}
     assert report["counts"]["error"] >= 1 and report["exit_code"] == 1
@@ -57,7 +38,7 @@ def test_doctor_json_has_every_finding_and_the_counts(tmp_path, capsys) -> None:
 
 
 def test_doctor_json_healthy_run_exits_0_and_counts_skipped_lines(tmp_path, capsys) -> None:
-    _train(tmp_path / "run", lr=0.01, nan_at=None)
+    train_run(tmp_path / "run", lr=0.01, steps=10)
     with open(tmp_path / "run" / "steps.jsonl", "ab") as handle:
         handle.write(b'{"step": 11, "loss": \xff}\n{"step": 12, "lo')  # a non-UTF-8 line, then a cut-off one
     assert main(["doctor", "--json", str(tmp_path / "run")]) == 0

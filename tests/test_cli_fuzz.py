@@ -20,9 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
+from test_doctor import _run as train_run
 
 import gradwatch as gw
 from gradwatch.cli import main
@@ -34,20 +32,9 @@ RUN_FILES = ("meta.json", "layers.json", "steps.jsonl", "findings.jsonl", "activ
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 steps of a 3-layer ReLU MLP, step 5 fed a NaN batch (a finding and a bundle), written every step."""
+    """12 steps of a 3-layer ReLU MLP, step 5 fed a NaN batch (a finding and a bundle)."""
     path = tmp_path_factory.mktemp("fuzz") / "run"
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.05), clip_norm=1.0, run_dir=path,
-                     flush_every=1, update_ratio_every=2)
-    g = torch.Generator().manual_seed(0)
-    for step in range(1, N_STEPS + 1):
-        x = torch.randn(16, 8, generator=g)
-        y = x.sum(1, keepdim=True)
-        if step == NAN_STEP:
-            x = x * float("nan")
-        watch.step(lambda: F.mse_loss(model(x), y), batch=(x, y))
-    watch.close()
+    train_run(path, lr=0.01, steps=N_STEPS, nan_at=NAN_STEP)
     assert {p.name for p in path.iterdir()} >= {Path(name).parts[0] for name in RUN_FILES}
     return path
 
@@ -387,8 +374,10 @@ def test_report_under_a_regular_file_is_one_line(real_run: Path, tmp_path: Path,
     rc, _, err = _call(["report", str(real_run), "-o", str(tmp_path / output)], capsys)
     assert rc == 2 and err.strip() == (f"gradwatch: error: cannot write {str(tmp_path / output)!r}: "
                                        f"{str(tmp_path / 'afile')!r} is a file, not a folder; pass a path inside a folder")
-    rc, _, err = _call(["export", "--tensorboard", str(real_run), str(tmp_path / "afile" / "tb")], capsys)
-    assert rc == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    for argv in (["export", "--tensorboard", str(real_run), str(tmp_path / "afile" / "tb")],
+                 ["demo", "--steps", "1", "--out", str(tmp_path / "afile" / "demo")]):
+        rc, _, err = _call(argv, capsys)
+        assert rc == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "afile").is_dir()
 
 
