@@ -298,25 +298,36 @@ def _to_int(value: Any) -> int:
 
 
 def _clean_step(record: dict[str, Any]) -> dict[str, Any]:
-    """A ``steps.jsonl`` record with its known fields checked and converted; ValueError names a bad one."""
+    """A ``steps.jsonl`` record with its known fields checked and converted, in place; ValueError names a bad one."""
     if "step" not in record:
         raise ValueError("no step number")
-    clean = dict(record)
-    clean["step"] = _to_int(record["step"])
-    clean["row"] = _to_int(record["row"]) if record.get("row") is not None else -1
-    for key in SCALAR_COLUMNS[1:]:
+    step, row = record["step"], record.get("row", -1)
+    if type(step) is not int or not -(2**62) < step < 2**62:  # noqa: E721 - the common case in one test
+        record["step"] = _to_int(step)
+    record["row"] = row if type(row) is int else -1 if row is None else _to_int(row)  # noqa: E721
+    for key in _FLOAT_COLUMNS:
+        value = record.get(key)
+        if value is None:
+            record[key] = math.nan
+            continue
         try:
-            clean[key] = _to_float(record.get(key))
-        except ValueError:
-            raise ValueError(f"{key} is {str(record.get(key))[:20]!r}, not a number") from None
+            record[key] = float(value)  # also 'nan', 'inf', '-inf'; a list, a dict or 'abc' raise
+        except (TypeError, ValueError, OverflowError):
+            try:
+                record[key] = _to_float(value)  # an integer beyond float range is inf
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"{key} is {str(value)[:20]!r}, not a number") from None
     for key in SPARSE_LAYER_COLUMNS:
         values = record.get(key)
         if values is None:
             continue
         if not isinstance(values, list):
             raise ValueError(f"{key} is a {type(values).__name__}, not a list")
-        clean[key] = [_to_float(v) for v in values]
-    return clean
+        try:
+            record[key] = [float(v) for v in values]
+        except (TypeError, ValueError, OverflowError):  # a None (NaN), or a value that is not a number
+            record[key] = [_to_float(v) for v in values]
+    return record
 
 
 def _array(records: list[dict[str, Any]], key: str, width: int | None = None) -> np.ndarray:
@@ -444,6 +455,7 @@ class Run:
 
 
 SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "clip_threshold", "loss_scale", "time_ms")
+_FLOAT_COLUMNS = SCALAR_COLUMNS[1:]
 FLAG_COLUMNS = ("clipped", "skipped")
 SPARSE_LAYER_COLUMNS = ("update_ratio",)
 _KNOWN_KEYS = set(SCALAR_COLUMNS) | set(FLAG_COLUMNS) | set(SPARSE_LAYER_COLUMNS) | {"row"}
@@ -483,12 +495,14 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             "pass the run_dir given to gradwatch.Watch"
         )
     log = ReadLog(root)
+    if not os.path.lexists(root / "meta.json"):
+        log.note("meta.json", "missing (it is written first); read without it")
     meta = log.read_json("meta.json") or {}
     records = _read_steps(log)
     layers = _read_layers(log, records)
     layer_names = [layer["name"] for layer in layers if layer.get("measured", True)]
     width = len(layer_names)
-    steps: dict[str, np.ndarray] = {key: _array(records, key) for key in SCALAR_COLUMNS[1:]}
+    steps: dict[str, np.ndarray] = {key: _array(records, key) for key in _FLOAT_COLUMNS}
     steps["step"] = np.array([r["step"] for r in records], dtype=np.int64)
     for key in FLAG_COLUMNS:
         steps[key] = np.array([bool(r.get(key)) for r in records], dtype=bool)
