@@ -4,8 +4,14 @@ A real run directory (a short Watch run with a NaN step, so that it has findings
 a reproduction bundle, activations and events) is copied, one of its files is
 damaged in one of many ways, and ``doctor``, ``doctor --json``, ``report`` and
 ``export`` run on it in-process through ``gradwatch.cli.main``. Per file and
-kind of damage: no exception escapes, the exit code is 0, 1 or 2, exit 2 is one
-stderr line, and the line-level damage costs exactly the damaged lines.
+kind of damage: no exception escapes, no traceback is printed, and the run is
+read (exit 0 or 1: one damaged file never loses a whole run), with what was
+lost named in ``read_problems`` / ``skipped_lines``; line-level damage costs
+exactly the damaged lines. Exit 2, one stderr line, is left for a directory
+that holds no run at all and for outputs that cannot be written. The bulk runs
+the report without its matplotlib charts (seconds each);
+``test_report_charts_on_damaged_runs`` draws them for the damages most likely
+to reach them.
 """
 
 from __future__ import annotations
@@ -351,6 +357,15 @@ def test_no_run_at_all_is_one_line_exit_2(real_run: Path, tmp_path: Path, how: s
         rc, out, err = _call(argv, capsys)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and "is not a gradwatch run directory" in lines[0], (label, err)
+
+
+def test_nonfinite_a_file_lists_no_bundles(real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    shutil.rmtree(run / "nonfinite")
+    (run / "nonfinite").write_text("a file where the bundles' folder was")
+    rc, out, _ = _call(["doctor", "--json", str(run)], capsys)
+    assert rc == 1 and json.loads(out)["bundles"] == [] and json.loads(out)["steps"] == N_STEPS
 
 
 def test_both_run_files_damaged_still_reads(real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -275,14 +275,14 @@ def _read_jsonl(path: Path, log: ReadLog | None = None) -> list[dict[str, Any]]:
 
 
 def _to_float(value: Any) -> float:
-    """A number as written on disk (also the strings 'nan', 'inf', '-inf'); ValueError for anything else."""
+    """A number as written on disk (also the strings 'nan', 'inf', '-inf'; None is NaN); ValueError for anything else.
+
+    (``runfiles.parse_json`` has read an integer beyond float range as inf already.)
+    """
     if value is None:
         return math.nan
     if isinstance(value, (bool, int, float, str)):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond float range
-            return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+        return float(value)  # ValueError for a string that is not a number
     raise ValueError(f"not a number: a {type(value).__name__}")
 
 
@@ -301,8 +301,9 @@ def _clean_step(record: dict[str, Any]) -> dict[str, Any]:
     """A ``steps.jsonl`` record with its known fields checked and converted, in place; ValueError names a bad one."""
     if "step" not in record:
         raise ValueError("no step number")
+    # The fast paths first (exact type checks, float()): a long run has a record per step.
     step, row = record["step"], record.get("row", -1)
-    if type(step) is not int or not -(2**62) < step < 2**62:  # noqa: E721 - the common case in one test
+    if type(step) is not int or not -(2**62) < step < 2**62:  # noqa: E721 (a bool is not a step)
         record["step"] = _to_int(step)
     record["row"] = row if type(row) is int else -1 if row is None else _to_int(row)  # noqa: E721
     for key in _FLOAT_COLUMNS:
@@ -311,12 +312,9 @@ def _clean_step(record: dict[str, Any]) -> dict[str, Any]:
             record[key] = math.nan
             continue
         try:
-            record[key] = float(value)  # also 'nan', 'inf', '-inf'; a list, a dict or 'abc' raise
-        except (TypeError, ValueError, OverflowError):
-            try:
-                record[key] = _to_float(value)  # an integer beyond float range is inf
-            except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"{key} is {str(value)[:20]!r}, not a number") from None
+            record[key] = float(value)  # also 'nan', 'inf', '-inf'
+        except (TypeError, ValueError):  # a list, a dict, 'abc'
+            raise ValueError(f"{key} is {str(value)[:20]!r}, not a number") from None
     for key in SPARSE_LAYER_COLUMNS:
         values = record.get(key)
         if values is None:
@@ -325,7 +323,7 @@ def _clean_step(record: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} is a {type(values).__name__}, not a list")
         try:
             record[key] = [float(v) for v in values]
-        except (TypeError, ValueError, OverflowError):  # a None (NaN), or a value that is not a number
+        except (TypeError, ValueError):  # a None (NaN), or a value that is not a number (ValueError again)
             record[key] = [_to_float(v) for v in values]
     return record
 
