@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -129,6 +130,13 @@ def test_print_completion(capsys) -> None:
     script = capsys.readouterr().out
     for word in ("complete", "gradwatch", "doctor", "probe", "report", "export", "--json", "--debug"):
         assert word in script, word
+    assert "_shtab_compgen_dirs" in script  # RUN_DIR completes to directories
+    bash = shutil.which("bash")
+    if bash:  # the script completes in a real bash: `gradwatch do<TAB>`, `gradwatch doctor --<TAB>`
+        probe = ('source /dev/stdin; COMP_WORDS=(gradwatch do); COMP_CWORD=1; _shtab_gradwatch; echo "${COMPREPLY[@]}"; '
+                 'COMP_WORDS=(gradwatch doctor --); COMP_CWORD=2; _shtab_gradwatch; echo "${COMPREPLY[@]}"')
+        out = subprocess.run([bash, "-c", probe], input=script, capture_output=True, text=True, timeout=60).stdout
+        assert out.splitlines()[0] == "doctor" and {"--json", "--debug", "--help"} <= set(out.splitlines()[1].split())
 
 
 def test_print_completion_without_shtab_is_one_line(monkeypatch, capsys) -> None:

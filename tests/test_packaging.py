@@ -126,6 +126,9 @@ def _version() -> str:
 @pytest.mark.slow
 def test_pip_install_into_a_clean_venv_then_gradwatch_demo(tmp_path: Path) -> None:
     """`pip install .` (of the unpacked sdist) into a fresh venv that already has torch, then `gradwatch demo`."""
+    pip = pytest.importorskip("pip")
+    if tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3):
+        pytest.skip(f"pip {pip.__version__} has no --python (22.3+)")
     tree = _copy_source(tmp_path / "tree")
     sdist = _build("build_sdist", tree, tmp_path / "dist")
     _unpack(sdist, tmp_path / "unpacked")

@@ -56,8 +56,20 @@ class _PrintCompletion(argparse.Action):
             import shtab
         except ImportError:
             raise UsageError("shell completion needs shtab: pip install 'gradwatch[completion]'") from None
+        _mark_paths(parser, {"run_dir": shtab.DIRECTORY, "run_b": shtab.DIRECTORY, "logdir": shtab.DIRECTORY,
+                             "out": shtab.DIRECTORY, "output": shtab.FILE})
         print(shtab.complete(parser, shell=values))
         parser.exit(0)
+
+
+def _mark_paths(parser: argparse.ArgumentParser, kinds: dict[str, Any]) -> None:
+    """Tell shtab which arguments of every subcommand are directories or files (``action.complete``)."""
+    for action in parser._actions:  # argparse keeps no public list of a parser's actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _mark_paths(sub, kinds)
+        elif action.dest in kinds:
+            action.complete = kinds[action.dest]  # type: ignore[attr-defined]
 
 
 _DEBUG_HELP = f"show the traceback of an error (also: {DEBUG_ENV}=1)"
