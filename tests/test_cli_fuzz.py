@@ -46,7 +46,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ----- damage: each a function of the file's bytes -> new bytes, or a marker ---------------
-DELETE, DIRECTORY, UNREADABLE, DANGLING = "delete", "directory", "unreadable", "dangling"
+DELETE, DIRECTORY, UNREADABLE, DANGLING, FIFO = "delete", "directory", "unreadable", "dangling", "fifo"
 
 
 def _lines(data: bytes) -> list[bytes]:
@@ -87,6 +87,7 @@ BYTE_DAMAGE: dict[str, Callable[[bytes], bytes] | str] = {
     "directory": DIRECTORY,
     "unreadable": UNREADABLE,
     "dangling-symlink": DANGLING,
+    "named-pipe": FIFO,  # reading one would wait for a writer for ever
     "empty": lambda d: b"",
     "half": lambda d: d[: len(d) // 2],
     "cut-5-bytes": lambda d: d[:-5],
@@ -130,6 +131,10 @@ def _damage(run: Path, name: str, how: str) -> None:
         (path / "inside.txt").write_text("a directory where a file was")
     elif damage == DANGLING:
         path.symlink_to(run / "no-such-file")
+    elif damage == FIFO:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no named pipes here")
+        os.mkfifo(path)
     elif damage == UNREADABLE:
         path.write_bytes(data)
         path.chmod(0)
@@ -202,7 +207,7 @@ STEPS_LEFT = {"doubled": N_STEPS, "reversed-lines": N_STEPS, "crlf": N_STEPS, "t
               "numbers-negative": 1, "numbers-zero": 1,  # every line says step -7 (or 0): one step, the last line
               "numbers-fractional": 0, "numbers-huge": 0, "numbers-inf": 0, "numbers-nan-strings": 0,
               "every-value-an-array": 0, "every-value-empty": 0, "types-swapped": 0,
-              "empty": 0, "delete": 0, "directory": 0, "unreadable": 0, "dangling-symlink": 0, "garbage": 0,
+              "empty": 0, "delete": 0, "directory": 0, "unreadable": 0, "dangling-symlink": 0, "named-pipe": 0, "garbage": 0,
               "nul-bytes": 0, "json-array": 0, "json-null": 0, "json-string": 0, "json-number": 0}
 
 

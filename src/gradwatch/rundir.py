@@ -441,9 +441,9 @@ class Run:
 
     @property
     def bundles(self) -> list[Path]:
-        """Paths of the reproduction bundles of non-finite steps."""
+        """Paths of the reproduction bundles of non-finite steps (regular files only: a pipe would block a reader)."""
         folder = self.path / "nonfinite"
-        return sorted(folder.glob("*.pt")) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else []
 
     def layer_rms(self) -> np.ndarray:
         """Per-layer gradient RMS (norm / sqrt(numel)), steps x layers."""

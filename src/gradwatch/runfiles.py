@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ class ReadLog:
         """
         path = self.root / name
         try:
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block the read for ever
+                self.note(name, "is not a regular file (a pipe, socket or device); read without it")
+                return None
             with open(path, "rb") as handle:
                 return handle.read()
         except FileNotFoundError:

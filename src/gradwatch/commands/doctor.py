@@ -52,6 +52,8 @@ def describe_bundle(path: Path) -> str:
         >>> describe_bundle(Path("missing.pt")).startswith("missing.pt: unreadable")
         True
     """
+    if not path.is_file():  # a directory, a pipe (torch.load would wait on it for ever)
+        return f"{path.name}: unreadable (not a regular file)"
     try:
         import torch
 
