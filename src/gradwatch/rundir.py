@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .findings import Finding, _jsonable, json_line
+from .runfiles import ReadLog
 
 FORMAT_VERSION = 1
 STREAMS = ("steps", "findings", "activations", "events")
@@ -267,39 +268,146 @@ class RunWriter:
 
 
 # ----- reading ----------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file, skipping a last line that was cut off mid-write."""
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut off by a kill: everything before it is intact
-    return records
+def _read_jsonl(path: Path, log: ReadLog | None = None) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a cut-off, non-UTF-8 or non-object line is skipped (and counted in ``log``)."""
+    log = log if log is not None else ReadLog(path.parent)
+    return log.read_jsonl(path.name)
 
 
 def _to_float(value: Any) -> float:
+    """A number as written on disk (also the strings 'nan', 'inf', '-inf'; None is NaN); ValueError for anything else.
+
+    (``runfiles.parse_json`` has read an integer beyond float range as inf already.)
+    """
     if value is None:
         return math.nan
-    return float(value)  # also parses 'nan', 'inf', '-inf'
+    if isinstance(value, (bool, int, float, str)):
+        return float(value)  # ValueError for a string that is not a number
+    raise ValueError(f"not a number: a {type(value).__name__}")
 
 
-def _array(records: list[dict[str, Any]], key: str, width: int | None = None) -> np.ndarray:
-    if width is None:
-        return np.array([_to_float(r.get(key)) for r in records], dtype=np.float64)
-    out = np.full((len(records), width), np.nan, dtype=np.float64)
-    for i, record in enumerate(records):
+def _to_int(value: Any) -> int:
+    """A step or row number: an int, or a float with an integer value; ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not an integer: {str(value)[:20]!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"not an integer: {value!r}")
+    if not -(2**62) < value < 2**62:  # a numpy int64 column holds it
+        raise ValueError(f"out of range: {str(value)[:20]}")
+    return int(value)
+
+
+def _clean_step(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``steps.jsonl`` record with its known fields checked and converted, in place; ValueError names a bad one."""
+    if "step" not in record:
+        raise ValueError("no step number")
+    # The fast paths first (exact type checks, float()): a long run has a record per step.
+    step, row = record["step"], record.get("row", -1)
+    if type(step) is not int or not -(2**62) < step < 2**62:  # noqa: E721 (a bool is not a step)
+        record["step"] = _to_int(step)
+    record["row"] = row if type(row) is int else -1 if row is None else _to_int(row)  # noqa: E721
+    for key in _FLOAT_COLUMNS:
+        value = record.get(key)
+        if value is None:
+            record[key] = math.nan
+            continue
+        try:
+            record[key] = float(value)  # also 'nan', 'inf', '-inf'
+        except (TypeError, ValueError):  # a list, a dict, 'abc'
+            raise ValueError(f"{key} is {str(value)[:20]!r}, not a number") from None
+    for key in SPARSE_LAYER_COLUMNS:
         values = record.get(key)
         if values is None:
             continue
-        out[i, : len(values)] = [_to_float(v) for v in values[:width]]
+        if not isinstance(values, list):
+            raise ValueError(f"{key} is a {type(values).__name__}, not a list")
+        try:
+            record[key] = [float(v) for v in values]
+        except (TypeError, ValueError):  # a None (NaN), or a value that is not a number (ValueError again)
+            record[key] = [_to_float(v) for v in values]
+    return record
+
+
+def _array(records: list[dict[str, Any]], key: str, width: int | None = None) -> np.ndarray:
+    """One column of cleaned step records: 1-D, or 2-D (steps x ``width``) for a per-layer list (NaN where absent)."""
+    if width is None:
+        return np.array([record[key] for record in records], dtype=np.float64).reshape(len(records))
+    out = np.full((len(records), width), np.nan, dtype=np.float64)
+    for i, record in enumerate(records):
+        values = record.get(key)
+        if values:
+            values = values[:width]
+            out[i, : len(values)] = values
     return out
+
+
+def _read_steps(log: ReadLog) -> list[dict[str, Any]]:
+    """The records of ``steps.jsonl``, cleaned, one per step number (the last one written wins), by step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    repeated = 0
+    for number, record in log.numbered_jsonl("steps.jsonl"):
+        try:
+            clean = _clean_step(record)
+        except ValueError as exc:
+            log.skip("steps.jsonl", number, str(exc))
+            continue
+        repeated += clean["step"] in by_step
+        by_step[clean["step"]] = clean
+    if repeated:
+        log.note("steps.jsonl", f"{repeated} record(s) repeat an earlier step number; the last of each is kept")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _read_layers(log: ReadLog, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The layer table of ``layers.json``, every entry a dict with a string name.
+
+    Without a readable table, the layers are named by position (``layer 0`` ...)
+    as many as the widest per-layer list in the step records, so that the
+    per-layer columns can still be read.
+    """
+    data = log.read_json("layers.json")
+    table = data.get("layers") if data is not None else None
+    if data is not None and not isinstance(table, list):
+        log.note("layers.json", "has no list under 'layers'; layers named by position")
+    if not isinstance(table, list):
+        width = max((len(r.get(key) or ()) for r in records for key in SPARSE_LAYER_COLUMNS), default=0)
+        return [{"name": f"layer {i}"} for i in range(width)]
+    layers = []
+    for i, entry in enumerate(table):
+        if not isinstance(entry, dict):
+            log.note("layers.json", f"entry {i} is not an object; named 'layer {i}'")
+            entry = {"name": f"layer {i}"}
+        elif not isinstance(entry.get("name"), str):
+            log.note("layers.json", f"entry {i} has no string name; named 'layer {i}'")
+            entry = {**entry, "name": f"layer {i}"}
+        bad = [key for key in _LAYER_COUNTS if key in entry and not _is_count(entry[key])]
+        if bad:
+            log.note("layers.json", f"entry {i} ({entry['name']}): {', '.join(bad)} not a count; left out")
+            entry = {k: v for k, v in entry.items() if k not in bad}
+        layers.append(entry)
+    return layers
+
+
+_LAYER_COUNTS = ("depth", "numel", "trainable_numel")
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative int that numpy's int64 holds (what a layer's depth or parameter count must be)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
+def _read_stream(log: ReadLog, name: str) -> list[dict[str, Any]]:
+    """The objects of ``activations.jsonl`` or ``events.jsonl``; a line whose ``step`` is not a step number is skipped."""
+    records = []
+    for number, record in log.numbered_jsonl(name):
+        if "step" in record:
+            try:
+                record["step"] = _to_int(record["step"])
+            except ValueError as exc:
+                log.skip(name, number, f"step {exc}")
+                continue
+        records.append(record)
+    return records
 
 
 @dataclass
@@ -312,6 +420,11 @@ class Run:
     ``skipped``, ``loss_scale``, ``time_ms``); per-layer columns are 2-D (steps x layers, in
     ``layer_names`` order): ``layer_grad_norms``, ``layer_weight_norms``,
     ``update_ratio`` (NaN on steps where it was not measured).
+
+    Reading never gives up on a damaged directory: ``problems`` has one line per
+    file that could not be read, or not all of it, and ``skipped_lines`` counts
+    the skipped lines of each ``.jsonl`` file (cut off, not UTF-8, not JSON,
+    fields of the wrong type); ``gradwatch doctor`` prints both.
     """
 
     path: Path
@@ -323,12 +436,14 @@ class Run:
     activations: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     step_extras: dict[int, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    skipped_lines: dict[str, int] = field(default_factory=dict)
 
     @property
     def bundles(self) -> list[Path]:
-        """Paths of the reproduction bundles of non-finite steps."""
+        """Paths of the reproduction bundles of non-finite steps (regular files only: a pipe would block a reader)."""
         folder = self.path / "nonfinite"
-        return sorted(folder.glob("*.pt")) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else []
 
     def layer_rms(self) -> np.ndarray:
         """Per-layer gradient RMS (norm / sqrt(numel)), steps x layers."""
@@ -338,25 +453,20 @@ class Run:
 
 
 SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "clip_threshold", "loss_scale", "time_ms")
+_FLOAT_COLUMNS = SCALAR_COLUMNS[1:]
 FLAG_COLUMNS = ("clipped", "skipped")
 SPARSE_LAYER_COLUMNS = ("update_ratio",)
 _KNOWN_KEYS = set(SCALAR_COLUMNS) | set(FLAG_COLUMNS) | set(SPARSE_LAYER_COLUMNS) | {"row"}
 
 
-def _read_matrix(path: Path, width: int, rows: np.ndarray) -> np.ndarray:
+def _read_matrix(path: Path, width: int, rows: np.ndarray, log: ReadLog | None = None) -> np.ndarray:
     """Rows ``rows`` of a float32 matrix file, as float32 (NaN where a row is missing); a cut-off row is dropped.
 
     The file is memory-mapped, so only the rows asked for are read into memory
     (100,000 steps x 200 layers: 80 MB per matrix).
     """
-    out = np.full((len(rows), width), np.nan, dtype=np.float32)
-    if width == 0 or not path.exists() or path.stat().st_size < 4 * width:
-        return out
-    n_rows = path.stat().st_size // (4 * width)  # whole rows only: a kill can cut the last one
-    whole = np.memmap(path, dtype="<f4", mode="r", shape=(n_rows, width))
-    ok = (rows >= 0) & (rows < whole.shape[0])
-    out[ok] = whole[rows[ok]]
-    return out
+    log = log if log is not None else ReadLog(path.parent)
+    return log.read_matrix(path.name, width, rows)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -377,40 +487,41 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         (1000, 12)
     """
     root = Path(path)
-    if not root.is_dir() or not ((root / "meta.json").exists() or (root / "steps.jsonl").exists()):
+    if not root.is_dir() or not any(os.path.lexists(root / name) for name in ("meta.json", "steps.jsonl")):
         raise FileNotFoundError(
             f"{str(root)!r} is not a gradwatch run directory (no meta.json or steps.jsonl); "
             "pass the run_dir given to gradwatch.Watch"
         )
-    meta: dict[str, Any] = {}
-    if (root / "meta.json").exists():
-        meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
-    layers: list[dict[str, Any]] = []
-    if (root / "layers.json").exists():
-        layers = json.loads((root / "layers.json").read_text(encoding="utf-8"))["layers"]
+    log = ReadLog(root)
+    if not os.path.lexists(root / "meta.json"):
+        log.note("meta.json", "missing (it is written first); read without it")
+    meta = log.read_json("meta.json") or {}
+    records = _read_steps(log)
+    layers = _read_layers(log, records)
     layer_names = [layer["name"] for layer in layers if layer.get("measured", True)]
-    records = _read_jsonl(root / "steps.jsonl")
     width = len(layer_names)
-    steps: dict[str, np.ndarray] = {key: _array(records, key) for key in SCALAR_COLUMNS}
-    steps["step"] = steps["step"].astype(np.int64) if len(records) else np.zeros(0, dtype=np.int64)
+    steps: dict[str, np.ndarray] = {key: _array(records, key) for key in _FLOAT_COLUMNS}
+    steps["step"] = np.array([r["step"] for r in records], dtype=np.int64)
     for key in FLAG_COLUMNS:
         steps[key] = np.array([bool(r.get(key)) for r in records], dtype=bool)
     for key in SPARSE_LAYER_COLUMNS:
         steps[key] = _array(records, key, width)
-    rows = np.array([int(r.get("row", -1)) for r in records], dtype=np.int64)
-    steps["layer_grad_norms"] = _read_matrix(root / "grad_norms.f32", width, rows)
-    steps["layer_weight_norms"] = _read_matrix(root / "weight_norms.f32", width, rows)
+    rows = np.array([r["row"] for r in records], dtype=np.int64)
+    steps["layer_grad_norms"] = log.read_matrix("grad_norms.f32", width, rows)
+    steps["layer_weight_norms"] = log.read_matrix("weight_norms.f32", width, rows)
     extras = {}
     for record in records:
         extra = {k: v for k, v in record.items() if k not in _KNOWN_KEYS}
         if extra:
-            extras[int(record.get("step", -1))] = extra
+            extras[record["step"]] = extra
     findings = []
-    for data in _read_jsonl(root / "findings.jsonl"):
+    for number, data in log.numbered_jsonl("findings.jsonl"):
         try:
             findings.append(Finding.from_dict(data))
-        except (KeyError, ValueError, TypeError):
-            continue
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
+            log.skip("findings.jsonl", number, f"not a finding ({type(exc).__name__})")
+    activations = _read_stream(log, "activations.jsonl")
+    events = _read_stream(log, "events.jsonl")
     return Run(
         path=root,
         meta=meta,
@@ -418,7 +529,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         layer_names=layer_names,
         steps=steps,
         findings=findings,
-        activations=_read_jsonl(root / "activations.jsonl"),
-        events=_read_jsonl(root / "events.jsonl"),
+        activations=activations,
+        events=events,
         step_extras=extras,
+        problems=log.summary(),
+        skipped_lines=dict(log.skipped_lines),
     )

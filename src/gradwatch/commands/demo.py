@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any
 
+from . import check_output_path
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -25,6 +27,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
+
+    check_output_path(args.out, folder=True)
 
     log = logging.getLogger("gradwatch")
     level = log.level

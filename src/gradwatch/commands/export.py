@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from . import check_output_path, read_problems
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -26,6 +28,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..tensorboard import export_tensorboard
 
+    check_output_path(args.logdir, folder=True)
+    problems = read_problems(args.run_dir)
     path = export_tensorboard(args.run_dir, args.logdir, every=args.every)
+    for line in problems:  # what a damaged run directory lost (after the export: exit 2 stays one line)
+        print(f"gradwatch export: {line}", file=sys.stderr)
     print(path, file=sys.stdout)
     return 0

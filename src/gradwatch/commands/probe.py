@@ -4,7 +4,10 @@
 that returns ``(model, batch)`` or ``(model, batch, loss_fn)``. Prints the
 per-layer table, predicted vs measured attenuation and the findings (or, with
 ``--json``, one JSON object). Exit code 1 when an error-level finding was
-raised, 2 on bad input (one line on stderr), 0 otherwise.
+raised, 2 on bad input (one line on stderr), 0 otherwise. An exception raised by
+the user's own code (importing ``MODULE``, the factory, the model's forward or
+the loss) is one line naming it; ``gradwatch --debug probe ...`` (or
+``GRADWATCH_DEBUG=1``) prints its traceback too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from ..cli import UserCodeError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,7 +60,17 @@ def _load_module(spec: str) -> Any:
 
 
 def load_factory(target: str) -> Callable[[], Any]:
-    """``MODULE:FACTORY`` -> the factory function (ValueError/FileNotFoundError on bad input)."""
+    """``MODULE:FACTORY`` -> the factory function.
+
+    Raises:
+        ValueError: ``target`` is not ``MODULE:FACTORY``, the module cannot be found or has no such function.
+        FileNotFoundError: ``MODULE`` names a ``.py`` file that does not exist.
+        UserCodeError: importing ``MODULE`` raised (the cause is the user's exception).
+
+    Example:
+        >>> load_factory("gradwatch.theory:depth_scale").__name__
+        'depth_scale'
+    """
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
         raise ValueError(f"expected MODULE:FACTORY (e.g. mypkg.models:make or model.py:make), got {target!r}")
@@ -66,7 +81,7 @@ def load_factory(target: str) -> Callable[[], Any]:
     except ModuleNotFoundError as exc:
         raise ValueError(f"cannot import {module_part!r}: {exc}") from None
     except Exception as exc:  # the user's module raised while importing
-        raise ValueError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc}") from None
+        raise UserCodeError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ValueError(f"{module_part!r} has no callable {attr!r}")
@@ -94,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         made = factory()
     except Exception as exc:
-        raise ValueError(f"{args.target}() failed: {type(exc).__name__}: {exc}") from None
+        raise UserCodeError(f"{args.target}() failed: {type(exc).__name__}: {exc}") from exc
     model, batch, loss_fn = _unpack(made, args.target)
     try:
         result = probe(model, batch, loss_fn, probes=args.probes, power_iters=args.power_iters, seed=args.seed)
     except (ValueError, TypeError):
         raise
     except Exception as exc:  # the model's own forward or loss failed
-        raise ValueError(f"probing {args.target} failed: {type(exc).__name__}: {exc}") from None
+        raise UserCodeError(f"probing {args.target} failed: {type(exc).__name__}: {exc}") from exc
     if args.json:
         print(json.dumps(result.to_dict(), indent=None))
     else:

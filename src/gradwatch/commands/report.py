@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
+
+from . import check_output_path, read_problems
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,6 +30,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..report import report
 
+    default = Path(args.run_dir) / ("compare.html" if args.run_b is not None else "report.html")
+    check_output_path(args.output if args.output is not None else default)
+    problems = read_problems(args.run_dir, args.run_b)
     path = report(args.run_dir, output=args.output, compare=args.run_b)
+    for line in problems:  # what a damaged run directory lost: after the report is written, so exit 2 stays one line
+        print(f"gradwatch report: {line}", file=sys.stderr)
     print(path, file=sys.stdout)
     return 0
