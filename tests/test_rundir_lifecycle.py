@@ -137,6 +137,14 @@ def test_resume_continues_the_latest_version(tmp_path: Path) -> None:
     watch.close()
     assert gw.load_run(tmp_path / "exp" / "version_1").steps["step"].tolist() == [1, 2, 3, 4]
     assert gw.load_run(tmp_path / "exp").steps["step"].tolist() == [1, 2]
+    # a checkpoint of the run in exp itself resumes that one, not the latest version
+    watch = gw.Watch(model, opt, run_dir=tmp_path / "exp", run_dir_mode="resume")
+    watch.load_state_dict({"step": 1, "run_dir": str(tmp_path / "exp")})
+    assert watch.run_dir == tmp_path / "exp"
+    _train(watch, model, 2, 3)
+    watch.close()
+    assert gw.load_run(tmp_path / "exp").steps["step"].tolist() == [1, 2, 3]
+    assert gw.load_run(tmp_path / "exp" / "version_1").steps["step"].tolist() == [1, 2, 3, 4]
     fresh = gw.Watch(model, opt, run_dir=tmp_path / "new", run_dir_mode="resume")  # nothing to resume: a new run
     assert fresh.run_dir == tmp_path / "new" and (tmp_path / "new" / "meta.json").exists()
     fresh.close()

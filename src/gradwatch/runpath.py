@@ -8,9 +8,11 @@
   notebook cell gets a new version while the previous, perhaps un-closed, Watch
   keeps writing its own.
 - ``"resume"``: continue the latest run under ``runs/exp`` (its highest
-  ``version_N``, else ``runs/exp`` itself; a new run if there is none). After
-  ``watch.load_state_dict(checkpoint_state)`` every record after the
-  checkpoint's step is dropped, so the directory ends as an uninterrupted run's.
+  ``version_N``, else ``runs/exp`` itself; a new run if there is none), or,
+  once ``watch.load_state_dict(checkpoint_state)`` is called, the run the state
+  names (``state["run_dir"]``: ``runs/exp`` or one of its versions). Every
+  record after the checkpoint's step is then dropped, so the directory ends as
+  an uninterrupted run's.
 - ``"overwrite"``: a new run in ``runs/exp`` itself; the gradwatch files of the
   run there are removed first (``version_N`` folders and other files stay).
 
@@ -149,6 +151,14 @@ def clear(path: Path) -> None:
             target.unlink()
 
 
+def open_exact(path: Path, flush_every: int) -> "RunWriter":
+    """A writer that resumes the run in ``path`` itself (this process's live writer of it is closed first)."""
+    from .rundir import RunWriter
+
+    release(path)
+    return RunWriter(path, flush_every=flush_every, resume=True)
+
+
 def open_writer(path: str | os.PathLike[str], mode: str, flush_every: int) -> "RunWriter":
     """The writer of a run in ``path`` under ``mode`` (see the module docstring); its ``path`` is the directory used.
 
@@ -166,9 +176,7 @@ def open_writer(path: str | os.PathLike[str], mode: str, flush_every: int) -> "R
     if root.exists() and not root.is_dir():
         raise ValueError(f"run_dir {str(root)!r} exists and is not a directory; pass a directory path")
     if mode == "resume":
-        target = latest(root) or root
-        release(target)
-        return RunWriter(target, flush_every=flush_every, resume=True)
+        return open_exact(latest(root) or root, flush_every)
     if mode == "overwrite":
         clear(root)
         return RunWriter(root, flush_every=flush_every)
@@ -182,3 +190,20 @@ def open_writer(path: str | os.PathLike[str], mode: str, flush_every: int) -> "R
         except RunDirTaken:
             continue
     raise RuntimeError(f"no free version_N under {str(root)!r}")  # pragma: no cover
+
+
+def resume_dir(run_dir: str | os.PathLike[str], state: dict) -> Path | None:
+    """The run a restored Watch ``state`` names (``state["run_dir"]``) when that is ``run_dir`` or one of its
+    versions; None otherwise (the latest run under ``run_dir`` is then resumed).
+
+    Example:
+        >>> resume_dir("runs/exp", {"step": 8, "run_dir": "runs/exp/version_2"}).as_posix()
+        'runs/exp/version_2'
+        >>> resume_dir("runs/other", {"step": 8, "run_dir": "runs/exp"}) is None
+        True
+    """
+    root, saved = Path(run_dir), state.get("run_dir") if isinstance(state, dict) else None
+    if isinstance(saved, str) and (Path(saved) == root or (Path(saved).parent == root
+                                                            and _VERSION.match(Path(saved).name))):
+        return Path(saved)
+    return None

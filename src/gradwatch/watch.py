@@ -259,6 +259,7 @@ class Watch:
         if run_dir is not None and self._dist is not None:  # only write_rank writes (default: rank 0)
             run_dir = self._dist.run_dir(run_dir) if self._dist.writes else None
         self.run_dir_mode = run_dir_mode
+        self._run_dir_base, self._flush_every = run_dir, flush_every
         self.writer: RunWriter | None = (
             _runpath.open_writer(run_dir, run_dir_mode, flush_every) if run_dir is not None else None)
         #: the directory this Watch writes (``run_dir`` itself, or the ``version_N`` / resumed run chosen in it)
@@ -267,8 +268,8 @@ class Watch:
         view = WatchView(self)
         for plugin in self.plugins:
             plugin.attach(view)
-        if self.writer is not None:
-            self.writer.write_meta(self._meta())
+        if self.writer is not None and not (self.writer.resumed and self.writer.last_step):
+            self.writer.write_meta(self._meta())  # a resumed run keeps its meta.json
         self._pipeline.begin_run()
 
     # ----- public API -------------------------------------------------------------------
@@ -593,6 +594,7 @@ class Watch:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("state must be a dict from Watch.state_dict()")
         self._step = int(state["step"])
+        self._resume_named_run(state)
         if self.writer is not None:
             self.writer.supersede_from(self._step + 1)
         self.clipper.load_state_dict(state.get("clipper", {}))
@@ -603,6 +605,17 @@ class Watch:
             if key in saved:
                 plugin.load_state_dict(saved[key])
         self._pipeline.resumed()
+
+    def _resume_named_run(self, state: dict[str, Any]) -> None:
+        """run_dir_mode='resume': continue the run the state names (``run_dir`` or a version in it), if another."""
+        writer = self.writer
+        if writer is None or self.run_dir_mode != "resume" or self.history or self._run_dir_base is None:
+            return
+        target = _runpath.resume_dir(self._run_dir_base, state)
+        if target is not None and target != writer.path and _runpath.holds_run(target):
+            writer.close()
+            self.writer = _runpath.open_exact(target, self._flush_every)
+            self.run_dir = self.writer.path
 
     def _plugin_keys(self) -> list[tuple[str, WatchPlugin]]:
         keys: list[tuple[str, WatchPlugin]] = []
