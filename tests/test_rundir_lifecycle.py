@@ -282,3 +282,23 @@ def test_warnings_are_not_raised_on_the_ordinary_paths(tmp_path: Path) -> None:
         _train(resumed, model, 4, 5)
         resumed.close()
     assert gw.load_run(tmp_path / "exp").steps["step"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_doctor_and_report_say_which_version_they_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from gradwatch import cli
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for steps in (2, 3, 4):
+        with gw.Watch(model, opt, run_dir=tmp_path / "exp") as watch:
+            _train(watch, model, 1, steps)
+    assert cli.main(["doctor", str(tmp_path / "exp")]) == 0
+    out, err = capsys.readouterr()
+    assert "2 steps" in out  # RUN_DIR itself is a run: the first one
+    assert "holds 2 later run(s) too (version_1, version_2)" in err and "version_2" in err
+    runpath.clear(tmp_path / "exp")  # only the versions are left: the latest is read, and said so
+    assert cli.main(["doctor", str(tmp_path / "exp")]) == 0
+    out, err = capsys.readouterr()
+    assert "4 steps" in out and "reading the latest" in err
+    assert cli.main(["report", str(tmp_path / "exp"), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").stat().st_size > 0 and "reading the latest" in capsys.readouterr().err

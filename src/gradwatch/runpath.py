@@ -207,3 +207,28 @@ def resume_dir(run_dir: str | os.PathLike[str], state: dict) -> Path | None:
                                                             and _VERSION.match(Path(saved).name))):
         return Path(saved)
     return None
+
+
+def for_reading(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """The run a reader opens for ``path`` and a one-line note when ``path`` holds other runs too.
+
+    ``path`` itself when it holds a run (a note lists its later versions); else
+    its latest ``version_N``, with a note; else ``path`` unchanged (the reader's
+    own error says it is not a run directory).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for_reading(root) == (root, None)
+        True
+    """
+    root = Path(path)
+    found = versions(root)
+    later = [p for p in found if p != root]
+    if not later:
+        return root, None
+    names = ", ".join(p.name for p in later)
+    if holds_run(root):
+        return root, (f"note: {str(root)!r} holds {len(later)} later run(s) too ({names}); "
+                      f"this is the first: pass {str(later[-1])!r} for the latest")
+    return later[-1], f"note: {str(root)!r} holds runs {names}; reading the latest, {str(later[-1])!r}"

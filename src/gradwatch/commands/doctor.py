@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,11 @@ def _finding_text(finding: Finding) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..rundir import load_run
 
-    path = Path(args.run_dir)
+    from ..runpath import for_reading
+
+    path, note = for_reading(args.run_dir)  # RUN_DIR with version_N runs in it: say which one is read
+    if note:
+        print(note, file=sys.stderr)
     run_data = load_run(path)  # FileNotFoundError -> one line, exit 2 (cli.main)
     steps = run_data.steps["step"]
     skipped = int(run_data.steps["skipped"].sum()) if len(steps) else 0

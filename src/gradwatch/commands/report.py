@@ -27,6 +27,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..report import report
 
-    path = report(args.run_dir, output=args.output, compare=args.run_b)
+    from ..runpath import for_reading
+
+    run_dir, note = for_reading(args.run_dir)  # RUN_DIR with version_N runs in it: say which one is read
+    if note:
+        print(note, file=sys.stderr)
+    path = report(run_dir, output=args.output, compare=args.run_b)
     print(path, file=sys.stdout)
     return 0
