@@ -6,11 +6,15 @@ Layout (every file is optional except ``meta.json``)::
       meta.json          written once, atomically: format version, config, model summary
       layers.json        written once, atomically, when the depth order is known
       steps.jsonl        one JSON object per step: scalars (loss, pre-clip norm, clip
-                         coefficient, skip flag, loss scale, timings), the step's row in
+                         coefficient, skip flag, loss scale, timings), the step's ``row`` in
                          the matrices below, and sparse per-layer values (update ratios
                          every K steps, the names of non-finite layers)
-      grad_norms.f32     per-layer pre-clip gradient norms, one row of n_layers float32
-                         (little-endian) per step: numpy.fromfile(path, "<f4").reshape(-1, n)
+      grad_norms.f32     per-layer pre-clip gradient norms, one row of n float32
+                         (little-endian) per step, n = layers.json's ``matrix_width`` (every
+                         layer slot, frozen ones too, in layers.json order):
+                         numpy.fromfile(path, "<f4").reshape(-1, n)[row]. A row sits at
+                         ``row * n * 4`` whatever happened to earlier writes (a failed
+                         write leaves NaN rows, never shifted ones)
       weight_norms.f32   per-layer weight norms, same layout
       findings.jsonl     one Finding per line
       activations.jsonl  sampled activation statistics (one object per sampled step)
