@@ -302,3 +302,25 @@ def test_doctor_and_report_say_which_version_they_read(tmp_path: Path, capsys: p
     assert "4 steps" in out and "reading the latest" in err
     assert cli.main(["report", str(tmp_path / "exp"), "-o", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").stat().st_size > 0 and "reading the latest" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_mid_write_drops_the_cut_off_line_and_row(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.Watch(model, opt, run_dir=tmp_path / "whole", flush_every=2) as watch:
+        _train(watch, model, 1, 6)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.Watch(model, opt, run_dir=tmp_path / "r", flush_every=2) as watch:
+        _train(watch, model, 1, 3)
+        state = watch.state_dict()
+    with open(tmp_path / "r" / "steps.jsonl", "ab") as f:  # what a kill in the middle of a write leaves
+        f.write(b'{"step":4,"loss":0.1')
+    with open(tmp_path / "r" / "grad_norms.f32", "ab") as f:
+        f.write(b"\x00" * 6)
+    watch = gw.Watch(model, opt, run_dir=tmp_path / "r", run_dir_mode="resume", flush_every=2)
+    watch.load_state_dict(state)
+    _train(watch, model, 4, 6)
+    watch.close()
+    _assert_same_records(gw.load_run(tmp_path / "r"), gw.load_run(tmp_path / "whole"))
+    assert (tmp_path / "r" / "grad_norms.f32").stat().st_size == 6 * 3 * 4
