@@ -148,3 +148,14 @@ def test_hf_trainer_resume_from_checkpoint_resumes_the_run_directory(tmp_path: P
     assert resumed.watch.run_dir == tmp_path / "exp" and resumed.watch.steps_taken == N
     _assert_same_records(tmp_path / "exp", tmp_path / "whole", N)
     assert runpath.versions(tmp_path / "exp") == [tmp_path / "exp"]
+
+
+def test_callbacks_refuse_an_unknown_run_dir_mode() -> None:
+    for module in ("gradwatch.integrations.lightning", "gradwatch.integrations.transformers"):
+        try:
+            callback = __import__(module, fromlist=["GradwatchCallback"]).GradwatchCallback
+        except ImportError:
+            continue
+        with pytest.raises(ValueError, match="run_dir_mode must be one of"):
+            callback(run_dir="runs/x", run_dir_mode="append")
+        assert callback(run_dir="runs/x", run_dir_mode="overwrite").run_dir_mode == "overwrite"

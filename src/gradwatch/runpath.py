@@ -44,7 +44,7 @@ RUN_DIR_MODES = ("version", "resume", "overwrite")
 VERSION_PREFIX = "version_"
 #: the files and folders of one run (what ``"overwrite"`` removes)
 RUN_FILES = ("meta.json", "layers.json", "steps.jsonl", "grad_norms.f32", "weight_norms.f32", "findings.jsonl",
-             "activations.jsonl", "events.jsonl", "report.html", "nonfinite")
+             "activations.jsonl", "events.jsonl", "report.html", "compare.html", "nonfinite")
 _VERSION = re.compile(rf"^{VERSION_PREFIX}(\d+)$")
 
 # run directory (resolved) -> the writer of this process that has it open
@@ -127,13 +127,32 @@ def next_version(path: str | os.PathLike[str]) -> Path:
 
 
 def register(writer: "RunWriter") -> None:
-    """Note that ``writer`` has its directory open (a later resume or overwrite of it closes it first)."""
+    """Note that ``writer`` has its directory open (a later resume or overwrite of it closes it first).
+
+    Every :class:`~gradwatch.rundir.RunWriter` registers itself when made.
+
+    Example:
+        >>> import tempfile
+        >>> from gradwatch.rundir import RunWriter
+        >>> w = RunWriter(tempfile.mkdtemp())  # registered by RunWriter itself
+        >>> _LIVE[str(w.path.resolve())] is w
+        True
+        >>> w.close()
+    """
     with _LOCK:
         _LIVE[str(writer.path.resolve())] = writer
 
 
 def release(path: Path) -> None:
-    """Close this process's live writer of ``path`` (if any), marking it taken over: it writes no more."""
+    """Close this process's live writer of ``path`` (if any), marking it taken over: it writes no more.
+
+    Example:
+        >>> import tempfile
+        >>> from gradwatch.rundir import RunWriter
+        >>> w = RunWriter(tempfile.mkdtemp()); release(w.path)
+        >>> str(w.path.resolve()) in _LIVE
+        False
+    """
     with _LOCK:
         writer = _LIVE.pop(str(path.resolve()), None)
     if writer is not None:
@@ -141,7 +160,16 @@ def release(path: Path) -> None:
 
 
 def clear(path: Path) -> None:
-    """Remove the files of the run in ``path`` (``"overwrite"``); ``version_N`` folders and other files stay."""
+    """Remove the files of the run in ``path`` (``"overwrite"``); ``version_N`` folders and other files stay.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); (root / "meta.json").write_text("{}"); (root / "notes.txt").write_text("x")
+        2
+        1
+        >>> clear(root); sorted(p.name for p in root.iterdir())
+        ['notes.txt']
+    """
     release(path)
     for name in RUN_FILES:
         target = path / name
@@ -152,7 +180,14 @@ def clear(path: Path) -> None:
 
 
 def open_exact(path: Path, flush_every: int) -> "RunWriter":
-    """A writer that resumes the run in ``path`` itself (this process's live writer of it is closed first)."""
+    """A writer that resumes the run in ``path`` itself (this process's live writer of it is closed first).
+
+    Example:
+        >>> import tempfile
+        >>> w = open_exact(Path(tempfile.mkdtemp()), 50); w.resumed
+        True
+        >>> w.close()
+    """
     from .rundir import RunWriter
 
     release(path)
