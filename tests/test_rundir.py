@@ -99,8 +99,12 @@ def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     watch.close()
     before = (tmp_path / "run" / "steps.jsonl").read_bytes()
     model = nn.Linear(3, 1)
-    with pytest.raises(ValueError, match="already holds a run"):
-        gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds a run.*run_dir_mode='version'"):
+        RunWriter(tmp_path / "run")
+    # the Watch's default run_dir_mode='version' writes the next version instead
+    second = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run")
+    assert second.run_dir == tmp_path / "run" / "version_1"
+    second.close()
     assert (tmp_path / "run" / "steps.jsonl").read_bytes() == before
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):

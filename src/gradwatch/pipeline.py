@@ -611,7 +611,8 @@ class StepPipeline:
         writer = watch.writer
         if writer is not None:
             writer.append_step(record.to_json_line,
-                               {"grad_norms": record.layer_grad_norms, "weight_norms": record.layer_weight_norms})
+                               {"grad_norms": record.layer_grad_norms, "weight_norms": record.layer_weight_norms},
+                               step=ctx.step)
             error = writer.take_error()
             if error is not None:
                 watch.errors.report("run directory writer", error)

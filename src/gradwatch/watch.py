@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
+from . import runpath as _runpath
 from .clipping import make_clipper
 from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, RepairConfig, Settings, check_positive_int
 from .errors import InternalErrorReporter, NonFiniteError, logger
@@ -78,7 +79,17 @@ class Watch:
             snapshot, lower the lr) or ``"raise"``
             (:class:`~gradwatch.errors.NonFiniteError`). Default: ``"skip"``.
         run_dir: directory for the run's files (see :mod:`gradwatch.rundir`);
-            None keeps everything in memory. Default: None.
+            None keeps everything in memory. ``watch.run_dir`` is the directory
+            actually used (see ``run_dir_mode``). Default: None.
+        run_dir_mode: what to do when ``run_dir`` already holds a run
+            (:mod:`gradwatch.runpath`): ``"version"`` writes a new run in the
+            next free ``run_dir/version_N`` (like Lightning's loggers; a
+            re-run notebook cell gets a new version); ``"resume"`` continues
+            the latest run there: after ``load_state_dict`` of a checkpoint's
+            state, the records after the checkpoint's step are dropped, so the
+            directory ends as an uninterrupted run's; ``"overwrite"`` removes
+            that run's files first. A free ``run_dir`` is used as it is in
+            every mode. Default: ``"version"``.
         on_spike: None, or ``"skip"``: do not apply a step whose loss or gradient
             norm is a robust outlier (tuned by ``repair``). Default: None.
         diagnose: run the diagnosis rules (vanishing, exploding, lr, spikes, ...;
@@ -130,6 +141,7 @@ class Watch:
         on_nonfinite: str = "skip",
         run_dir: str | os.PathLike[str] | None = None,
         *,
+        run_dir_mode: str = "version",
         on_spike: str | None = None,
         diagnose: bool = True,
         norm_type: float = 2.0,
@@ -192,6 +204,9 @@ class Watch:
             raise TypeError(f"plugins must be gradwatch.WatchPlugin instances, got {type(bad[0]).__name__}")
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
+        run_dir_mode = _runpath.check_mode(run_dir_mode)
+        if run_dir is not None and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ValueError(f"run_dir {os.fspath(run_dir)!r} exists and is not a directory; pass a directory path")
         self._dist = _distributed.DistSync.detect(write_rank, enabled=distributed)  # None in a single process
         inner = _distributed.unwrap_model(model)  # names as in the eager, unwrapped model
         if any(p.is_meta for p in inner.parameters()):
@@ -243,14 +258,18 @@ class Watch:
         # ----- everything is checked: only now touch the disk -----
         if run_dir is not None and self._dist is not None:  # only write_rank writes (default: rank 0)
             run_dir = self._dist.run_dir(run_dir) if self._dist.writes else None
-        self.writer = RunWriter(run_dir, flush_every=flush_every) if run_dir is not None else None
+        self.run_dir_mode = run_dir_mode
+        self._run_dir_base, self._flush_every = run_dir, flush_every
+        self.writer: RunWriter | None = (
+            _runpath.open_writer(run_dir, run_dir_mode, flush_every) if run_dir is not None else None)
+        #: the directory this Watch writes (``run_dir`` itself, or the ``version_N`` / resumed run chosen in it)
         self.run_dir = self.writer.path if self.writer is not None else None
         self._pipeline = StepPipeline(self)
         view = WatchView(self)
         for plugin in self.plugins:
             plugin.attach(view)
-        if self.writer is not None:
-            self.writer.write_meta(self._meta())
+        if self.writer is not None and not (self.writer.resumed and self.writer.last_step):
+            self.writer.write_meta(self._meta())  # a resumed run keeps its meta.json
         self._pipeline.begin_run()
 
     # ----- public API -------------------------------------------------------------------
@@ -532,6 +551,8 @@ class Watch:
 
         Plain data and tensors only: ``torch.save`` it with your checkpoint and ``torch.load(...,
         weights_only=True)`` reads it back. A closed Watch still gives its state (to resume in a new one).
+        The run directory is written through ``step`` first (so a checkpoint never refers to steps that
+        are not on disk), and ``run_dir`` names it.
 
         Example:
             >>> import torch, gradwatch as gw
@@ -541,9 +562,12 @@ class Watch:
             0
         """
         self._expect((StepState.READY, StepState.CLOSED), "watch.state_dict()")  # saving after close is fine
+        if self.writer is not None:
+            self.writer.flush(wait=True)
         return {
             "version": STATE_VERSION,
             "step": self._step,
+            "run_dir": str(self.run_dir) if self.run_dir is not None else None,
             "clipper": self.clipper.state_dict(),
             "precision": self.precision.state_dict(),
             "history": [record.to_state() for record in self.history],
@@ -551,11 +575,28 @@ class Watch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (into a Watch built like the one that saved it)."""
+        """Restore :meth:`state_dict` (into a Watch built like the one that saved it).
+
+        The next step is ``state["step"] + 1``. With a run directory, every record of a later step is
+        dropped from it (steps, matrix rows, findings, events, bundles): with ``run_dir_mode="resume"``
+        those are the steps the interrupted run took after its checkpoint, which the resumed run takes again.
+
+        Example:
+            >>> import tempfile, torch, gradwatch as gw
+            >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> watch = gw.Watch(model, opt, run_dir=tempfile.mkdtemp(), run_dir_mode="resume")
+            >>> watch.load_state_dict({"step": 100})
+            >>> watch.step(lambda: model(torch.ones(4, 2)).pow(2).mean()).step
+            101
+            >>> watch.close()
+        """
         self._expect((StepState.READY,), "watch.load_state_dict()")
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("state must be a dict from Watch.state_dict()")
         self._step = int(state["step"])
+        self._resume_named_run(state)
+        if self.writer is not None:
+            self.writer.supersede_from(self._step + 1)
         self.clipper.load_state_dict(state.get("clipper", {}))
         self.precision.load_state_dict(state.get("precision", {}))
         self.history[:] = [StepRecord.from_state(data) for data in state.get("history", [])]
@@ -564,6 +605,17 @@ class Watch:
             if key in saved:
                 plugin.load_state_dict(saved[key])
         self._pipeline.resumed()
+
+    def _resume_named_run(self, state: dict[str, Any]) -> None:
+        """run_dir_mode='resume': continue the run the state names (``run_dir`` or a version in it), if another."""
+        writer = self.writer
+        if writer is None or self.run_dir_mode != "resume" or self.history or self._run_dir_base is None:
+            return
+        target = _runpath.resume_dir(self._run_dir_base, state)
+        if target is not None and target != writer.path and _runpath.holds_run(target):
+            writer.close()
+            self.writer = _runpath.open_exact(target, self._flush_every)
+            self.run_dir = self.writer.path
 
     def _plugin_keys(self) -> list[tuple[str, WatchPlugin]]:
         keys: list[tuple[str, WatchPlugin]] = []

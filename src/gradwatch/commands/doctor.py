@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,12 @@ def _print_text(report: dict[str, Any], findings: list[Finding]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..rundir import load_run
+    from ..runpath import for_reading
 
-    run_data = load_run(Path(args.run_dir))  # FileNotFoundError -> one line, exit 2 (cli.main)
+    path, note = for_reading(args.run_dir)  # RUN_DIR with version_N runs in it: say which one is read
+    if note:
+        print(note, file=sys.stderr)
+    run_data = load_run(Path(path))  # FileNotFoundError -> one line, exit 2 (cli.main)
     report = doctor_report(run_data)
     if args.json:
         print(json.dumps(report, indent=None, allow_nan=False))

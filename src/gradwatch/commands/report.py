@@ -30,10 +30,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..report import report
 
-    default = Path(args.run_dir) / ("compare.html" if args.run_b is not None else "report.html")
+    from ..runpath import for_reading
+
+    run_dir, note = for_reading(args.run_dir)  # RUN_DIR with version_N runs in it: say which one is read
+    if note:
+        print(note, file=sys.stderr)
+    default = Path(run_dir) / ("compare.html" if args.run_b is not None else "report.html")
     check_output_path(args.output if args.output is not None else default)
-    problems = read_problems(args.run_dir, args.run_b)
-    path = report(args.run_dir, output=args.output, compare=args.run_b)
+    problems = read_problems(run_dir, args.run_b)
+    path = report(run_dir, output=args.output, compare=args.run_b)
     for line in problems:  # what a damaged run directory lost: after the report is written, so exit 2 stays one line
         print(f"gradwatch report: {line}", file=sys.stderr)
     print(path, file=sys.stdout)

@@ -20,6 +20,9 @@ Where it hooks in (Lightning 2.x, automatic optimization):
 - ``on_train_batch_end``: after a skipped step, rewinds the step-interval LR
   schedulers that Lightning stepped anyway (no schedule drift).
 - ``state_dict`` / ``load_state_dict``: the Watch's state goes into checkpoints.
+  ``Trainer.fit(ckpt_path=...)`` restores it and, by default, resumes the run
+  directory the checkpoint names: the steps the interrupted run recorded after
+  the checkpoint are dropped, so the directory ends as an uninterrupted run's.
 
 Lightning's ``global_step`` still counts a skipped step (it counts optimizer
 calls); ``watch.history`` marks it ``skipped``.
@@ -45,6 +48,7 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradwatch.integrations.lightning needs Lightning: pip install 'gradwatch[lightning]'"
         ) from exc
 
+from ..runpath import check_mode
 from ..watch import Watch
 from . import SchedulerRewind, severity_level
 
@@ -67,6 +71,11 @@ class GradwatchCallback(Callback):
             training). Default: ``"skip"``.
         log_layers: also log one ``gradwatch/grad_norm/<layer>`` metric per
             layer. Default: False (a metric per layer can be many).
+        run_dir_mode: ``"version"``, ``"resume"`` or ``"overwrite"`` (see
+            :class:`gradwatch.Watch`); None: ``"resume"`` when the fit restores
+            a checkpoint that holds gradwatch's state (``fit(ckpt_path=...)``),
+            continuing the run directory it names (``run_dir`` or a
+            ``version_N`` in it), else ``"version"``. Default: None.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
 
@@ -85,6 +94,7 @@ class GradwatchCallback(Callback):
         clip_norm: float | None = None,
         on_nonfinite: str = "skip",
         log_layers: bool = False,
+        run_dir_mode: str | None = None,
         **watch_options: Any,
     ) -> None:
         if on_nonfinite not in _ON_NONFINITE:
@@ -95,6 +105,8 @@ class GradwatchCallback(Callback):
             raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
         if not isinstance(log_layers, bool):
             raise TypeError(f"log_layers must be True or False, got {log_layers!r}")
+        if run_dir_mode is not None:
+            check_mode(run_dir_mode)
         for reserved in ("precision", "scaler"):
             if reserved in watch_options:
                 raise ValueError(
@@ -104,6 +116,7 @@ class GradwatchCallback(Callback):
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
         self.log_layers = log_layers
+        self.run_dir_mode = run_dir_mode
         self.watch_options = watch_options
         self.watch: Watch | None = None
         self._loss: torch.Tensor | None = None
@@ -118,17 +131,20 @@ class GradwatchCallback(Callback):
             return
         if not trainer.optimizers:
             raise ValueError("GradwatchCallback needs an optimizer: configure_optimizers() returned none")
-        run_dir = self.run_dir
+        run_dir, mode = self.run_dir, self.run_dir_mode or "version"
         if self.watch is not None:  # a second fit(): the first run directory is complete; keep counting steps
             _log.warning("gradwatch: fit() again: this fit's telemetry stays in memory (the run directory %s is closed)", run_dir)
             self._pending_state = self.watch.state_dict()
             run_dir = None
+        elif self._pending_state is not None and self.run_dir_mode is None and run_dir is not None:
+            mode = "resume"  # fit(ckpt_path=...): load_state_dict below picks the run the checkpoint names
         self.watch = Watch(
             pl_module,
             trainer.optimizers[0],
             clip_norm=self.clip_norm,
             on_nonfinite=self.on_nonfinite,
             run_dir=run_dir,
+            run_dir_mode=mode,
             **self.watch_options,
         )
         if self._pending_state is not None:

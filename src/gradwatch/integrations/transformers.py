@@ -23,6 +23,12 @@ Where it hooks in (transformers 4.4x / 5.x):
   nothing) and the LR scheduler's state is saved.
 - ``on_step_end``: after a skipped step, the scheduler step the Trainer took
   anyway is rewound (no schedule drift).
+- ``on_save``: the Watch's state goes into the checkpoint folder as
+  ``gradwatch_state.pt``. ``train(resume_from_checkpoint=...)`` restores it
+  (from ``output_dir/checkpoint-<global_step>``; without that file the step
+  counter alone continues from ``global_step``) and, by default, resumes the
+  run directory: the steps the interrupted run recorded after the checkpoint
+  are dropped, so the directory ends as an uninterrupted run's.
 - ``on_log``: adds ``gradwatch/*`` numbers to the logs dict (seen by reporting
   callbacks that come after this one); findings are also appended to
   ``state.log_history`` as ``{"gradwatch_finding": code, ...}`` entries, the
@@ -44,12 +50,28 @@ except ImportError as exc:  # pragma: no cover
         "gradwatch.integrations.transformers needs transformers: pip install 'gradwatch[transformers]'"
     ) from exc
 
+from ..runpath import check_mode
 from ..watch import Watch
 from . import SchedulerRewind
 
 __all__ = ["GradwatchCallback"]
 
 _ON_NONFINITE = ("skip", "raise")
+#: the Watch's state in each checkpoint folder
+STATE_FILE = "gradwatch_state.pt"
+
+
+def _saved_state(args: Any, global_step: int) -> dict[str, Any]:
+    """The Watch state saved with the checkpoint of ``global_step``; the step counter alone when there is none."""
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}", STATE_FILE)
+    if os.path.isfile(path):
+        try:
+            state = torch.load(path, weights_only=True)
+            if isinstance(state, dict) and "step" in state:
+                return state
+        except Exception:  # unreadable: continue the step count from the Trainer's
+            pass
+    return {"step": int(global_step)}
 
 
 class GradwatchCallback(TrainerCallback):
@@ -64,6 +86,11 @@ class GradwatchCallback(TrainerCallback):
             Default: ``"trainer"``. (``"autoclip"`` is not offered here: the
             Trainer's ``max_grad_norm`` is the clipping a Trainer user asked for.)
         on_nonfinite: ``"skip"`` or ``"raise"``. Default: ``"skip"``.
+        run_dir_mode: ``"version"``, ``"resume"`` or ``"overwrite"`` (see
+            :class:`gradwatch.Watch`); None: ``"resume"`` when the Trainer
+            resumes from a checkpoint (``state.global_step > 0`` when training
+            begins), continuing the run the checkpoint's ``gradwatch_state.pt``
+            names, else ``"version"``. Default: None.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
 
@@ -81,6 +108,7 @@ class GradwatchCallback(TrainerCallback):
         run_dir: str | os.PathLike[str] | None = None,
         clip_norm: float | str | None = "trainer",
         on_nonfinite: str = "skip",
+        run_dir_mode: str | None = None,
         **watch_options: Any,
     ) -> None:
         if on_nonfinite not in _ON_NONFINITE:
@@ -101,6 +129,8 @@ class GradwatchCallback(TrainerCallback):
                 raise ValueError(f"clip_norm must be 'trainer', a positive float or None, got {clip_norm!r}")
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
+        if run_dir_mode is not None:
+            check_mode(run_dir_mode)
         for reserved in ("precision", "scaler"):
             if reserved in watch_options:
                 raise ValueError(
@@ -110,6 +140,7 @@ class GradwatchCallback(TrainerCallback):
         self.run_dir = run_dir
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
+        self.run_dir_mode = run_dir_mode
         self.watch_options = watch_options
         self.watch: Watch | None = None
         self.last_result = None
@@ -132,13 +163,29 @@ class GradwatchCallback(TrainerCallback):
             if clip is not None:  # take the clipping over: the Trainer clips before any callback sees the grads
                 self._saved_max_grad_norm = args.max_grad_norm
                 args.max_grad_norm = 0.0
-        run_dir, state = self.run_dir, None
+        run_dir, mode, saved = self.run_dir, self.run_dir_mode or "version", None
         if self.watch is not None:  # train() again: the first run directory is complete; keep counting steps
-            state, run_dir = self.watch.state_dict(), None
-        self.watch = Watch(model, optimizer, clip_norm=clip, on_nonfinite=self.on_nonfinite, run_dir=run_dir, **self.watch_options)
-        if state is not None:
-            self.watch.load_state_dict(state)
+            saved, run_dir = self.watch.state_dict(), None
+        elif state.global_step > 0:  # train(resume_from_checkpoint=...)
+            saved = _saved_state(args, state.global_step)
+            mode = self.run_dir_mode or "resume"
+        self.watch = Watch(model, optimizer, clip_norm=clip, on_nonfinite=self.on_nonfinite, run_dir=run_dir,
+                           run_dir_mode=mode, **self.watch_options)
+        if saved is not None:
+            self.watch.load_state_dict(saved)
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Save the Watch's state into the checkpoint folder the Trainer has just written."""
+        watch = self.watch
+        if watch is None or not getattr(args, "should_save", True):
+            return
+        try:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                torch.save(watch.state_dict(), os.path.join(folder, STATE_FILE))
+        except Exception as exc:  # a checkpoint without gradwatch's state still resumes (the step counter)
+            watch.errors.report("transformers checkpoint", exc)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._saved_max_grad_norm is not None:
