@@ -456,14 +456,15 @@ def short_names(names: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def block_of(name: str) -> str | None:
-    """The repeated block a (short) layer name belongs to: its path up to the first integer component.
+    """The repeated block a (short) layer name belongs to: its path up to the first integer component
+    that has something after it (``layers.3`` or ``0`` of a ``Sequential`` is a layer, not a block).
 
     Example:
         >>> block_of("h.11.attn.c_proj"), block_of("layers.3"), block_of("wte")
-        ('h.11', 'layers.3', None)
+        ('h.11', None, None)
     """
     parts = str(name).split(".")
-    for i, part in enumerate(parts):
+    for i, part in enumerate(parts[:-1]):
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return None
@@ -482,6 +483,10 @@ def depth_ticks(names: Sequence[str], max_labels: int = 24) -> tuple[list[int], 
         >>> ticks, labels = depth_ticks(names)
         >>> labels[:4], labels[-1], ticks[:3]
         (['h.0', 'h.1', 'h.2', 'h.3'], 'ln_f', [1, 5, 9])
+        >>> depth_ticks([str(i) for i in range(23)], max_labels=16)[0]
+        [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+        >>> depth_ticks([str(i) for i in range(30)], max_labels=8)[0]
+        [0, 4, 8, 12, 16, 20, 24, 29]
         >>> depth_ticks(names, max_labels=8)[1]
         ['h.0', 'h.2', 'h.3', 'h.5', 'h.6', 'h.8', 'h.9', 'h.11', 'ln_f']
     """
@@ -499,9 +504,12 @@ def depth_ticks(names: Sequence[str], max_labels: int = 24) -> tuple[list[int], 
         elif block != previous:
             starts.append((i, block))
         previous = block
-    if len(starts) < 2:  # no repeated blocks: evenly spaced short names
-        picks = np.unique(np.linspace(0, n - 1, max_labels).round().astype(int))
-        return picks.tolist(), [short[i] for i in picks]
+    if len(starts) < 2:  # no repeated blocks: every k-th name, and the last layer
+        every = math.ceil(n / max_labels)
+        picks = list(range(0, n, every))
+        if picks[-1] != n - 1:
+            picks[-1 if n - 1 - picks[-1] <= every / 2 else len(picks):] = [n - 1]
+        return picks, [short[i] for i in picks]
     if len(starts) > max_labels:
         keep = np.unique(np.linspace(0, len(starts) - 1, max_labels).round().astype(int))
         starts = [starts[i] for i in keep]
