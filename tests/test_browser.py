@@ -7,7 +7,8 @@ a full-page screenshot), the hostile name shown as text, no script on the page,
 no console error or exception, no dialog, and no request other than the file
 itself and its ``data:`` images. Skips (with the reason) when chromium is absent.
 
-``GRADWATCH_UPDATE_SCREENSHOT=1`` also refreshes ``docs/report.png`` (a compare report).
+``GRADWATCH_UPDATE_SCREENSHOT=1`` also refreshes ``docs/report.png`` (a compare report) and ``docs/report-layers.png``
+(a 75-layer GPT-2).
 """
 
 from __future__ import annotations
@@ -235,6 +236,26 @@ def test_refresh_docs_screenshot(tmp_path: Path, browser: Chromium) -> None:
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
     assert _distinct_colors(image) > 1000
     image.save(Path(__file__).resolve().parents[1] / "docs" / "report.png", optimize=True)
+
+
+@pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report-layers.png")
+def test_refresh_docs_layers_screenshot(tmp_path: Path, browser: Chromium) -> None:
+    """docs/report-layers.png: the first charts of a 75-layer GPT-2's report (docs/report.md, "Many layers")."""
+    from PIL import Image
+
+    pytest.importorskip("transformers")
+    from test_report_layers import make_gpt2_run
+
+    page = gw.report(make_gpt2_run(tmp_path / "gpt2", steps=30, n_embd=32)).resolve()
+    session = _open(browser, page)
+    top = browser.send("Runtime.evaluate", {"expression": "document.querySelector('#fig-depth').getBoundingClientRect().top",
+                                             "returnByValue": True}, session=session)["result"]["value"]
+    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                   "clip": {"x": 0, "y": max(0, top - 40), "width": WIDTH, "height": 860, "scale": 1}},
+                        session=session)
+    image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
+    assert _distinct_colors(image) > 1000
+    image.save(Path(__file__).resolve().parents[1] / "docs" / "report-layers.png", optimize=True)
 
 
 def test_notebook_html_reprs_render_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:

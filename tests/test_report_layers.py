@@ -31,21 +31,25 @@ DRAWS = (figures.draw_depth, figures.draw_heatmap, figures.draw_grad_norm, figur
          figures.draw_fp16_forecast)
 
 
-@pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_gpt2_run(path: Path, steps: int = 10, n_embd: int = 16) -> Path:
+    """A 75-layer GPT-2 (random init, synthetic tokens) trained ``steps`` steps under a Watch (also test_browser.py)."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=12, n_embd=16, n_head=2, vocab_size=64, n_positions=16,
+    config = transformers.GPT2Config(n_layer=12, n_embd=n_embd, n_head=2, vocab_size=64, n_positions=16,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
-    path = tmp_path_factory.mktemp("gpt") / "run"
     watch = gw.Watch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), clip_norm=1.0, run_dir=path,
                      update_ratio_every=4)
-    for _ in range(10):
+    for _ in range(steps):
         ids = torch.randint(0, 64, (4, 16))
         watch.step(lambda: model(input_ids=ids, labels=ids).loss)
     watch.close()
     assert len(watch.layers) == 75  # wte, wpe, 12 x (ln_1, c_attn, c_proj, ln_2, c_fc, c_proj), ln_f
     return path
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_gpt2_run(tmp_path_factory.mktemp("gpt") / "run")
 
 
 def _drawn(views: list[Any]) -> dict[str, Any]:
