@@ -219,43 +219,38 @@ def _open(browser: Chromium, page: Path, height: int = 900) -> str:
 @pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report.png")
 def test_refresh_docs_screenshot(tmp_path: Path, browser: Chromium) -> None:
     """docs/report.png: the demo's sigmoid MLP (gradients vanish) against its ReLU + Kaiming + LayerNorm MLP."""
-    from PIL import Image
-
     pytest.importorskip("sklearn")
     from gradwatch.demo import run_demo
 
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
     runs = {v.name: v.run_dir for v in result.variants}
     page = gw.report(runs["sigmoid-default"], compare=runs["relu-kaiming-ln"], output=tmp_path / "compare.html").resolve()
+    _save_docs_shot(browser, page, "#charts", 8, 1500, "report.png")
+
+
+def _save_docs_shot(browser: Chromium, page: Path, selector: str, above: int, height: int, name: str) -> None:
+    """Save ``docs/<name>``: ``height`` pixels of ``page`` from ``above`` pixels over ``selector``."""
+    from PIL import Image
+
     session = _open(browser, page)
-    top = browser.send("Runtime.evaluate", {"expression": "document.querySelector('#charts').getBoundingClientRect().top",
+    top = browser.send("Runtime.evaluate", {"expression": f"document.querySelector('{selector}').getBoundingClientRect().top",
                                              "returnByValue": True}, session=session)["result"]["value"]
     shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                   "clip": {"x": 0, "y": max(0, top - 8), "width": WIDTH, "height": 1500, "scale": 1}},
+                                                   "clip": {"x": 0, "y": max(0, top - above), "width": WIDTH, "height": height, "scale": 1}},
                         session=session)
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
     assert _distinct_colors(image) > 1000
-    image.save(Path(__file__).resolve().parents[1] / "docs" / "report.png", optimize=True)
+    image.save(Path(__file__).resolve().parents[1] / "docs" / name, optimize=True)
 
 
 @pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report-layers.png")
 def test_refresh_docs_layers_screenshot(tmp_path: Path, browser: Chromium) -> None:
     """docs/report-layers.png: the first charts of a 75-layer GPT-2's report (docs/report.md, "Many layers")."""
-    from PIL import Image
-
     pytest.importorskip("transformers")
     from test_report_layers import make_gpt2_run
 
     page = gw.report(make_gpt2_run(tmp_path / "gpt2", steps=30, n_embd=32)).resolve()
-    session = _open(browser, page)
-    top = browser.send("Runtime.evaluate", {"expression": "document.querySelector('#fig-depth').getBoundingClientRect().top",
-                                             "returnByValue": True}, session=session)["result"]["value"]
-    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                   "clip": {"x": 0, "y": max(0, top - 40), "width": WIDTH, "height": 860, "scale": 1}},
-                        session=session)
-    image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
-    assert _distinct_colors(image) > 1000
-    image.save(Path(__file__).resolve().parents[1] / "docs" / "report-layers.png", optimize=True)
+    _save_docs_shot(browser, page, "#fig-depth", 40, 860, "report-layers.png")
 
 
 def test_notebook_html_reprs_render_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
