@@ -7,7 +7,8 @@ a full-page screenshot), the hostile name shown as text, no script on the page,
 no console error or exception, no dialog, and no request other than the file
 itself and its ``data:`` images. Skips (with the reason) when chromium is absent.
 
-``GRADWATCH_UPDATE_SCREENSHOT=1`` also refreshes ``docs/report.png`` (a compare report).
+``GRADWATCH_UPDATE_SCREENSHOT=1`` also refreshes ``docs/report.png`` (a compare report) and ``docs/report-layers.png``
+(a 75-layer GPT-2).
 """
 
 from __future__ import annotations
@@ -218,20 +219,89 @@ def _open(browser: Chromium, page: Path, height: int = 900) -> str:
 @pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report.png")
 def test_refresh_docs_screenshot(tmp_path: Path, browser: Chromium) -> None:
     """docs/report.png: the demo's sigmoid MLP (gradients vanish) against its ReLU + Kaiming + LayerNorm MLP."""
-    from PIL import Image
-
     pytest.importorskip("sklearn")
     from gradwatch.demo import run_demo
 
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
     runs = {v.name: v.run_dir for v in result.variants}
     page = gw.report(runs["sigmoid-default"], compare=runs["relu-kaiming-ln"], output=tmp_path / "compare.html").resolve()
+    _save_docs_shot(browser, page, "#charts", 8, 1500, "report.png")
+
+
+def _save_docs_shot(browser: Chromium, page: Path, selector: str, above: int, height: int, name: str) -> None:
+    """Save ``docs/<name>``: ``height`` pixels of ``page`` from ``above`` pixels over ``selector``."""
+    from PIL import Image
+
     session = _open(browser, page)
-    top = browser.send("Runtime.evaluate", {"expression": "document.querySelector('#charts').getBoundingClientRect().top",
+    top = browser.send("Runtime.evaluate", {"expression": f"document.querySelector('{selector}').getBoundingClientRect().top",
                                              "returnByValue": True}, session=session)["result"]["value"]
     shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                   "clip": {"x": 0, "y": max(0, top - 8), "width": WIDTH, "height": 1500, "scale": 1}},
+                                                   "clip": {"x": 0, "y": max(0, top - above), "width": WIDTH, "height": height, "scale": 1}},
                         session=session)
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
     assert _distinct_colors(image) > 1000
-    image.save(Path(__file__).resolve().parents[1] / "docs" / "report.png", optimize=True)
+    image.save(Path(__file__).resolve().parents[1] / "docs" / name, optimize=True)
+
+
+@pytest.mark.skipif(os.environ.get("GRADWATCH_UPDATE_SCREENSHOT") != "1", reason="set GRADWATCH_UPDATE_SCREENSHOT=1 to refresh docs/report-layers.png")
+def test_refresh_docs_layers_screenshot(tmp_path: Path, browser: Chromium) -> None:
+    """docs/report-layers.png: the first charts of a 75-layer GPT-2's report (docs/report.md, "Many layers")."""
+    pytest.importorskip("transformers")
+    from test_report_layers import make_gpt2_run
+
+    page = gw.report(make_gpt2_run(tmp_path / "gpt2", steps=30, n_embd=32)).resolve()
+    _save_docs_shot(browser, page, "#fig-depth", 40, 860, "report-layers.png")
+
+
+def test_notebook_html_reprs_render_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
+    """What a notebook shows for a Finding, a Probe, a Run and a Watch (each ``_repr_html_`` in an output cell)."""
+    from torch import nn
+
+    from test_report import HOSTILE_MESSAGE
+
+    watch = make_watch_run(tmp_path / "run", activation="sigmoid", steps=24, hostile=True, nan_step=15)
+    run = gw.load_run(tmp_path / "run")
+    finding = next(f for f in run.findings if f.message == HOSTILE_MESSAGE)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    probe = gw.probe(model, (torch_randn(16, 4), torch_randn(16, 1)), loss_fn=nn.functional.mse_loss)
+    cells = [finding._repr_html_(), probe._repr_html_(), run._repr_html_(), watch._repr_html_()]
+    page = tmp_path / "notebook.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+                    + "".join(f'<div class="output_html">{c}</div>' for c in cells) + "</body></html>", encoding="utf-8")
+    session = _open(browser, page.resolve(), height=1200)
+    for domain in ("Runtime", "Log", "Network"):
+        browser.send(f"{domain}.enable", session=session)
+    browser.events.clear()  # load it again, now that console, log and network are watched
+    browser.send("Page.reload", session=session)
+    browser.wait_for("Page.loadEventFired")
+
+    def evaluate(expression: str) -> Any:
+        reply = browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                             session=session)
+        assert "exceptionDetails" not in reply, reply
+        return reply["result"]["value"]
+
+    evaluate("Promise.all([...document.images].map(i => i.decode()))")
+    images = evaluate("[...document.images].map(i => ({w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))")
+    assert len(images) == 2 and all(i["w"] > 300 and i["h"] > 150 and i["shown"] > 300 for i in images), images
+    assert evaluate("document.scripts.length") == 0
+    text = evaluate("document.body.innerText")
+    assert HOSTILE in text and HOSTILE_MESSAGE in text  # the hostile names are text, not markup
+    assert "vanishing_gradients" in text and "measured gain" in text and "skipped steps" in text
+    assert evaluate("document.querySelectorAll('table').length") >= 6
+    problems = [e for e in browser.events if e.get("method") in ("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
+                or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") in ("error", "warning"))]
+    assert problems == []
+    requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+    assert requests and all(url.startswith(("file://", "data:")) for url in requests), [u[:60] for u in requests]
+    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
+    assert _distinct_colors(image) > 500  # the charts are drawn, not blank
+
+
+def torch_randn(*shape: int) -> Any:
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))

@@ -349,14 +349,17 @@ def test_absent_streams_and_empty_runs_are_handled(tmp_path: Path) -> None:
     page = gw.report(bare).read_text(encoding="utf-8")
     assert_self_contained(page)
     assert {"fig-grad-norm", "fig-loss"} <= set(figure_svgs(page))
-    assert 'id="fig-depth-absent"' in page and "No findings" in page and "No reproduction bundles" in page
+    assert 'id="fig-depth-absent"' in page and "No findings" in page
+    assert 'id="bundles"' not in page and 'href="#bundles"' not in page  # no non-finite step: no bundles section
     # A run killed before its first step: meta.json only.
     empty = tmp_path / "empty"
     writer = RunWriter(empty)
     writer.write_meta({"model": "M"})
     writer.close()
     page = gw.report(empty, output=tmp_path / "out" / "empty.html").read_text(encoding="utf-8")
-    assert figure_svgs(page) == {} and page.count("Not recorded in this run.") == 10
+    # every chart left out, each named once in one line (no empty headings)
+    assert figure_svgs(page) == {} and len(re.findall(r'id="fig-[a-z0-9-]+-absent"', page)) == 10 and page.count("Not recorded in this run") == 1
+    assert "<h3>Gradient magnitude by layer depth</h3>" not in page
     # Comparing runs with different layers: one layer table per run; the empty run adds no lines.
     page = gw.report(bare, compare=write_synthetic_run(tmp_path / "other", steps=4, layers=2), output=tmp_path / "c.html").read_text(encoding="utf-8")
     layers = page.split('<section id="layers">')[1].split("</section>")[0]

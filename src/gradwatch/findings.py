@@ -118,6 +118,18 @@ class Finding:
             fixes=list(data.get("fixes") or []),
         )
 
+    def __repr__(self) -> str:
+        """One line: severity, code, step and the message cut to 100 characters."""
+        from .notebook import finding_repr
+
+        return finding_repr(self)
+
+    def _repr_html_(self) -> str:
+        """The finding in a notebook: message, location, evidence and fixes (escaped)."""
+        from .notebook import finding_html
+
+        return finding_html(self)
+
     def __str__(self) -> str:
         where = ", ".join(f"{k}={v}" for k, v in self.location.items())
         text = f"[{self.severity}] step {self.step} {self.code}: {self.message}"

@@ -704,6 +704,37 @@ class Run:
         scale = np.array([math.sqrt(max(1, numel.get(name, 1))) for name in self.layer_names])
         return self.steps["layer_grad_norms"] / scale
 
+    def to_pandas(self) -> Any:
+        """The per-step and the per-layer history as tidy pandas frames (``.steps``, ``.layers``).
+
+        Returns:
+            a :class:`gradwatch.notebook.RunFrames`: ``steps`` has one row per step,
+            ``layers`` one row per (step, layer) (long format: ``step``, ``layer``,
+            ``depth``, ``type``, ``grad_norm``, ``grad_rms``, ``weight_norm``, ``update_ratio``).
+
+        Raises:
+            ImportError: pandas is not installed (``pip install pandas``).
+
+        Example:
+            >>> frames = load_run("runs/exp1").to_pandas()  # doctest: +SKIP
+            >>> frames.layers.groupby("layer", observed=True)["grad_norm"].median()  # doctest: +SKIP
+        """
+        from .notebook import run_frames
+
+        return run_frames(self)
+
+    def __repr__(self) -> str:
+        """One line: path, steps, layers, precision and the findings' codes."""
+        from .notebook import run_repr
+
+        return run_repr(self)
+
+    def _repr_html_(self) -> str:
+        """The run in a notebook: summary, findings and the report's two key charts (PNG)."""
+        from .notebook import run_html
+
+        return run_html(self)
+
 
 SCALAR_COLUMNS = ("step", "loss", "grad_norm", "clip_coef", "clip_threshold", "loss_scale", "time_ms")
 _FLOAT_COLUMNS = SCALAR_COLUMNS[1:]

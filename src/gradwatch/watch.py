@@ -542,6 +542,18 @@ class Watch:
     def __enter__(self) -> "Watch":
         return self
 
+    def __repr__(self) -> str:
+        """One line: model, layers, steps, clip_norm, precision, run_dir and the findings' codes."""
+        from .notebook import watch_repr
+
+        return watch_repr(self)
+
+    def _repr_html_(self) -> str:
+        """The Watch in a notebook: options, the last step, layers and the latest findings."""
+        from .notebook import watch_html
+
+        return watch_html(self)
+
     def __exit__(self, *exc: Any) -> None:
         self.close()
 

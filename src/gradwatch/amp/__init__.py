@@ -10,7 +10,7 @@ See docs/precision.md.
 from __future__ import annotations
 
 from .plugin import FORECAST_EVENT, LOST_UPDATE_EVENT, Fp16Forecast, PrecisionPlugin, precision_plugin
-from .summary import forecast_lines, latest_event, lost_update_lines, precision_summary
+from .summary import forecast_lines, forecast_matters, latest_event, lost_update_lines, precision_summary
 from .ranges import (
     FP16_MAX,
     FP16_MIN_NORMAL,
@@ -35,6 +35,7 @@ __all__ = [
     "ScaleAdvice",
     "exponent_histogram",
     "forecast_lines",
+    "forecast_matters",
     "latest_event",
     "lost_update_lines",
     "precision_summary",

@@ -227,7 +227,9 @@ class PrecisionPlugin(WatchPlugin):
         self._hist = self._before = self._intended = None
         if hist is not None and record.finite:
             findings.extend(self._forecast(ctx, record, hist))
-        if before is not None and not record.skipped:
+        # Only once the update is in the weights: under observe() the caller's optimizer.step() comes
+        # after this hook, so comparing the weights now would count every update as lost.
+        if before is not None and not record.skipped and ctx.stepped:
             findings.extend(self._lost_updates(ctx.step, before, intended))
         return findings
 

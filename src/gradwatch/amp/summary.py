@@ -41,6 +41,38 @@ def _worst(layers: list[str], values: list[Any]) -> tuple[str, float] | None:
     return max(pairs, key=lambda p: p[1]) if pairs else None
 
 
+def forecast_matters(event: dict[str, Any] | None, underflow_share: float = 0.05) -> bool:
+    """Whether an ``fp16_forecast`` event says something a person should act on.
+
+    Always for an fp16 run (the forecast is measured at the run's own scale). For
+    an fp32 or bf16 run, only when switching to fp16 with a default GradScaler
+    would hurt: at the reference scale (``forecast_scale``, GradScaler's initial
+    65536) some layer has at least ``underflow_share`` of its non-zero gradient
+    elements below float16's normal range (the ``fp16_underflow`` threshold,
+    ``AmpConfig.underflow_share``), some element overflows, or no single scale
+    fits every layer. Otherwise fp16 would simply work, and the report and
+    ``doctor`` leave the forecast out.
+
+    Example:
+        >>> fine = {"precision": "fp32", "fits": True,
+        ...         "reference": {"scale": 65536.0, "flushed": [0.007], "subnormal": [0.01], "overflow": [0.0]}}
+        >>> forecast_matters(fine), forecast_matters({**fine, "fits": False}), forecast_matters({**fine, "precision": "fp16"})
+        (False, True, True)
+    """
+    if not event:
+        return False
+    if event.get("precision") == "fp16" or event.get("fits") is False:
+        return True
+    block = event.get("reference") or {}
+
+    def worst(key: str) -> float:
+        values = [float(v) for v in (block.get(key) or []) if v is not None]
+        return max((v for v in values if math.isfinite(v)), default=0.0)
+
+    below = [float(f or 0.0) + float(s or 0.0) for f, s in zip(block.get("flushed") or [], block.get("subnormal") or [])]
+    return max(below, default=0.0) >= underflow_share or worst("overflow") > 0
+
+
 def forecast_lines(event: dict[str, Any] | None, top: int = 3) -> list[str]:
     """A few lines of text for one ``fp16_forecast`` event (empty for None).
 

@@ -162,6 +162,18 @@ class Probe:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        """One line: layers, blocks, loss, gains and the findings' codes."""
+        from ..notebook import probe_repr
+
+        return probe_repr(self)
+
+    def _repr_html_(self) -> str:
+        """The probe in a notebook: gains, findings and the per-layer table."""
+        from ..notebook import probe_html
+
+        return probe_html(self)
+
 
 def _half_se(est: JacobianEstimate) -> float:
     """Standard error of the gain √m from that of m (delta method)."""

@@ -410,3 +410,146 @@ def activation_grad_curve(records: list[dict[str, Any]], layer_order: Sequence[s
             except (TypeError, ValueError):
                 pass
     return SampledCurve(layers=names, steps=steps, rms=table)
+
+
+# ----- layer names and kinds, for many-layer charts ----------------------------------------
+#: Type names (a substring of the module's class name) of normalization layers: drawn as their own series.
+NORM_TYPE_MARKERS = ("Norm",)  # LayerNorm, RMSNorm, BatchNorm1d, GroupNorm, LlamaRMSNorm, T5LayerNorm...
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix every name shares (whole components only, ending in ``.``; "" if none).
+
+    No name is ever reduced to nothing: the prefix stops before the last component of the shortest name,
+    and before the container of a block index (``h.`` stays in ``h.0.attn``, so a label still says which block).
+
+    Example:
+        >>> common_prefix(["transformer.h.0.ln_1", "transformer.h.0.attn", "transformer.ln_f"])
+        'transformer.'
+        >>> common_prefix(["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"])
+        'transformer.'
+        >>> common_prefix(["encoder", "encoder.layer"]), common_prefix(["fc1"])
+        ('', '')
+    """
+    parts = [str(n).split(".") for n in names]
+    if len(parts) < 2:
+        return ""
+    shared: list[str] = []
+    for column in zip(*(p[:-1] for p in parts)):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    while shared and len(shared) < min(len(p) for p in parts) and parts[0][len(shared)].isdigit():
+        shared.pop()  # keep the container of a block index: "h.0...", never "0..."
+    return ".".join(shared) + "." if shared else ""
+
+
+def short_names(names: Sequence[str]) -> tuple[str, list[str]]:
+    """The names without their common dotted prefix: ``(prefix, short names)``.
+
+    Example:
+        >>> short_names(["model.layers.0.mlp", "model.layers.1.mlp", "model.norm"])
+        ('model.', ['layers.0.mlp', 'layers.1.mlp', 'norm'])
+    """
+    prefix = common_prefix(names)
+    return prefix, [str(n)[len(prefix):] for n in names]
+
+
+def block_of(name: str) -> str | None:
+    """The repeated block a (short) layer name belongs to: its path up to the first integer component
+    that has something after it (``layers.3`` or ``0`` of a ``Sequential`` is a layer, not a block).
+
+    Example:
+        >>> block_of("h.11.attn.c_proj"), block_of("layers.3"), block_of("wte")
+        ('h.11', None, None)
+    """
+    parts = str(name).split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def depth_ticks(names: Sequence[str], max_labels: int = 24) -> tuple[list[int], list[str]]:
+    """Tick positions and labels of a by-layer axis: short names, one per block when there are many layers.
+
+    Up to ``max_labels`` layers every layer is labelled. With more, the first layer of
+    each repeated block is labelled with the block (``h.0``, ``h.1``...), layers
+    outside blocks with their own name, and blocks are thinned evenly when they
+    are still too many. Labels never carry the common prefix.
+
+    Example:
+        >>> names = ["t.wte"] + [f"t.h.{b}.{p}" for b in range(12) for p in ("ln_1", "attn", "ln_2", "mlp")] + ["t.ln_f"]
+        >>> ticks, labels = depth_ticks(names)
+        >>> labels[:4], labels[-1], ticks[:3]
+        (['h.0', 'h.1', 'h.2', 'h.3'], 'ln_f', [1, 5, 9])
+        >>> depth_ticks([str(i) for i in range(23)], max_labels=16)[0]
+        [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+        >>> depth_ticks([str(i) for i in range(30)], max_labels=8)[0]
+        [0, 4, 8, 12, 16, 20, 24, 29]
+        >>> depth_ticks(names, max_labels=8)[1]
+        ['h.0', 'h.2', 'h.3', 'h.5', 'h.6', 'h.8', 'h.9', 'h.11', 'ln_f']
+    """
+    _, short = short_names(names)
+    n = len(short)
+    if n <= max_labels:
+        return list(range(n)), short
+    starts: list[tuple[int, str]] = []
+    loose: list[tuple[int, str]] = []
+    previous: str | None = None
+    for i, name in enumerate(short):
+        block = block_of(name)
+        if block is None:
+            loose.append((i, name))
+        elif block != previous:
+            starts.append((i, block))
+        previous = block
+    if len(starts) < 2:  # no repeated blocks: every k-th name, and the last layer
+        every = math.ceil(n / max_labels)
+        picks = list(range(0, n, every))
+        if picks[-1] != n - 1:
+            picks[-1 if n - 1 - picks[-1] <= every / 2 else len(picks):] = [n - 1]
+        return picks, [short[i] for i in picks]
+    if len(starts) > max_labels:
+        keep = np.unique(np.linspace(0, len(starts) - 1, max_labels).round().astype(int))
+        starts = [starts[i] for i in keep]
+    # Layers outside blocks (embeddings, the final norm) are labelled where they do not crowd a block label.
+    gap = n / (2.0 * max_labels)
+    pairs = list(starts)
+    for i, name in loose:
+        if all(abs(i - j) >= gap for j, _ in pairs):
+            pairs.append((i, name))
+    pairs.sort()
+    return [i for i, _ in pairs], [label for _, label in pairs]
+
+
+def norm_mask(names: Sequence[str], layers: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per name, whether it is a normalization layer (its type from ``layers.json`` contains "Norm").
+
+    Example:
+        >>> norm_mask(["fc", "ln"], [{"name": "fc", "type": "Linear"}, {"name": "ln", "type": "LayerNorm"}]).tolist()
+        [False, True]
+    """
+    types = {str(layer.get("name")): str(layer.get("type", "")) for layer in layers if isinstance(layer, dict)}
+    return np.array([any(m in types.get(str(n), "") for m in NORM_TYPE_MARKERS) for n in names], dtype=bool)
+
+
+def tick_text(value: float) -> str:
+    """An axis tick as a person writes it: ``0.5``, ``1.012``, ``2000``; powers of ten beyond that as ``10^k``.
+
+    Example:
+        >>> [tick_text(v) for v in (0.5, 1.012, 1.0, 20000.0, 1e-5, 3e-7, 0.0)]
+        ['0.5', '1.012', '1', '20000', '$10^{-5}$', '3e-07', '0']
+    """
+    value = float(value)
+    if not math.isfinite(value):
+        return ""
+    if value == 0:
+        return "0"
+    size = abs(value)
+    if 1e-3 <= size < 1e7:
+        return f"{value:.6g}"
+    exponent = round(math.log10(size))
+    if math.isclose(size, 10.0 ** exponent, rel_tol=1e-9):
+        return f"$-10^{{{exponent}}}$" if value < 0 else f"$10^{{{exponent}}}$"
+    return f"{value:.2g}"

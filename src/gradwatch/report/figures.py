@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -65,13 +65,50 @@ def _palette(name: str, count: int, lo: float = 0.15, hi: float = 0.85) -> list[
 
 
 def _depth_ticks(ax: Any, names: Sequence[str], max_labels: int = 24) -> None:
+    """Layer ticks without the common prefix; with many layers one label per block, a minor tick per layer."""
     n = len(names)
     if n == 0:
         return
-    ticks = np.unique(np.linspace(0, n - 1, min(n, max_labels)).round().astype(int))
+    ticks, labels = data.depth_ticks(names, max_labels)
     ax.set_xticks(ticks)
-    ax.set_xticklabels([_short(names[i]) for i in ticks], rotation=45, ha="right", fontsize=7)
+    ax.set_xticklabels([_short(label) for label in labels], rotation=45, ha="right", fontsize=7)
+    if n > len(ticks):
+        ax.set_xticks(np.arange(n), minor=True)
+        ax.tick_params(axis="x", which="minor", length=2)
     ax.set_xlim(-0.5, n - 0.5)
+
+
+def _prefix_note(names: Sequence[str]) -> str:
+    """" (names after 'transformer.')" for an axis label, when every name shares a prefix."""
+    prefix = data.common_prefix(names)
+    return f" (names after '{_text(prefix)}')" if prefix else ""
+
+
+def _finish(fig: Any) -> Any:
+    """Plain tick labels on every numeric axis (no offset, no ``1.06×10⁰``: see :func:`.data.tick_text`);
+    axes whose ticks were named (layers) keep their labels."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter, ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if not isinstance(axis.get_major_formatter(), (ScalarFormatter, LogFormatter)):
+                continue
+            axis.set_major_formatter(FuncFormatter(lambda v, pos: data.tick_text(v)))
+            if axis.get_scale() == "log":
+                axis.set_minor_formatter(FuncFormatter(lambda v, pos, axis=axis: _minor_text(axis, v)))
+            else:
+                axis.set_minor_formatter(NullFormatter())
+    return fig
+
+
+def _minor_text(axis: Any, value: float) -> str:
+    """Minor ticks of a log axis are labelled only on a short span (else they crowd): all of them under
+    a factor 3, those at 2, 3 and 5 times a power of ten under a factor 30, none beyond."""
+    lo, hi = sorted(axis.get_view_interval())
+    if not (lo > 0 and value > 0) or hi / lo >= 30:
+        return ""
+    mantissa = round(value / 10.0 ** np.floor(np.log10(value)), 6)
+    return data.tick_text(value) if hi / lo < 3 or mantissa in (2.0, 3.0, 5.0) else ""
 
 
 def _text(value: object) -> str:
@@ -99,11 +136,33 @@ class _Depth:
             ax.set_xlabel(f"{label}: relative depth (0 = first layer, 1 = last; the runs' layers differ)")
         else:
             _depth_ticks(ax, self.names)
-            ax.set_xlabel(label)
+            blocks = len(data.depth_ticks(self.names)[0]) < len(self.names)
+            ax.set_xlabel(label + _prefix_note(self.names) + ("; a label marks the first layer of each block" if blocks else ""))
 
 
 def _short(name: str, limit: int = 28) -> str:
     return _text(name if len(name) <= limit else "\u2026" + name[-(limit - 1):])
+
+
+def _layer_line(ax: Any, x: np.ndarray, y: np.ndarray, norm: np.ndarray, style: str, color: Any, label: str,
+                linewidth: float = 1.3, **kwargs: Any) -> bool:
+    """One step's by-layer values: weight layers as one line, normalization layers as their own series
+    (hollow diamonds on a thin dotted line), so the line does not zig-zag between the two kinds.
+    Returns whether normalization layers were drawn."""
+    x, y = np.asarray(x), np.asarray(y)
+    norm = np.asarray(norm, dtype=bool) if len(norm) == len(y) else np.zeros(len(y), bool)
+    ax.plot(x[~norm], y[~norm], style, color=color, marker="o", markersize=2.5, linewidth=linewidth, label=label, **kwargs)
+    if norm.any():
+        ax.plot(x[norm], y[norm], linestyle=":", color=color, marker="D", markersize=3, markerfacecolor="none",
+                linewidth=0.8, **kwargs)
+    return bool(norm.any())
+
+
+def _norm_legend_entry(ax: Any, drawn: bool) -> None:
+    """One legend entry that says how normalization layers are drawn (when some were)."""
+    if drawn:
+        ax.plot([], [], linestyle=":", color="#555555", marker="D", markersize=3, markerfacecolor="none",
+                linewidth=0.8, label="normalization layers (same colours)")
 
 
 def _positive(values: np.ndarray) -> np.ndarray:
@@ -121,9 +180,12 @@ def _top_marks(ax: Any, steps: Sequence[int], color: str, label: str) -> None:
 
 
 def _legend(ax: Any, **kwargs: Any) -> None:
-    """A legend, only when something labelled was drawn (matplotlib warns otherwise)."""
+    """A legend right of the axes, never over the data; only when something labelled was drawn
+    (matplotlib warns otherwise). Constrained layout narrows the axes to make room."""
+    kwargs.pop("loc", None)
+    kwargs.pop("ncols", None)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, **kwargs)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def _log_if_positive(ax: Any, base: float = 10) -> None:
@@ -145,7 +207,7 @@ def _runs_label(views: Sequence[RunView], i: int) -> str:
 
 
 # ----- charts -----------------------------------------------------------------------------
-def fig_depth(views: Sequence[RunView]) -> str | None:
+def draw_depth(views: Sequence[RunView]) -> Any:
     """Gradient RMS by layer depth (log y), one line per checkpoint step, first layer on the left."""
     if not any(v.checkpoints.size for v in views):
         return None
@@ -154,22 +216,24 @@ def fig_depth(views: Sequence[RunView]) -> str | None:
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges") if len(views) > 1 else ("viridis",)
         depth = _Depth([v.layer_names for v in views])
+        norms = False
         for i, view in enumerate(views):
             rows = view.checkpoints
             if len(views) > 1 and rows.size > 3:  # fewer lines per run when two runs share the chart
                 rows = rows[np.unique(np.linspace(0, rows.size - 1, 3).round().astype(int))]
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(depth.x(view.rms.shape[1]), _positive(view.rms[row]), RUN_STYLES[i], color=color,
-                        marker="o", markersize=2.5, linewidth=1.4, label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
+                norms |= _layer_line(ax, depth.x(view.rms.shape[1]), _positive(view.rms[row]), view.norm, RUN_STYLES[i],
+                                     color, f"{_runs_label(views, i)}step {int(view.steps[row])}", linewidth=1.4)
+        _norm_legend_entry(ax, norms)
         ax.set_yscale("log")
         ax.set_ylabel("gradient RMS (before clipping)")
         depth.axis(ax, "layer, in depth (execution) order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_heatmap(views: Sequence[RunView]) -> str | None:
+def draw_heatmap(views: Sequence[RunView]) -> Any:
     """Layer x step heatmap of log10 gradient RMS (one panel per run, shared colour scale)."""
     maps = [data.heatmap(v.rms, v.steps) if v.rms.size else None for v in views]
     if not any(m is not None and np.isfinite(m.z).any() for m in maps):
@@ -193,21 +257,21 @@ def fig_heatmap(views: Sequence[RunView]) -> str | None:
             extent = (float(hm.step_edges[0]) - 0.5, float(hm.step_edges[-1]) - 0.5, hm.z.shape[0], 0)
             image = ax.imshow(hm.z, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent,
                               interpolation="nearest")
-            rows = hm.layer_rows
-            ticks = np.unique(np.linspace(0, hm.z.shape[0] - 1, min(hm.z.shape[0], 16)).round().astype(int))
-            ax.set_yticks(ticks + 0.5)
-            ax.set_yticklabels([_short(view.layer_names[rows[t]]) for t in ticks], fontsize=7)
-            ax.set_ylabel("layer (first at top)")
+            layer_ticks, labels = data.depth_ticks(view.layer_names, 16)
+            row_of = np.searchsorted(hm.layer_rows, layer_ticks, side="right") - 1  # the row holding each layer
+            ax.set_yticks(row_of + 0.5)
+            ax.set_yticklabels([_short(label) for label in labels], fontsize=7)
+            ax.set_ylabel("layer (first at top)" + _prefix_note(view.layer_names))
             if len(views) > 1:
                 ax.set_title(_text(view.label), fontsize=8)
             if i == len(views) - 1:
                 ax.set_xlabel("step")
         if image is not None:
             fig.colorbar(image, ax=fig.axes, label="log10 gradient RMS", shrink=0.9)
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_grad_norm(views: Sequence[RunView]) -> str | None:
+def draw_grad_norm(views: Sequence[RunView]) -> Any:
     """Global gradient norm before clipping, the clip threshold, clipped share and skipped steps."""
     if not any(v.n_steps for v in views):
         return None
@@ -253,10 +317,10 @@ def fig_grad_norm(views: Sequence[RunView]) -> str | None:
         bottom.set_ylabel("clipped")
         bottom.set_xlabel("step")
         _legend(bottom, loc="upper left", ncols=2)
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_loss(views: Sequence[RunView]) -> str | None:
+def draw_loss(views: Sequence[RunView]) -> Any:
     """Loss over steps, each finding marked (vertical line coloured by severity) where it happened."""
     if not any(v.n_steps for v in views):
         return None
@@ -283,10 +347,10 @@ def fig_loss(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("loss")
         ax.set_xlabel("step")
         _legend(ax, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_gain(views: Sequence[RunView]) -> str | None:
+def draw_gain(views: Sequence[RunView]) -> Any:
     """Effective per-layer gain over steps (exp(-slope) of log RMS vs depth); 1 is healthy."""
     if not any(np.isfinite(v.gain).any() for v in views):
         return None
@@ -302,10 +366,10 @@ def fig_gain(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("gain per layer")
         ax.set_xlabel("step")
         _legend(ax, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_update_ratio(views: Sequence[RunView]) -> str | None:
+def draw_update_ratio(views: Sequence[RunView]) -> Any:
     """Update-to-weight ratio ||dw||/||w|| per layer at a few measured steps, with the 1e-3 guide."""
     if not any(_any_positive(v.update_ratio) for v in views):
         return None
@@ -314,6 +378,7 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges")
         depth = _Depth([v.layer_names for v in views])
+        norms = False
         for i, view in enumerate(views):
             ratio = view.update_ratio
             measured = np.flatnonzero((np.isfinite(ratio) & (ratio > 0)).any(axis=1)) if ratio.size else np.zeros(0, np.int64)
@@ -322,18 +387,18 @@ def fig_update_ratio(views: Sequence[RunView]) -> str | None:
             rows = measured[data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)]
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(depth.x(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), RUN_STYLES[i],
-                        color=color, marker="o", markersize=2.5, linewidth=1.2,
-                        label=f"{_runs_label(views, i)}step {int(view.steps[row])}")
+                norms |= _layer_line(ax, depth.x(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), view.norm,
+                                     RUN_STYLES[i], color, f"{_runs_label(views, i)}step {int(view.steps[row])}", linewidth=1.2)
+        _norm_legend_entry(ax, norms)
         ax.axhline(1e-3, color="#7f7f7f", linestyle=":", linewidth=1.2, label="1e-3 (rule of thumb)")
         ax.set_yscale("log")
         ax.set_ylabel("||update|| / ||weight||")
         depth.axis(ax, "layer, in depth order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_act_grad(views: Sequence[RunView]) -> str | None:
+def draw_act_grad(views: Sequence[RunView]) -> Any:
     """Activation-gradient RMS (dL/dh on each layer's output) by depth, on the sampled steps."""
     if not any(v.act_grad is not None and _any_positive(v.act_grad.rms) for v in views):
         return None
@@ -342,6 +407,7 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
         ax = fig.add_subplot()
         cmaps = ("viridis", "Oranges")
         depth = _Depth([v.act_grad.layers for v in views if v.act_grad is not None])
+        norms = False
         for i, view in enumerate(views):
             curve = view.act_grad
             if curve is None:
@@ -352,16 +418,17 @@ def fig_act_grad(views: Sequence[RunView]) -> str | None:
                 continue
             colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
             for color, row in zip(colors, rows):
-                ax.plot(depth.x(len(curve.layers)), _positive(curve.rms[row]), RUN_STYLES[i], color=color,
-                        marker="o", markersize=2.5, linewidth=1.2, label=f"{_runs_label(views, i)}step {int(curve.steps[row])}")
+                norms |= _layer_line(ax, depth.x(len(curve.layers)), _positive(curve.rms[row]), view.norm_of(curve.layers),
+                                     RUN_STYLES[i], color, f"{_runs_label(views, i)}step {int(curve.steps[row])}", linewidth=1.2)
+        _norm_legend_entry(ax, norms)
         ax.set_yscale("log")
         ax.set_ylabel("RMS of dL/dh (activation gradient)")
         depth.axis(ax, "layer output, in depth order")
         _legend(ax, ncols=2 if len(views) > 1 else 1, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_activations(views: Sequence[RunView]) -> str | None:
+def draw_activations(views: Sequence[RunView]) -> Any:
     """Dead and saturated fractions per sampled layer: latest sample and mean over samples."""
     stats = [v.activations for v in views]
     kinds = [k for k in ("dead", "saturated") if any(s is not None and k in s.series for s in stats)]
@@ -389,10 +456,10 @@ def fig_activations(views: Sequence[RunView]) -> str | None:
             ax.set_ylabel(f"{kind} fraction")
             depth.axis(ax, "sampled activation, in depth order")
             _legend(ax, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
-def fig_loss_scale(views: Sequence[RunView]) -> str | None:
+def draw_loss_scale(views: Sequence[RunView]) -> Any:
     """The fp16 loss scale over steps (log2 y), with the steps the scaler skipped."""
     if not any(v.has_loss_scale for v in views):
         return None
@@ -411,13 +478,13 @@ def fig_loss_scale(views: Sequence[RunView]) -> str | None:
         ax.set_ylabel("loss scale")
         ax.set_xlabel("step")
         _legend(ax, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
 
 def _latest_forecast(view: RunView) -> dict[str, Any] | None:
-    found = [e for e in view.events if isinstance(e, dict) and e.get("event") == "fp16_forecast"
-             and isinstance(e.get("layers"), list) and e["layers"]]
-    return found[-1] if found else None
+    """The run's latest fp16 forecast, when it is worth showing (:func:`gradwatch.amp.forecast_matters`)."""
+    event = view.forecast
+    return event if isinstance(event, dict) and isinstance(event.get("layers"), list) and event["layers"] else None
 
 
 def _shares(block: Any, key: str, n: int) -> np.ndarray:
@@ -431,7 +498,7 @@ def _shares(block: Any, key: str, n: int) -> np.ndarray:
     return out
 
 
-def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
+def draw_fp16_forecast(views: Sequence[RunView]) -> Any:
     """Per layer, the share of gradient elements float16 would flush to zero, at the run's
     loss scale and at the reference scale (the precision plugin's latest ``fp16_forecast``)."""
     events = [_latest_forecast(v) for v in views]
@@ -441,24 +508,44 @@ def fig_fp16_forecast(views: Sequence[RunView]) -> str | None:
         fig = _new(3.4)
         ax = fig.add_subplot()
         depth = _Depth([[str(n) for n in e["layers"]] for e in events if e is not None])
+        norms = False
         for i, (view, event) in enumerate(zip(views, events)):
             if event is None:
                 continue
             layers = [str(n) for n in event["layers"]]
             x = depth.x(len(layers))
-            for key, marker, alpha in (("current", "o", 1.0), ("reference", "s", 0.55)):
+            for key, alpha in (("current", 1.0), ("reference", 0.55)):
                 block = event.get(key)
                 if not isinstance(block, dict) or block.get("scale") is None:
                     continue
-                ax.plot(x, _shares(block, "flushed", len(layers)), RUN_STYLES[i], color=RUN_COLORS[i], marker=marker,
-                        markersize=3, alpha=alpha,
-                        label=f"{_runs_label(views, i)}flushed at scale {float(block['scale']):g} (step {event.get('step')})")
+                norms |= _layer_line(ax, x, _shares(block, "flushed", len(layers)), view.norm_of(layers), RUN_STYLES[i],
+                                     RUN_COLORS[i], f"{_runs_label(views, i)}flushed at scale {float(block['scale']):g} "
+                                     f"(step {event.get('step')})", linewidth=1.0, alpha=alpha)
+        _norm_legend_entry(ax, norms)
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("share flushed to zero in fp16")
         depth.axis(ax, "layer, in depth order")
         _legend(ax, loc="best")
-        return _svg(fig)
+        return _finish(fig)
 
+
+def _as_svg(draw: Callable[[Sequence[RunView]], Any]) -> Callable[[Sequence[RunView]], str | None]:
+    """The chart ``draw`` makes, as SVG text (None when it has nothing to show)."""
+
+    def svg(views: Sequence[RunView]) -> str | None:
+        with _style():
+            fig = draw(views)
+            return None if fig is None else _svg(fig)
+
+    svg.__name__ = draw.__name__.replace("draw_", "fig_")
+    svg.__doc__ = f"SVG of :func:`{draw.__name__}`: {draw.__doc__}"
+    return svg
+
+
+fig_depth, fig_heatmap, fig_grad_norm, fig_loss, fig_gain, fig_update_ratio, fig_act_grad, fig_activations, \
+    fig_loss_scale, fig_fp16_forecast = map(_as_svg, (
+        draw_depth, draw_heatmap, draw_grad_norm, draw_loss, draw_gain, draw_update_ratio, draw_act_grad,
+        draw_activations, draw_loss_scale, draw_fp16_forecast))
 
 #: (figure id, title, function, caption) in page order.
 FIGURES = (

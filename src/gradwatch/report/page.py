@@ -128,13 +128,11 @@ def _summary(view: RunView) -> str:
 
 
 def _precision_lines(view: RunView) -> list[str]:
-    """The precision plugin's own text for its latest fp16 forecast / bf16 events (empty if none)."""
+    """The precision plugin's text for its latest fp16 forecast (only when worth acting on) and bf16 events."""
     try:
-        from ..amp import precision_summary
-    except ImportError:
-        return []
-    try:
-        return [str(line) for line in precision_summary(view.events)]
+        from ..amp.summary import forecast_lines, lost_update_lines
+
+        return [str(line) for line in forecast_lines(view.forecast) + lost_update_lines(view.lost_updates)]
     except Exception:  # a malformed event must not cost the whole report
         return []
 
@@ -266,18 +264,69 @@ def _layer_table(views: Sequence[RunView]) -> str:
             f"{rms_heads}</tr>{''.join(rows)}</table>")
 
 
+#: Severity of each kind of ``events.jsonl`` line in the timeline (unknown kinds: info).
+EVENT_SEVERITY = {"rollback": "warning", "lr_backoff": "warning"}
+
+
+def _lr(values: Any) -> str:
+    return ", ".join(f"{float(v):.3g}" for v in values) if isinstance(values, list) else str(values)
+
+
+def event_message(event: dict[str, Any]) -> str:
+    """One plain sentence for one ``events.jsonl`` line (unknown kinds: their fields as ``key=value``).
+
+    Example:
+        >>> event_message({"event": "lr_backoff", "step": 9, "lr_before": [0.1], "lr_after": [0.05], "lost_steps": [3, 7]})
+        'lr lowered from 0.1 to 0.05 after lost steps 3, 7'
+        >>> event_message({"event": "custom", "step": 2, "a": 1})
+        'a=1'
+    """
+    kind = event.get("event", event.get("kind", event.get("type")))
+    if kind == "lr_backoff":
+        lost = ", ".join(str(s) for s in event.get("lost_steps") or [])
+        return f"lr lowered from {_lr(event.get('lr_before'))} to {_lr(event.get('lr_after'))}" + (f" after lost steps {lost}" if lost else "")
+    if kind == "rollback":
+        return (f"rolled back to the weights after step {event.get('restored_step')}; "
+                f"lr lowered from {_lr(event.get('lr_before'))} to {_lr(event.get('lr_after'))}")
+    if kind in ("fp16_forecast", "bf16_lost_updates"):
+        from ..amp.summary import forecast_lines, lost_update_lines
+
+        lines = forecast_lines(event) if kind == "fp16_forecast" else lost_update_lines(event)
+        return " ".join(line.strip() for line in lines[1:])
+    rest = {k: v for k, v in event.items() if k not in ("step", "kind", "event", "type")}
+    return "; ".join(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)}" for k, v in rest.items())
+
+
+def _timeline(view: RunView) -> list[tuple[Any, str, str, str]]:
+    """(step, code, severity, message): every finding and every event that applies, in step order."""
+    rows: list[tuple[Any, str, str, str]] = [(f.step, f.code, f.severity, f.message) for f in view.findings]
+    for event in view.events:
+        if not isinstance(event, dict):
+            continue
+        kind = str(event.get("event", event.get("kind", event.get("type", "event"))))
+        if kind == "fp16_forecast" and event is not view.forecast:
+            continue  # forecasts that say nothing worth acting on (gradwatch.amp.forecast_matters) stay out
+        try:
+            message = event_message(event)
+        except Exception:  # a malformed event is shown as its fields
+            message = json.dumps(event, default=str)
+        rows.append((event.get("step", ""), kind, EVENT_SEVERITY.get(kind, "info"), message))
+    return sorted(rows, key=lambda r: r[0] if isinstance(r[0], int) else -1)
+
+
 def _events(view: RunView) -> str:
-    if not view.events:
-        return '<p class="absent">No events (rollbacks, LR backoffs, internal errors).</p>'
-    rows = []
-    for event in view.events[:MAX_EVENTS]:
-        step = event.get("step", "")
-        kind = event.get("kind", event.get("event", event.get("type", "")))
-        rest = {k: v for k, v in event.items() if k not in ("step", "kind", "event", "type")}
-        rows.append(f'<tr><td class="num">{fmt(step)}</td><td>{esc(kind)}</td><td>{fmt(rest)}</td></tr>')
-    more = len(view.events) - MAX_EVENTS
-    note = f'<p class="absent">{more} more events in events.jsonl.</p>' if more > 0 else ""
-    return "<table><tr><th>step</th><th>event</th><th>details</th></tr>" + "".join(rows) + "</table>" + note
+    rows = _timeline(view)
+    if not rows:
+        return '<p class="absent">Nothing happened: no findings, rollbacks, LR backoffs or precision events.</p>'
+    body = "".join(
+        f'<tr><td class="num">{fmt(step)}</td><td>{esc(code)}</td>'
+        f'<td><span class="sev sev-{esc(severity)}">{esc(severity)}</span></td><td>{fmt(message)}</td></tr>'
+        for step, code, severity, message in rows[:MAX_EVENTS])
+    more = len(rows) - MAX_EVENTS
+    note = (f'<p class="absent">{more} more rows: all findings are in findings.jsonl, all events in events.jsonl.</p>'
+            if more > 0 else "")
+    return ('<table class="events"><tr><th>step</th><th>code</th><th>severity</th><th>message</th></tr>'
+            + body + "</table>" + note)
 
 
 # ----- page -------------------------------------------------------------------------------
@@ -300,7 +349,8 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
         f'<p>Report written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} by gradwatch. '
         + (f"Run A {_run_span(views, 0)} is drawn solid, run B {_run_span(views, 1)} dashed.</p>" if compare else "</p>"),
         '<nav><a href="#summary">summary</a><a href="#findings">findings</a><a href="#charts">charts</a>'
-        '<a href="#bundles">bundles</a><a href="#layers">layers</a><a href="#events">events</a></nav>',
+        + ('<a href="#bundles">bundles</a>' if any(v.bundles for v in views) else "")
+        + '<a href="#layers">layers</a><a href="#events">events</a></nav>',
         '<section id="summary"><h2>Summary</h2>',
     ]
     for i, view in enumerate(views):
@@ -309,6 +359,7 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
     for i, view in enumerate(views):
         out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _findings(view))
     out.append('</section><section id="charts"><h2>Charts</h2>')
+    absent = []
     for fig_id, heading, draw, caption in figures:
         out.append(f'<h3>{esc(heading)}</h3>')
         try:
@@ -318,15 +369,19 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
             out.append(f'<p class="absent" id="{esc(fig_id)}-error">This chart could not be drawn '
                        f"({esc(type(exc).__name__)}: {esc(str(exc)[:300])}).</p>")
             continue
-        if svg is None:
-            out.append(f'<p class="absent" id="{esc(fig_id)}-absent">Not recorded in this run.</p>')
+        if svg is None:  # a chart that does not apply is left out, and named once below
+            out.pop()
+            absent.append(f'<span id="{esc(fig_id)}-absent">{esc(heading)}</span>')
         else:
             out.append(f'<figure id="{esc(fig_id)}">{svg_img(svg, heading)}<figcaption>{esc(caption)}</figcaption></figure>')
-    out.append('</section><section id="bundles"><h2>Reproduction bundles of non-finite steps</h2>')
-    for i, view in enumerate(views):
-        out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _bundles(view))
+    if absent:
+        out.append(f'<p class="absent" id="charts-absent">Not recorded in this run, so not drawn: {", ".join(absent)}.</p>')
+    if any(view.bundles for view in views):
+        out.append('</section><section id="bundles"><h2>Reproduction bundles of non-finite steps</h2>')
+        for i, view in enumerate(views):
+            out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _bundles(view))
     out.append('</section><section id="layers"><h2>Layers</h2>' + _layer_table(views))
-    out.append('</section><section id="events"><h2>Events</h2>')
+    out.append('</section><section id="events"><h2>Events: findings, rollbacks, LR backoffs, precision</h2>')
     for i, view in enumerate(views):
         out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _events(view))
     out.append("</section></main></body></html>\n")

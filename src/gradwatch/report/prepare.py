@@ -47,6 +47,13 @@ class RunView:
     act_grad: data.SampledCurve | None = None
     bundles: list[Path] = field(default_factory=list)
     threshold_per_step: np.ndarray | None = None  # the max norm that applied on each step (NaN: none)
+    norm: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (L,) normalization layers
+    forecast: dict[str, Any] | None = None  # the latest fp16 forecast, only if it is worth acting on
+    lost_updates: dict[str, Any] | None = None  # the latest bf16 lost-update event
+
+    def norm_of(self, names: list[str]) -> np.ndarray:
+        """Which of ``names`` are normalization layers (by the layer table's types)."""
+        return data.norm_mask(names, self.layers)
 
     @property
     def n_steps(self) -> int:
@@ -71,6 +78,15 @@ def prepare(run: Run, label: str | None = None, checkpoints: int = 6) -> RunView
         True
     """
     steps = run.steps
+    forecast = _latest(run.events, "fp16_forecast")
+    amp = (run.meta.get("settings") or {}).get("amp") if isinstance(run.meta.get("settings"), dict) else None
+    share = amp.get("underflow_share", 0.05) if isinstance(amp, dict) else 0.05
+    try:
+        from ..amp.summary import forecast_matters
+
+        relevant = forecast_matters(forecast, float(share))
+    except Exception:  # a malformed event must not cost the whole report
+        relevant = False
     rms = run.layer_rms() if len(run.layer_names) else np.zeros((steps["step"].size, 0))
     usable = (np.isfinite(rms) & (rms > 0)).any(axis=1) if rms.size else np.zeros(steps["step"].size, bool)
     return RunView(
@@ -98,4 +114,12 @@ def prepare(run: Run, label: str | None = None, checkpoints: int = 6) -> RunView
         events=list(run.events),
         act_grad=data.activation_grad_curve(run.activations, run.layer_names),
         bundles=run.bundles,
+        norm=data.norm_mask(run.layer_names, run.layers),
+        forecast=forecast if relevant else None,
+        lost_updates=_latest(run.events, "bf16_lost_updates"),
     )
+
+
+def _latest(events: list[Any], kind: str) -> dict[str, Any] | None:
+    found = [e for e in events if isinstance(e, dict) and e.get("event") == kind]
+    return found[-1] if found else None
