@@ -79,3 +79,17 @@ def test_doctor_shows_the_fp16_forecast_of_an_fp32_run(tmp_path, capsys):
     assert "fp16 forecast at step 1 (a fp32 run):" in out
     assert "at loss scale 1: layer 0 would lose" in out  # the first layer is the one that flushes
     assert "recommended loss scale:" in out
+
+
+def test_doctor_leaves_out_the_fp16_forecast_of_an_fp32_run_that_fp16_would_not_hurt(tmp_path, capsys):
+    """An MLP with ordinary gradients: at GradScaler's 65536 nothing flushes or overflows, so no forecast noise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), clip_norm=None, run_dir=tmp_path / "r")
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    watch.step(lambda: torch.nn.functional.mse_loss(model(x), y))  # step 1 is a forecast step
+    watch.close()
+    run = gw.load_run(tmp_path / "r")
+    assert any(e.get("event") == "fp16_forecast" for e in run.events)  # it was measured ...
+    main(["doctor", str(tmp_path / "r")])
+    assert "fp16 forecast" not in capsys.readouterr().out  # ... and left out

@@ -153,10 +153,14 @@ def lost_update_lines(event: dict[str, Any] | None, top: int = 3) -> list[str]:
 def precision_summary(run_or_events: Any) -> list[str]:
     """Text lines for the latest fp16 forecast and bf16 lost-update events of a run (what doctor prints).
 
+    The forecast of an fp32 or bf16 run is left out unless it says something
+    worth acting on (:func:`forecast_matters`), as in the report.
+
     Example:
         >>> precision_summary([])
         []
     """
-    return forecast_lines(latest_event(run_or_events, FORECAST_EVENT)) + lost_update_lines(
+    forecast = latest_event(run_or_events, FORECAST_EVENT)
+    return forecast_lines(forecast if forecast_matters(forecast) else None) + lost_update_lines(
         latest_event(run_or_events, LOST_UPDATE_EVENT)
     )
