@@ -24,12 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = ["StallPlugin", "stall_finding"]
 
-_WHY = {
+_WHY = {  # completes "in N step(s) ..."
     SkipReason.NONFINITE: "the loss or a gradient was NaN/inf",
     SkipReason.SCALER_OVERFLOW: "the fp16 loss scaler found inf/NaN in the scaled gradients",
     SkipReason.SPIKE: "the spike rule (on_spike='skip') found the loss or norm an outlier",
     SkipReason.VETO: "a plugin vetoed the update",
 }
+
+
+def _counted(reasons: Counter) -> str:
+    return "; ".join(f"in {n} step{'s' if n != 1 else ''} {_WHY[r]}" for r, n in reasons.most_common())
 
 
 def _fixes(reason: SkipReason, loss_scale: float | None, lr: float | None, fp16: bool) -> list[str]:
@@ -66,7 +70,7 @@ def stall_finding(step: int, streak: int, reasons: Counter, loss_scale: float | 
         ('training_stalled', 'error', {'nonfinite': 8})
     """
     main = reasons.most_common(1)[0][0] if reasons else SkipReason.NONFINITE
-    counted = ", ".join(f"{n} {_WHY[r]}" for r, n in reasons.most_common())
+    counted = _counted(reasons)
     message = (f"Training has stalled: the last {streak} steps (to step {step}) were all skipped, so the "
                f"weights have not changed since step {step - streak}. Why: {counted}.")
     evidence = {"consecutive_skipped": streak, "reasons": {r.value: n for r, n in reasons.most_common()},
