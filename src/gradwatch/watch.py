@@ -233,6 +233,9 @@ class Watch:
                 "(GradScaler cannot unscale fp16 gradients); call model.float() and let autocast compute in fp16")
         self.clipper = make_clipper(clip_norm)
         self.clipper.bind(self)
+        # (threshold, "norm" | "value") of a clipping the caller's framework applies after observe()
+        # (Lightning's gradient_clip_val): recorded as the step's clip threshold and flag, never applied here.
+        self.external_clip: tuple[float, str] | None = None
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
         self.on_spike = on_spike

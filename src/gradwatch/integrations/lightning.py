@@ -150,6 +150,7 @@ class GradwatchCallback(Callback):
         if self._pending_state is not None:
             self.watch.load_state_dict(self._pending_state)
             self._pending_state = None
+        self.watch.external_clip = _trainer_clip(trainer) if self.clip_norm is None else None
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.watch is not None:
@@ -217,6 +218,10 @@ class GradwatchCallback(Callback):
             "gradwatch/skipped": float(result.skipped),
             "gradwatch/clipped": float(result.clipped),
         }
+        record = result.record
+        if record is not None and record.clip_threshold is not None:
+            metrics["gradwatch/clip_threshold"] = float(record.clip_threshold)
+            metrics["gradwatch/clip_coef"] = float(record.clip_coef)
         if self.log_layers and result.record is not None:
             for name, value in result.layer_grad_norms.items():
                 metrics[f"gradwatch/grad_norm/{name}"] = float(value)
@@ -230,3 +235,23 @@ class GradwatchCallback(Callback):
                 add_text = getattr(experiment, "add_text", None)
                 if callable(add_text) and trainer.is_global_zero:  # TensorBoard
                     add_text(f"gradwatch/{finding.code}", str(finding), trainer.global_step)
+
+
+def _trainer_clip(trainer: Any) -> tuple[float, str] | None:
+    """``(gradient_clip_val, "norm" | "value")`` of a Lightning Trainer that clips, else None.
+
+    Example:
+        >>> class T: gradient_clip_val, gradient_clip_algorithm = 0.5, "norm"
+        >>> _trainer_clip(T())
+        (0.5, 'norm')
+    """
+    val = getattr(trainer, "gradient_clip_val", None)
+    try:
+        val = float(val) if val is not None else None
+    except (TypeError, ValueError):
+        return None
+    if val is None or not val > 0 or val != val:
+        return None
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+    algorithm = algorithm.split(".")[-1]  # GradClipAlgorithmType.NORM -> norm
+    return (val, "value" if algorithm == "value" else "norm")
