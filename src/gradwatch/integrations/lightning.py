@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the standalone package
 
 from ..runpath import check_mode
 from ..watch import Watch
+from .. import tags
 from . import SchedulerRewind, severity_level
 
 __all__ = ["GradwatchCallback"]
@@ -214,19 +215,19 @@ class GradwatchCallback(Callback):
     # ----- logging ---------------------------------------------------------------------
     def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Any) -> None:
         metrics = {
-            "gradwatch/grad_norm": float(result.grad_norm),
-            "gradwatch/skipped": float(result.skipped),
-            "gradwatch/clipped": float(result.clipped),
+            tags.GRAD_NORM: float(result.grad_norm),
+            tags.SKIPPED: float(result.skipped),
+            tags.CLIPPED: float(result.clipped),
         }
         record = result.record
         if record is not None and record.clip_threshold is not None:
-            metrics["gradwatch/clip_threshold"] = float(record.clip_threshold)
-            metrics["gradwatch/clip_coef"] = float(record.clip_coef)
+            metrics[tags.CLIP_THRESHOLD] = float(record.clip_threshold)
+            metrics[tags.CLIP_COEF] = float(record.clip_coef)
         if self.log_layers and result.record is not None:
             for name, value in result.layer_grad_norms.items():
-                metrics[f"gradwatch/grad_norm/{name}"] = float(value)
+                metrics[tags.layer_grad_norm(name)] = float(value)
         for finding in result.findings:
-            metrics[f"gradwatch/finding/{finding.code}"] = severity_level(finding.severity)
+            metrics[tags.finding(finding.code)] = severity_level(finding.severity)
         if trainer.loggers:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         for finding in result.findings:
@@ -234,7 +235,7 @@ class GradwatchCallback(Callback):
                 experiment = getattr(logger, "experiment", None)
                 add_text = getattr(experiment, "add_text", None)
                 if callable(add_text) and trainer.is_global_zero:  # TensorBoard
-                    add_text(f"gradwatch/{finding.code}", str(finding), trainer.global_step)
+                    add_text(tags.FINDINGS + "/" + finding.code, str(finding), trainer.global_step)
 
 
 def _trainer_clip(trainer: Any) -> tuple[float, str] | None:

@@ -1,0 +1,80 @@
+"""The HF callback's gradwatch/* numbers reach the Trainer's report_to backends (TensorBoard here)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tensorboard")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradwatch as gw  # noqa: E402
+from gradwatch.integrations.transformers import GradwatchCallback  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+STEPS = 4
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int = 8, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _scalars(logdir) -> dict[str, tuple[list[int], np.ndarray]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, tuple[list[int], np.ndarray]] = {}
+    for root, _, files in os.walk(logdir):
+        if not any(f.startswith("events.out.tfevents") for f in files):
+            continue
+        acc = EventAccumulator(root, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            events = acc.Scalars(tag)
+            out[tag] = ([e.step for e in events], np.array([e.value for e in events]))
+    return out
+
+
+def test_gradwatch_numbers_reach_report_to_tensorboard(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))  # transformers 5: no logging_dir argument
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, report_to=["tensorboard"], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, max_grad_norm=0.05,
+    )
+    cb = GradwatchCallback(run_dir=tmp_path / "run", layers_every=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(STEPS * 4), callbacks=[cb])
+    trainer.train()
+    scalars = _scalars(logdir)  # the Trainer's TensorBoardCallback prefixes every tag with train/
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("GradwatchCallback") < names.index("TensorBoardCallback")  # moved ahead of the reporter
+    run = gw.load_run(tmp_path / "run")
+    steps, norms = scalars["train/gradwatch/grad_norm"]
+    assert steps == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(norms, run.steps["grad_norm"], rtol=1e-5)  # the run directory's numbers
+    _, threshold = scalars["train/gradwatch/clip_threshold"]
+    assert threshold.tolist() == pytest.approx([0.05] * STEPS)
+    _, coef = scalars["train/gradwatch/clip_coef"]
+    np.testing.assert_allclose(coef, np.minimum(1.0, 0.05 / (run.steps["grad_norm"] + 1e-6)), rtol=1e-5)
+    assert scalars["train/gradwatch/clipped"][1].tolist() == [1.0] * STEPS
+    assert scalars["train/gradwatch/skipped_steps"][1].tolist() == [0.0] * STEPS
+    layer = "train/gradwatch/grad_norm/layer/" + run.layer_names[0]
+    layer_steps, layer_values = scalars[layer]
+    assert layer_steps == [1, 2, 4]  # step 1 and every layers_every=2
+    np.testing.assert_allclose(layer_values, run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)
