@@ -133,7 +133,7 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
         rows = list(csv.DictReader(handle))
     skipped = [float(r["gradwatch/skipped"]) for r in rows if r.get("gradwatch/skipped")]
     assert skipped == [float(i == NAN_BATCH) for i in range(STEPS)]
-    assert any(r.get("gradwatch/grad_norm/layer/net.0") for r in rows)
+    assert any(r.get("gradwatch/layer_grad_norm/net.0") for r in rows)
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [s["skipped"] for s in steps] == [i == NAN_BATCH for i in range(STEPS)]
     codes_logged = {k.split("/")[-1] for r in rows for k, v in r.items() if k.startswith("gradwatch/finding/") and v}

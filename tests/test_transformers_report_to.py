@@ -74,7 +74,7 @@ def test_gradwatch_numbers_reach_report_to_tensorboard(tmp_path, monkeypatch):
     np.testing.assert_allclose(coef, np.minimum(1.0, 0.05 / (run.steps["grad_norm"] + 1e-6)), rtol=1e-5)
     assert scalars["train/gradwatch/clipped"][1].tolist() == [1.0] * STEPS
     assert scalars["train/gradwatch/skipped_steps"][1].tolist() == [0.0] * STEPS
-    layer = "train/gradwatch/grad_norm/layer/" + run.layer_names[0]
+    layer = "train/gradwatch/layer_grad_norm/" + run.layer_names[0]
     layer_steps, layer_values = scalars[layer]
     assert layer_steps == [1, 2, 4]  # step 1 and every layers_every=2
     np.testing.assert_allclose(layer_values, run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)

@@ -11,8 +11,8 @@ tags (``loss``, ``grad_norm``)::
     gradwatch/skipped                    1.0 on a skipped (non-finite) step
     gradwatch/skipped_steps              skipped steps so far
     gradwatch/loss_scale                 fp16 loss scale, when there is one
-    gradwatch/grad_norm/layer/<name>     per-layer gradient norm before clipping
-    gradwatch/update_ratio/layer/<name>  per-layer update/weight ratio, when measured
+    gradwatch/layer_grad_norm/<name>     per-layer gradient norm before clipping
+    gradwatch/layer_update_ratio/<name>  per-layer update/weight ratio, when measured
     gradwatch/finding/<code>             a finding's severity level (scalar)
     gradwatch/findings                   findings as text (or their count, as a scalar)
 """
@@ -28,8 +28,8 @@ CLIPPED = PREFIX + "clipped"
 SKIPPED = PREFIX + "skipped"
 SKIPPED_STEPS = PREFIX + "skipped_steps"
 LOSS_SCALE = PREFIX + "loss_scale"
-LAYER_GRAD_NORM = PREFIX + "grad_norm/layer/"
-LAYER_UPDATE_RATIO = PREFIX + "update_ratio/layer/"
+LAYER_GRAD_NORM = PREFIX + "layer_grad_norm/"
+LAYER_UPDATE_RATIO = PREFIX + "layer_update_ratio/"
 FINDING = PREFIX + "finding/"
 FINDINGS = PREFIX + "findings"
 
@@ -39,7 +39,7 @@ def layer_grad_norm(name: str) -> str:
 
     Example:
         >>> layer_grad_norm("fc1")
-        'gradwatch/grad_norm/layer/fc1'
+        'gradwatch/layer_grad_norm/fc1'
     """
     return LAYER_GRAD_NORM + name
 
@@ -49,7 +49,7 @@ def layer_update_ratio(name: str) -> str:
 
     Example:
         >>> layer_update_ratio("fc1")
-        'gradwatch/update_ratio/layer/fc1'
+        'gradwatch/layer_update_ratio/fc1'
     """
     return LAYER_UPDATE_RATIO + name
 
@@ -62,3 +62,6 @@ def finding(code: str) -> str:
         'gradwatch/finding/loss_spike'
     """
     return FINDING + code
+
+# Per-layer tags are not under gradwatch/grad_norm/: a store that keeps one file per metric (MLflow's
+# file store) cannot hold both a metric gradwatch/grad_norm and gradwatch/grad_norm/<layer>.

@@ -92,7 +92,7 @@ class GradwatchCallback(TrainerCallback):
             resumes from a checkpoint (``state.global_step > 0`` when training
             begins), continuing the run the checkpoint's ``gradwatch_state.pt``
             names, else ``"version"``. Default: None.
-        layers_every: log the per-layer gradient norms (``gradwatch/grad_norm/layer/<name>``) to the
+        layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) to the
             ``report_to`` backends on step 1 and every this many steps (at a logging step); None: never.
             Default: 50.
         **watch_options: other :class:`gradwatch.Watch` keywords
