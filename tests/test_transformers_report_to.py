@@ -78,3 +78,54 @@ def test_gradwatch_numbers_reach_report_to_tensorboard(tmp_path, monkeypatch):
     layer_steps, layer_values = scalars[layer]
     assert layer_steps == [1, 2, 4]  # step 1 and every layers_every=2
     np.testing.assert_allclose(layer_values, run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)
+
+
+def _train_reporting(tmp_path, report_to: str):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, report_to=[report_to], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, max_grad_norm=0.05,
+    )
+    cb = GradwatchCallback(run_dir=tmp_path / "run", layers_every=2)
+    trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args,
+                                   train_dataset=Tokens(STEPS * 4), callbacks=[cb])
+    trainer.train()
+    return trainer, gw.load_run(tmp_path / "run")
+
+
+def test_gradwatch_numbers_reach_report_to_mlflow(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3.x: the local file store is opt-in
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    trainer, run = _train_reporting(tmp_path, "mlflow")
+    client = mlflow.MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if client.search_runs([e.experiment_id])]
+    (mlrun,) = client.search_runs([experiment.experiment_id])
+    history = sorted((m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "gradwatch/grad_norm"))
+    assert [s for s, _ in history] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([v for _, v in history], run.steps["grad_norm"], rtol=1e-5)
+    layer = "gradwatch/layer_grad_norm/" + run.layer_names[0]
+    layer_history = sorted((m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, layer))
+    assert [s for s, _ in layer_history] == [1, 2, 4]
+    np.testing.assert_allclose([v for _, v in layer_history], run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)
+
+
+def test_gradwatch_numbers_reach_report_to_wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                        "WANDB_PROJECT": "gradwatch-test"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        trainer, run = _train_reporting(tmp_path, "wandb")
+        summary = wandb.run.summary  # the Trainer's WandbCallback logs under train/ and leaves the run open
+        assert summary["train/gradwatch/grad_norm"] == pytest.approx(float(run.steps["grad_norm"][-1]), rel=1e-5)
+        assert summary["train/gradwatch/clip_threshold"] == pytest.approx(0.05)
+        layer = "train/gradwatch/layer_grad_norm/" + run.layer_names[0]
+        assert summary[layer] == pytest.approx(float(run.steps["layer_grad_norms"][3, 0]), rel=1e-5)  # step 4
+    finally:
+        if wandb.run is not None:
+            wandb.run.finish()
