@@ -78,6 +78,12 @@ def test_gradwatch_numbers_reach_report_to_tensorboard(tmp_path, monkeypatch):
     layer_steps, layer_values = scalars[layer]
     assert layer_steps == [1, 2, 4]  # step 1 and every layers_every=2
     np.testing.assert_allclose(layer_values, run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)
+    # the update ratios of those steps reach the backend as the Watch measured them (the first steps
+    # are measured; tests/test_watch.py checks the ratio itself against a hand computation)
+    ratio_steps, ratio_values = scalars["train/gradwatch/layer_update_ratio/" + run.layer_names[0]]
+    assert ratio_steps == [1, 2, 4]
+    measured = {r.step: r.update_ratio[0] for r in cb.watch.history if r.update_ratio is not None}
+    np.testing.assert_allclose(ratio_values, [measured[s] for s in (1, 2, 4)], rtol=1e-5)
 
 
 def _train_reporting(tmp_path, report_to: str):

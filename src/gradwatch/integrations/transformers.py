@@ -92,7 +92,8 @@ class GradwatchCallback(TrainerCallback):
             resumes from a checkpoint (``state.global_step > 0`` when training
             begins), continuing the run the checkpoint's ``gradwatch_state.pt``
             names, else ``"version"``. Default: None.
-        layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) to the
+        layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) and, on
+            the steps that measure them, the update ratios (``gradwatch/layer_update_ratio/<name>``) to the
             ``report_to`` backends on step 1 and every this many steps (at a logging step); None: never.
             Default: 50.
         **watch_options: other :class:`gradwatch.Watch` keywords
@@ -307,3 +308,7 @@ class GradwatchCallback(TrainerCallback):
         if every and (record.step % every == 0 or record.step == 1):
             for name, value in zip(record.layer_names, record.layer_grad_norms.tolist()):
                 logs[tags.layer_grad_norm(name)] = float(value)
+            if record.update_ratio is not None:  # measured on this step (NaN: a layer not measured)
+                for name, value in zip(record.layer_names, record.update_ratio.tolist()):
+                    if value == value:
+                        logs[tags.layer_update_ratio(name)] = float(value)
