@@ -67,6 +67,15 @@ def test_watch_writes_tensorboard_live(tmp_path: Path) -> None:
     for name in watch.layers:
         _, values = _scalars(acc, LAYER_PREFIX + name)
         np.testing.assert_allclose(values[:5], [r.layer_grad_norms[name] for r in results[:5]], rtol=1e-6)
+    _, skipped_steps = _scalars(acc, "gradwatch/skipped_steps")
+    assert skipped_steps.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    # the per-layer update ratios of the measured steps (the first steps): ||dw|| / ||w|| as measured
+    measured = {r.step: r.update_ratio for r in watch.history if r.update_ratio is not None}
+    assert 1 in measured
+    ratio_steps, ratio = _scalars(acc, "gradwatch/layer_update_ratio/" + watch.layers[0])
+    finite = sorted(s for s, v in measured.items() if np.isfinite(v[0]))
+    assert ratio_steps == finite
+    np.testing.assert_allclose(ratio, [measured[s][0] for s in finite], rtol=1e-6)
     texts = _texts(acc)
     hostile = [(s, t) for s, t in texts if HOSTILE_MESSAGE in t]
     assert len(hostile) == 1 and hostile[0][0] == 3 and "vanishing_gradients" in hostile[0][1]

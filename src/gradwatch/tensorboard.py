@@ -114,8 +114,9 @@ class TensorBoardWriter:
     def add_step(self, step: int, *, loss: float, grad_norm: float, clip_coef: float,
                  layer_names: Sequence[str], layer_norms: Sequence[float], skipped: bool = False,
                  loss_scale: float | None = None, wall_time: float | None = None,
-                 clip_threshold: float | None = None, clipped: bool = False) -> None:
-        """Write one step's scalars (one event, every tag)."""
+                 clip_threshold: float | None = None, clipped: bool = False,
+                 update_ratios: Sequence[float] | None = None, skipped_steps: int | None = None) -> None:
+        """Write one step's scalars (one event, every tag); a NaN update ratio (layer not measured) is left out."""
         value = self._Summary.Value
         values = [
             value(tag=tags.LOSS, simple_value=float(loss)),
@@ -128,8 +129,13 @@ class TensorBoardWriter:
             values.append(value(tag=tags.CLIPPED, simple_value=1.0 if clipped else 0.0))
         if loss_scale is not None and math.isfinite(loss_scale) and loss_scale > 0:
             values.append(value(tag=tags.LOSS_SCALE, simple_value=float(loss_scale)))
+        if skipped_steps is not None:
+            values.append(value(tag=tags.SKIPPED_STEPS, simple_value=float(skipped_steps)))
         values.extend(value(tag=LAYER_PREFIX + name, simple_value=float(norm))
                       for name, norm in zip(layer_names, layer_norms))
+        if update_ratios is not None:
+            values.extend(value(tag=tags.layer_update_ratio(name), simple_value=float(ratio))
+                          for name, ratio in zip(layer_names, update_ratios) if math.isfinite(ratio))
         self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
                                            step=int(step), summary=self._Summary(value=values)))
 
@@ -234,6 +240,7 @@ class TensorBoardPlugin(WatchPlugin):
         self.every = every
         self.writer: TensorBoardWriter | None = None
         self._findings_written = 0
+        self._skipped_steps = 0
 
     def attach(self, view: WatchView) -> None:
         super().attach(view)
@@ -242,12 +249,14 @@ class TensorBoardPlugin(WatchPlugin):
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if self.writer is None:
             return []
+        self._skipped_steps += bool(record.skipped)
         if record.step % self.every == 0 or record.skipped:
+            ratios = record.update_ratio.tolist() if record.update_ratio is not None else None
             self.writer.add_step(record.step, loss=record.loss, grad_norm=record.grad_norm,
                                  clip_coef=record.clip_coef, layer_names=record.layer_names,
                                  layer_norms=record.layer_grad_norms.tolist(), skipped=record.skipped,
                                  loss_scale=record.loss_scale, clip_threshold=record.clip_threshold,
-                                 clipped=record.clipped)
+                                 clipped=record.clipped, update_ratios=ratios, skipped_steps=self._skipped_steps)
         self._write_new_findings()
         return []
 
