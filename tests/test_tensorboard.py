@@ -69,6 +69,9 @@ def test_watch_writes_tensorboard_live(tmp_path: Path) -> None:
         np.testing.assert_allclose(values[:5], [r.layer_grad_norms[name] for r in results[:5]], rtol=1e-6)
     _, skipped_steps = _scalars(acc, "gradwatch/skipped_steps")
     assert skipped_steps.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    _, share = _scalars(acc, "gradwatch/clipped_share")
+    clipped = np.cumsum([r.clipped for r in watch.history])
+    np.testing.assert_allclose(share, clipped / np.arange(1, 9), rtol=1e-6)
     # the per-layer update ratios of the measured steps (the first steps): ||dw|| / ||w|| as measured
     measured = {r.step: r.update_ratio for r in watch.history if r.update_ratio is not None}
     assert 1 in measured

@@ -62,7 +62,7 @@ class MetricsLogger(WatchPlugin):
             out[tags.CLIP_THRESHOLD] = record.clip_threshold
             out[tags.CLIP_COEF] = record.clip_coef
             out[tags.CLIPPED] = float(record.clipped)
-            out[tags.PREFIX + "clipped_share"] = self._clipped / self._steps
+            out[tags.CLIPPED_SHARE] = self._clipped / self._steps
         if record.loss_scale is not None:
             out[tags.LOSS_SCALE] = record.loss_scale
         every = self.layers_every

@@ -8,6 +8,7 @@ tags (``loss``, ``grad_norm``)::
     gradwatch/clip_coef                  clip coefficient (1.0: not clipped)
     gradwatch/clip_threshold             the clip threshold, when clipping is on
     gradwatch/clipped                    1.0 on a clipped step
+    gradwatch/clipped_share              clipped steps so far / steps so far
     gradwatch/skipped                    1.0 on a skipped (non-finite) step
     gradwatch/skipped_steps              skipped steps so far
     gradwatch/loss_scale                 fp16 loss scale, when there is one
@@ -25,6 +26,7 @@ GRAD_NORM = PREFIX + "grad_norm"
 CLIP_COEF = PREFIX + "clip_coef"
 CLIP_THRESHOLD = PREFIX + "clip_threshold"
 CLIPPED = PREFIX + "clipped"
+CLIPPED_SHARE = PREFIX + "clipped_share"
 SKIPPED = PREFIX + "skipped"
 SKIPPED_STEPS = PREFIX + "skipped_steps"
 LOSS_SCALE = PREFIX + "loss_scale"

@@ -115,7 +115,8 @@ class TensorBoardWriter:
                  layer_names: Sequence[str], layer_norms: Sequence[float], skipped: bool = False,
                  loss_scale: float | None = None, wall_time: float | None = None,
                  clip_threshold: float | None = None, clipped: bool = False,
-                 update_ratios: Sequence[float] | None = None, skipped_steps: int | None = None) -> None:
+                 update_ratios: Sequence[float] | None = None, skipped_steps: int | None = None,
+                 clipped_share: float | None = None) -> None:
         """Write one step's scalars (one event, every tag); a NaN update ratio (layer not measured) is left out."""
         value = self._Summary.Value
         values = [
@@ -127,6 +128,8 @@ class TensorBoardWriter:
         if clip_threshold is not None and math.isfinite(clip_threshold):
             values.append(value(tag=tags.CLIP_THRESHOLD, simple_value=float(clip_threshold)))
             values.append(value(tag=tags.CLIPPED, simple_value=1.0 if clipped else 0.0))
+            if clipped_share is not None:
+                values.append(value(tag=tags.CLIPPED_SHARE, simple_value=float(clipped_share)))
         if loss_scale is not None and math.isfinite(loss_scale) and loss_scale > 0:
             values.append(value(tag=tags.LOSS_SCALE, simple_value=float(loss_scale)))
         if skipped_steps is not None:
@@ -240,7 +243,7 @@ class TensorBoardPlugin(WatchPlugin):
         self.every = every
         self.writer: TensorBoardWriter | None = None
         self._findings_written = 0
-        self._skipped_steps = 0
+        self._skipped_steps = self._clipped_steps = self._steps = 0
 
     def attach(self, view: WatchView) -> None:
         super().attach(view)
@@ -250,13 +253,16 @@ class TensorBoardPlugin(WatchPlugin):
         if self.writer is None:
             return []
         self._skipped_steps += bool(record.skipped)
+        self._clipped_steps += bool(record.clipped)
+        self._steps += 1
         if record.step % self.every == 0 or record.skipped:
             ratios = record.update_ratio.tolist() if record.update_ratio is not None else None
             self.writer.add_step(record.step, loss=record.loss, grad_norm=record.grad_norm,
                                  clip_coef=record.clip_coef, layer_names=record.layer_names,
                                  layer_norms=record.layer_grad_norms.tolist(), skipped=record.skipped,
                                  loss_scale=record.loss_scale, clip_threshold=record.clip_threshold,
-                                 clipped=record.clipped, update_ratios=ratios, skipped_steps=self._skipped_steps)
+                                 clipped=record.clipped, update_ratios=ratios, skipped_steps=self._skipped_steps,
+                                 clipped_share=self._clipped_steps / self._steps)
         self._write_new_findings()
         return []
 
