@@ -13,3 +13,15 @@ torch.set_num_threads(int(os.environ.get("GRADWATCH_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState: a test's Accelerator(mixed_precision=...) must not
+    meet the one an earlier test (a README example) made. Reset after each test that imported accelerate."""
+    yield
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
