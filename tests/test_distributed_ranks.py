@@ -134,16 +134,39 @@ def _agreement(rank: int) -> dict:
     return res
 
 
-def _fsdp_loss_rank(rank: int) -> dict:
+def _backward_nan_hook(module, args, output):
+    """Forward: adds 0. Backward: d sqrt(u)/du at u = 0 is inf, times 0 is NaN, into every gradient upstream."""
+    return output + torch.sqrt((output * 0.0).sum()) * 0.0
+
+
+def _fsdp_ranks(rank: int) -> dict:
     import gradwatch as gw
     from test_distributed import _fsdp_model
 
-    model = _fsdp_model()
+    from gradwatch.distributed import local_tensor
+
+    plain, model = _fsdp_model(), _fsdp_model()
     watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=LR), diagnose=False)
+    res = {"hooked": watch._dist.hooked}
     x, y = rank_batch(0, rank)
+    lm_loss(plain, x, y).backward()
+    loss = lm_loss(model, x, y)
+    loss.backward()  # through the wrapped reduce-scatter
+    res["grads_equal"] = all(torch.equal(local_tensor(a.grad), local_tensor(b.grad))
+                             for a, b in zip(plain.parameters(), model.parameters()))
+    watch.observe(loss)
+    model.zero_grad(set_to_none=True)
     r = watch.step(lambda: lm_loss(model, x, y) * (float("nan") if rank == 1 else 1.0), batch=(x, y))
+    res["loss_nan"] = [f.to_dict() for f in r.findings]
+    handle = model.blocks[1].register_forward_hook(_backward_nan_hook) if rank == 1 else None
+    r = watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+    if handle is not None:
+        handle.remove()
+    res["backward_nan"] = {"loss": r.loss, "skipped": r.skipped, "findings": [f.to_dict() for f in r.findings]}
+    r = watch.step(lambda: lm_loss(model, x, y), batch=(x, y))
+    res["healthy_after"] = r.skipped
     watch.close()
-    return {"findings": [f.to_dict() for f in r.findings]}
+    return res
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -154,7 +177,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     out_path = Path(out)
     try:
-        res = {"which": _which_rank(rank, out_path), "agree": _agreement(rank), "fsdp": _fsdp_loss_rank(rank)}
+        res = {"which": _which_rank(rank, out_path), "agree": _agreement(rank), "fsdp": _fsdp_ranks(rank)}
     except BaseException as exc:  # noqa: BLE001 - hand the failure to the parent
         res = {"error": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
     torch.distributed.destroy_process_group()
@@ -254,10 +277,19 @@ def test_the_users_own_comm_hook_is_kept_and_the_loss_still_names_the_rank(ranks
 
 
 @pytest.mark.slow
-def test_fsdp2_names_the_rank_from_the_local_loss(ranks):
+def test_fsdp2_names_the_rank_from_its_local_loss_and_its_unsharded_gradients(ranks):
     for res in ranks:
-        f = _error(res["fsdp"]["findings"])
+        fsdp = res["fsdp"]
+        assert fsdp["hooked"]  # every fully_shard module's reduce-scatter is wrapped
+        assert fsdp["grads_equal"]  # the wrapped reduce-scatter gives plain FSDP2's gradient shards, bit for bit
+        f = _error(fsdp["loss_nan"])
         assert f["evidence"]["nonfinite_ranks"]["loss"] == [1] and f["evidence"]["rank"] == 1
+        nan = fsdp["backward_nan"]
+        assert nan["skipped"] and nan["loss"] == nan["loss"]  # the loss was finite (not NaN) on every rank
+        f = _error(nan["findings"])
+        assert f["evidence"]["nonfinite_ranks"] == {"loss": [], "gradients": [1]}, f["evidence"]["nonfinite_ranks"]
+        assert f["evidence"]["rank"] == 1 and "rank 1 of 2" in f["message"]
+        assert not fsdp["healthy_after"]
 
 
 @pytest.mark.slow

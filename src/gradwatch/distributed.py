@@ -32,9 +32,10 @@ Under DDP the gradient bit comes from a communication hook
 ``register_comm_hook``) that sums each bucket in float64 *before* the
 all-reduce (the sum is non-finite iff an element is) and then runs torch's
 default all-reduce unchanged; a model that already has a comm hook keeps it
-(the Watch says so once and names ranks from the loss alone). Under FSDP2 the
-local gradients are reduce-scattered inside FSDP before gradwatch sees them, so
-only the loss names the rank. The flags are read on the host only on a
+(the Watch says so once and names ranks from the loss alone). Under FSDP2 each
+``fully_shard`` module's reduce-scatter comm is wrapped the same way
+(:class:`FlaggingReduceScatter`, through FSDP2's public
+``set_custom_reduce_scatter``): its input is this rank's unsharded gradients. The flags are read on the host only on a
 non-finite step (:meth:`DistSync.nonfinite_ranks`).
 
 **Do replicas agree** (DDP): every ``agree_every`` steps (and on step 1)
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .findings import Finding
     from .layers import LayerIndex
 
-__all__ = ["DistSync", "HookState", "flagging_allreduce_hook", "is_distributed", "is_dtensor", "local_tensor", "unwrap_model"]
+__all__ = ["DistSync", "FlaggingReduceScatter", "HookState", "flagging_allreduce_hook", "is_distributed", "is_dtensor", "local_tensor", "unwrap_model"]
 
 #: ranks per float64 word of the per-rank flags (2 bits each: 52 of the 53 exact bits)
 RANKS_PER_WORD = 26
@@ -183,6 +184,36 @@ def flagging_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]  # n
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+class FlaggingReduceScatter:
+    """FSDP2's reduce-scatter comm, wrapped: this rank's unsharded gradients are checked before it runs.
+
+    The FSDP2 counterpart of :func:`flagging_allreduce_hook`, set with FSDP2's
+    public ``FSDPModule.set_custom_reduce_scatter``: ``allocate`` and the call
+    delegate to the comm that was there (the default one, or yours), and the
+    float64 sum of the reduce-scatter input (this rank's padded, unsharded
+    gradients of the group; padding is zeros) is folded into the per-step flag first.
+
+    Example (set by the Watch; by hand)::
+
+        module.set_custom_reduce_scatter(FlaggingReduceScatter(old_comm, HookState(None, sync)))
+    """
+
+    def __init__(self, inner: Any, state: HookState) -> None:
+        self.inner = inner
+        self.state = state
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The inner comm's buffer."""
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+                 async_op: bool = False) -> Any:
+        if self.state.sync is not None:
+            self.state.sync.note_local_bucket(input_tensor)
+        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op,
+                          async_op=async_op)
+
+
 def _check_write_rank(write_rank: Any) -> int | str:
     if write_rank == "all":
         return "all"
@@ -268,15 +299,16 @@ class DistSync:
         """Register :func:`flagging_allreduce_hook` on a DDP ``model``; None if done, else why not (plain words).
 
         A model that already has a comm hook keeps it (torch allows one): the ranks
-        are then named from the local loss alone. Not DDP (FSDP2, a plain module):
-        nothing to register.
+        are then named from the local loss alone. FSDP2 (``fully_shard`` modules):
+        each module's reduce-scatter is wrapped in :class:`FlaggingReduceScatter`
+        instead. Anything else: nothing to do.
 
         Example (inside an initialized process group)::
 
             why_not = sync.install_hook(ddp_model)   # None: registered
         """
         if not isinstance(model, nn.parallel.DistributedDataParallel):
-            return None
+            return self._install_fsdp(model)
         mine = getattr(model, "_gradwatch_hook", None)
         if isinstance(mine, HookState):  # registered by an earlier Watch of this model: take it over
             mine.sync = self
@@ -284,16 +316,47 @@ class DistSync:
             self._hook_state = mine
             return None
         if getattr(model, "_comm_hooks", None):
-            return "the model already has a DDP communication hook"
+            return "the model already has a DDP communication hook, which is kept"
         state = HookState(self.group, self)
         try:
             model.register_comm_hook(state=state, hook=flagging_allreduce_hook)
         except Exception as exc:  # a built-in hook registered, or backward already ran with another
-            return f"register_comm_hook refused it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            return (f"DDP's register_comm_hook refused gradwatch's hook ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:160]})")
         model._gradwatch_hook = state
         self._hook_state = state
         self.hooked = True
         return None
+
+    def _install_fsdp(self, model: nn.Module) -> str | None:
+        """FSDP2: wrap every ``fully_shard`` module's reduce-scatter in :class:`FlaggingReduceScatter`."""
+        modules = [m for m in model.modules() if hasattr(m, "set_custom_reduce_scatter")]
+        if not modules:
+            return None
+        state = getattr(model, "_gradwatch_hook", None)
+        if not isinstance(state, HookState):
+            state = HookState(self.group, self)
+        state.sync = self
+        wrapped = 0
+        for module in modules:
+            comm = compat.fsdp_reduce_scatter_comm(module)
+            if isinstance(comm, FlaggingReduceScatter):
+                comm.state = state
+                wrapped += 1
+                continue
+            if comm is None:
+                continue
+            try:
+                module.set_custom_reduce_scatter(FlaggingReduceScatter(comm, state))
+                wrapped += 1
+            except Exception:  # several param groups (a shard_placement_fn mesh), or an FSDP that refuses
+                continue
+        if wrapped == 0:
+            return "FSDP2's reduce-scatter could not be wrapped"
+        model._gradwatch_hook = state
+        self._hook_state = state
+        self.hooked = wrapped == len(modules)
+        return None if self.hooked else f"{len(modules) - wrapped} of {len(modules)} FSDP2 modules keep their reduce-scatter"
 
     def release_hook(self) -> None:
         """The Watch closed: the comm hook stops flagging (it stays registered, as a plain all-reduce)."""

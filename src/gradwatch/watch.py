@@ -295,8 +295,8 @@ class Watch:
         if self._dist is not None:
             why_not = self._dist.install_hook(model)
             if why_not is not None:
-                logger.warning("gradwatch: %s, so it is kept; a non-finite step names the rank(s) from their "
-                               "local loss only (not from local gradients made non-finite in the backward)", why_not)
+                logger.warning("gradwatch: %s; a non-finite step names the rank(s) from their local loss only "
+                               "(not from local gradients made non-finite in the backward)", why_not)
         view = WatchView(self)
         for plugin in self.plugins:
             plugin.attach(view)
