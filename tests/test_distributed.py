@@ -387,7 +387,8 @@ def _lightning_ddp(rank: int, out: Path) -> dict:
     sched = trainer.lr_scheduler_configs[0].scheduler
     return {"skipped": [r.skipped for r in callback.watch.history], "last_epoch": sched.last_epoch,
             "run_dir": str(callback.watch.run_dir) if callback.watch.run_dir is not None else None,
-            "digest": float(_digest(trainer.lightning_module))}
+            "digest": float(_digest(trainer.lightning_module)), "hooked": callback.watch._dist.hooked,
+            "rank": [f.evidence.get("rank") for f in callback.watch.findings if f.severity == "error"]}
 
 
 def _transformers_ddp(rank: int, out: Path) -> dict:
@@ -619,6 +620,7 @@ def test_lightning_ddp_strategy_nan_on_rank1_skips_everywhere_without_lr_drift(r
     for res in results:
         assert res["skipped"] == [i == 1 for i in range(STEPS)]
         assert res["last_epoch"] == STEPS - 1  # the skipped step did not advance the schedule
+        assert res["hooked"] and res["rank"] == [1]  # the comm hook on Lightning's DDP wrapper; rank 1 named
     assert results[0]["run_dir"] is not None and results[1]["run_dir"] is None
     assert results[0]["digest"] == results[1]["digest"]  # the ranks stayed in sync
 

@@ -191,27 +191,25 @@ def compiled_inner_module(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 # ----- dispatch and function modes, autograd internals (the NaN replay and the sampler) -------
-def fsdp_reduce_scatter_comm(module: torch.nn.Module) -> Any:
-    """The reduce-scatter comm an FSDP2 module uses now (None if it cannot be read, or it has several groups).
+def fsdp_reduce_scatter_comms(module: torch.nn.Module) -> list[Any] | None:
+    """The reduce-scatter comms an FSDP2 module uses now, one per param group (None if they cannot be read).
 
     Why private: FSDP2 has a public setter (``FSDPModule.set_custom_reduce_scatter``)
     but no getter; gradwatch wraps the comm in place (it delegates to it, so a
     custom one keeps working). Fallback: None, and the ranks are named from the loss.
+    A module without parameters of its own has no group (an empty list).
 
     Example:
-        >>> fsdp_reduce_scatter_comm(torch.nn.Linear(2, 2)) is None   # not an FSDP2 module
+        >>> fsdp_reduce_scatter_comms(torch.nn.Linear(2, 2)) is None   # not an FSDP2 module
         True
     """
     getter = getattr(module, "_get_fsdp_state", None)
     if getter is None or not hasattr(module, "set_custom_reduce_scatter"):
         return None
     try:
-        groups = list(getter()._fsdp_param_groups)
+        return [group._reduce_scatter_comm for group in getter()._fsdp_param_groups]
     except (AttributeError, TypeError, RuntimeError):
         return None
-    if len(groups) != 1:
-        return None
-    return getattr(groups[0], "_reduce_scatter_comm", None)
 
 
 def torch_dispatch_mode() -> type:

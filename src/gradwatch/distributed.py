@@ -339,12 +339,16 @@ class DistSync:
         state.sync = self
         wrapped = 0
         for module in modules:
-            comm = compat.fsdp_reduce_scatter_comm(module)
+            comms = compat.fsdp_reduce_scatter_comms(module)
+            if comms is not None and not comms:  # no parameters of its own: nothing to reduce-scatter
+                wrapped += 1
+                continue
+            if comms is None or len(comms) != 1:  # unreadable, or several groups (no custom comm then)
+                continue
+            comm = comms[0]
             if isinstance(comm, FlaggingReduceScatter):
                 comm.state = state
                 wrapped += 1
-                continue
-            if comm is None:
                 continue
             try:
                 module.set_custom_reduce_scatter(FlaggingReduceScatter(comm, state))
@@ -363,7 +367,6 @@ class DistSync:
         state = getattr(self, "_hook_state", None)
         if state is not None and state.sync is self:
             state.sync = None
-        self.hooked = False
 
     def note_local_bucket(self, buffer: torch.Tensor) -> None:
         """Fold one local bucket's finiteness into this step's flag (on the device, no sync)."""

@@ -292,11 +292,7 @@ class Watch:
         #: the directory this Watch writes (``run_dir`` itself, or the ``version_N`` / resumed run chosen in it)
         self.run_dir = self.writer.path if self.writer is not None else None
         self._pipeline = StepPipeline(self)
-        if self._dist is not None:
-            why_not = self._dist.install_hook(model)
-            if why_not is not None:
-                logger.warning("gradwatch: %s; a non-finite step names the rank(s) from their local loss only "
-                               "(not from local gradients made non-finite in the backward)", why_not)
+        self._install_comm_hook(model)
         view = WatchView(self)
         for plugin in self.plugins:
             plugin.attach(view)
@@ -547,6 +543,16 @@ class Watch:
         """
         self._expect(StepState.READY, "watch.zero_grad()")
         self._pipeline.clear_grads()
+
+    def _install_comm_hook(self, wrapper: Any) -> None:
+        """Under torch.distributed: the comm hook that names the rank of a non-finite step, on ``wrapper``
+        (the model, or the DDP wrapper an integration's trainer made around it); says once why not."""
+        if self._dist is None or not isinstance(wrapper, nn.Module) or self._dist.hooked:
+            return
+        why_not = self._dist.install_hook(wrapper)
+        if why_not is not None:
+            logger.warning("gradwatch: %s; a non-finite step names the rank(s) from their local loss only "
+                           "(not from local gradients made non-finite in the backward)", why_not)
 
     def should_skip(self, batch: Any) -> bool:
         """Whether ``batch`` made an earlier run's step non-finite (``skip_bad_batches=True``): leave it out.
