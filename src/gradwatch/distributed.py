@@ -264,6 +264,9 @@ class DistSync:
         self.n_flag_words = -(-self.world_size // RANKS_PER_WORD)
         self.hooked = False  # a DDP comm hook flags non-finite local gradients
         self._hook_state: HookState | None = None
+        self._replica_group: Any = None  # DDP's process group (the replicas), when the model is DDP
+        #: report an internal error once (the Watch's ``errors.report``); None: drop it
+        self.report: Any = None
         self._local_bad: torch.Tensor | None = None  # float64 scalar: nan iff a bucket of this step was non-finite
         self._flags: torch.Tensor | None = None  # the reduced flag words of the last measurement
 
@@ -309,6 +312,7 @@ class DistSync:
         """
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             return self._install_fsdp(model)
+        self._replica_group = getattr(model, "process_group", None)  # the replicas: DDP's own group
         mine = getattr(model, "_gradwatch_hook", None)
         if isinstance(mine, HookState):  # registered by an earlier Watch of this model: take it over
             mine.sync = self
@@ -317,7 +321,7 @@ class DistSync:
             return None
         if getattr(model, "_comm_hooks", None):
             return "the model already has a DDP communication hook, which is kept"
-        state = HookState(self.group, self)
+        state = HookState(self._replica_group, self)  # reduce over DDP's group: the math stays DDP's
         try:
             model.register_comm_hook(state=state, hook=flagging_allreduce_hook)
         except Exception as exc:  # a built-in hook registered, or backward already ran with another
@@ -369,7 +373,18 @@ class DistSync:
             state.sync = None
 
     def note_local_bucket(self, buffer: torch.Tensor) -> None:
-        """Fold one local bucket's finiteness into this step's flag (on the device, no sync)."""
+        """Fold one local bucket's finiteness into this step's flag (on the device, no sync).
+
+        Runs inside the backward (a comm hook): an error here is reported once
+        (``report``, set by the Watch) and never reaches the training loop.
+        """
+        try:
+            self._note(buffer)
+        except Exception as exc:
+            if self.report is not None:
+                self.report("distributed comm hook", exc)
+
+    def _note(self, buffer: torch.Tensor) -> None:
         with torch.no_grad():
             # nan iff an element is nan or inf (or the float32 sum overflows: |sum| > 3e38, absurd gradients;
             # the flags are read only on a non-finite step). float32: 7x faster than float64 on a CPU.
@@ -654,7 +669,8 @@ class DistSync:
     def check_replicas(self, step: int, index: "LayerIndex", clip_coef: float, skipped: bool) -> "Finding | None":
         """``rank_divergence`` if the replicas' weights or clip decision differ (one ``all_gather``, one host sync).
 
-        DDP only (FSDP2 ranks hold shards, not replicas: None without a collective).
+        DDP only (FSDP2 ranks hold shards, not replicas: None without a collective);
+        over DDP's own process group when the model is DDP (the ranks named are of that group).
         Called by the Watch on step 1 and every ``agree_every`` steps, on every rank
         (the same finding on each). See :mod:`gradwatch.replicas`.
 
@@ -669,8 +685,9 @@ class DistSync:
         device = self._collective_device()
         coef = clip_coef if math.isfinite(clip_coef) else -1.0  # a skipped step has no coefficient: the same everywhere
         mine = replica_checksums(index.params, index.param_layer, len(index), coef, skipped, device)
-        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
-        torch.distributed.all_gather(rows, mine, group=self.group)
+        group = self._replica_group if self._replica_group is not None else self.group
+        rows = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(rows, mine, group=group)  # ranks below: of DDP's group
         return divergence_finding(step, index.names, torch.stack(rows).cpu().numpy())
 
     def _collective_device(self) -> torch.device:

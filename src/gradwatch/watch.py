@@ -555,6 +555,7 @@ class Watch:
         (the model, or the DDP wrapper an integration's trainer made around it); says once why not."""
         if self._dist is None or not isinstance(wrapper, nn.Module) or self._dist.hooked:
             return
+        self._dist.report = self.errors.report
         why_not = self._dist.install_hook(wrapper)
         if why_not is not None:
             logger.warning("gradwatch: %s; a non-finite step names the rank(s) from their local loss only "
