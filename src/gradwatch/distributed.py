@@ -310,6 +310,9 @@ class DistSync:
 
             why_not = sync.install_hook(ddp_model)   # None: registered
         """
+        compiled = compat.compiled_inner_module(model)  # torch.compile(DDP(model))
+        if compiled is not None:
+            model = compiled
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             return self._install_fsdp(model)
         self._replica_group = getattr(model, "process_group", None)  # the replicas: DDP's own group
