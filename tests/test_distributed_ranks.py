@@ -356,3 +356,13 @@ def test_rank_flags_decode_bits_per_rank():
     assert RANKS_PER_WORD == 26
     sync._flags = torch.tensor(words, dtype=torch.float64)
     assert sync.nonfinite_ranks() == {"loss": [27, 59], "gradients": [3, 27]}
+
+
+def test_agree_every_is_validated():
+    import gradwatch as gw
+
+    model = torch.nn.Linear(2, 1)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="agree_every"):
+            gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), agree_every=bad)
+    gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), agree_every=None).close()  # None: never
