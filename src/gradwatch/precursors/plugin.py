@@ -5,9 +5,10 @@ judges them with :mod:`gradwatch.precursors.rules`, writes ``signals.jsonl``, an
 Where each signal is taken:
 
 - Adam RMS_t: in ``before_update``, from the step's final gradients (unscaled, clipped) and
-  the optimizer's ``exp_avg_sq`` before the update; every ``rms_every`` steps. Cost: four
-  elementwise passes over the gradients and one small device-to-host copy (one float per
-  parameter tensor).
+  the optimizer's ``exp_avg_sq`` before the update; every ``rms_every`` steps, and on every
+  step while the last measurement was above half of ``rms_threshold``. Cost: four elementwise
+  passes over the gradients and one small device-to-host copy (one float per parameter
+  tensor), about 260 us for 16 tensors on one CPU thread (so not every step by default).
 - attention logits and log Z: on sampled steps only, a :class:`torch.overrides.TorchFunctionMode`
   is active during the model's forward (entered by a forward pre-hook on the model and, for
   ``watch.step(closure)``, around the closure, so a loss computed outside the model counts);
@@ -69,8 +70,8 @@ class PrecursorPlugin(WatchPlugin):
 
     Example:
         >>> plugin = PrecursorPlugin(PrecursorConfig(sample_every=5))
-        >>> plugin.is_sampled(1), plugin.is_sampled(5), plugin.is_sampled(6)
-        (True, True, False)
+        >>> plugin.is_sampled(1), plugin.is_sampled(5), plugin.is_sampled(7), plugin.is_sampled(10)
+        (True, True, False, True)
     """
 
     name = "precursors"
@@ -94,7 +95,11 @@ class PrecursorPlugin(WatchPlugin):
         self._names: dict[int, str] = {}
         self._attention: dict[str, torch.Tensor] = {}
         self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._rms: dict[str, float] | None = None
+        #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
+        self.rms: dict[str, float] | None = None
+        self._rms_step = 0  # the step self.rms was measured on
+        self._rms_due = config.adam_rms
+        self._escalated = False  # the last measurement, past rms_warmup, was above half the threshold
         self._adam_step = 0
         self._beta2: float | None = None
         self._clip_handle: Any = None
@@ -102,18 +107,22 @@ class PrecursorPlugin(WatchPlugin):
 
     # ----- cadence -----------------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
-        """Whether ``step`` samples attention logits and log Z (step 1 and every ``sample_every``)."""
-        return step == 1 or step % self.config.sample_every == 0
+        """Whether ``step`` samples attention logits and log Z: each of the first ``sample_every`` steps
+        (a run that diverges from the start shows it there) and every ``sample_every`` steps after."""
+        return step <= self.config.sample_every or step % self.config.sample_every == 0
 
     def attach(self, view: WatchView) -> None:
         super().attach(view)
-        self._names = {id(m): n for n, m in view.model.named_modules()}
+        self._names = {id(m): n or "(root)" for n, m in view.model.named_modules()}
 
     def prepare(self, next_step: int) -> None:
         self._disarm()
         wants_sample = self.config.attention_logits or self.config.log_z
         self._sampling = wants_sample and self.is_sampled(next_step)
-        rms_due = self.config.adam_rms and (next_step % self.config.rms_every == 0 or self.on_precursor is not None)
+        # every rms_every steps; every step while the last measurement was above half the threshold (a lag
+        # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
+        rms_due = self.config.adam_rms and (next_step % self.config.rms_every == 0 or self.on_precursor is not None
+                                            or self._escalated)
         self.quiet_step = not (self._sampling or rms_due)
         self._rms_due = rms_due
         if self._sampling:
@@ -219,7 +228,6 @@ class PrecursorPlugin(WatchPlugin):
         return tensors, numels, slots, params
 
     def before_update(self, ctx: StepContext, record: StepRecord) -> None:
-        self._rms = None
         if not self._rms_due or record.skipped or not self.config.adam_rms:
             return
         tensors, numels, slots, params = self._adam_tensors()
@@ -228,7 +236,10 @@ class PrecursorPlugin(WatchPlugin):
         sums = signals.adam_rms(tensors).tolist()
         names = self.view.layers.names
         per_layer = signals.layer_rms(sums, numels, slots, len(names))
-        self._rms = {names[i]: v for i, v in enumerate(per_layer) if not math.isnan(v)}
+        self.rms = {names[i]: v for i, v in enumerate(per_layer) if not math.isnan(v)}
+        self._rms_step = ctx.step
+        self._escalated = (bool(self.rms) and self._adam_step >= self.config.rms_warmup
+                           and max(self.rms.values()) > self.config.rms_threshold / 2)
         if self.on_precursor == "clip_update":
             self._arm_clip(params, [math.sqrt(s / n) for s, n in zip(sums, numels)])
 
@@ -263,13 +274,13 @@ class PrecursorPlugin(WatchPlugin):
             self._clip_handle = None
         found: list[Finding] = []
         entry: dict[str, Any] = {"step": ctx.step}
-        if self._rms:
-            worst = max(self._rms, key=self._rms.__getitem__)
-            entry["adam_rms_max"] = round(self._rms[worst], 5)
+        if self.rms and self._rms_step == ctx.step:
+            worst = max(self.rms, key=self.rms.__getitem__)
+            entry["adam_rms_max"] = round(self.rms[worst], 5)
             entry["adam_rms_layer"] = worst
-            if self.is_sampled(ctx.step) or self._rms[worst] > self.config.rms_threshold:
-                entry["adam_rms"] = {n: round(v, 5) for n, v in self._rms.items()}
-            finding = self.rms_rule.check(ctx.step, self._rms, self._adam_step, self._beta2, self.view.lr())
+            if self.is_sampled(ctx.step) or self.rms[worst] > self.config.rms_threshold:
+                entry["adam_rms"] = {n: round(v, 5) for n, v in self.rms.items()}
+            finding = self.rms_rule.check(ctx.step, self.rms, self._adam_step, self._beta2, self.view.lr())
             if finding is not None:
                 found.append(finding)
         if self._sampling and not record.skipped:
@@ -287,8 +298,8 @@ class PrecursorPlugin(WatchPlugin):
                 if finding is not None:
                     found.append(finding)
             self._attention, self._log_z = {}, []
+        self.last = entry
         if len(entry) > 1:
-            self.last = entry
             writer = self.view.writer
             if writer is not None:
                 writer.append("signals", entry)
