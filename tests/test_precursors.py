@@ -255,3 +255,11 @@ def test_the_documented_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     exec(compile(doc_block("precursors.md"), "docs/precursors.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("{'0': ") and "'2': " in printed
+
+
+def test_the_benchmarks_instability_judges_by_hand() -> None:
+    from benchmarks.instability import behind, onset
+
+    assert onset([4.0, 3.0, 2.0, 2.1, 2.0, 9.0, 9.5, 9.1, 2.0]) == 7  # median of 3 above 1.3 x best 2.0
+    assert onset([4.0, 3.0, 2.0, 9.0, 2.0, 2.1]) is None  # one bad batch is not a spike
+    assert behind([4.0, 4.5, 5.0, 5.0, 5.0, 5.0], [4.0, 3.0, 2.5, 2.0, 2.0, 2.0], smooth=1) == 3  # 5 > 1.5 x 2.5
