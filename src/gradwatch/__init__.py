@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import GradwatchWarning, NonFiniteError
 from .findings import CODES, Finding
-from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, RepairConfig
+from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, PrecursorConfig, RepairConfig
 from .plugins import MicroBatch, SkipReason, StepContext, WatchPlugin, WatchView
 from .records import StepRecord, StepResult
 from .rundir import Run, load_run
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGC",
     "AmpConfig",
+    "PrecursorConfig",
     "AutoClip",
     "CODES",
     "DiagnosisConfig",

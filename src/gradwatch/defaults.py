@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 
 from .clipping import AGC, NoClip
-from .config import Settings
+from .config import PrecursorConfig, Settings
 from .plugins import WatchPlugin
 
 
 def default_plugins(*, clipper: NoClip, on_nonfinite: str, on_spike: str | None, diagnose: bool,
                     settings: Settings, tensorboard: str | os.PathLike[str] | None = None,
-                    tensorboard_every: int = 1) -> list[WatchPlugin]:
+                    tensorboard_every: int = 1, precursors: PrecursorConfig | None = None,
+                    on_precursor: str | None = None) -> list[WatchPlugin]:
     """The plugins a Watch with these settings runs, in call order (nothing is attached or written yet).
 
     Example:
@@ -49,6 +50,10 @@ def default_plugins(*, clipper: NoClip, on_nonfinite: str, on_spike: str | None,
     if diagnose:
         plugins.append(PrecisionPlugin(settings.amp))
         plugins.append(DiagnosisPlugin(settings.diagnosis.sample_every, settings.diagnosis.check_every))
+    if precursors is not None or on_precursor is not None:  # after every plugin that may skip the step
+        from .precursors.plugin import PrecursorPlugin
+
+        plugins.append(PrecursorPlugin(precursors if precursors is not None else PrecursorConfig(), on_precursor))
     if tensorboard is not None:
         from .tensorboard import make_tensorboard_plugin
 

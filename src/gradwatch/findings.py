@@ -36,6 +36,10 @@ CODES: dict[str, str] = {
     "missing_normalization": "a deep stack with no normalization layer, in a regime that will not train",
     "training_stalled": "several steps in a row were skipped (non-finite, overflow, spikes): the run is not learning",
     "rank_divergence": "data-parallel replicas hold different parameters or made different decisions",
+    "update_spike_precursor": "a layer's Adam second moment lags its squared gradient (RMS of g/sqrt(v) far above 1): "
+                              "a loss spike tends to follow",
+    "attention_logit_growth": "attention logits grow until the softmax saturates (fix: qk-layernorm, lower LR)",
+    "output_logit_divergence": "the output softmax's log-normalizer drifts far from 0 (fix: z-loss)",
     # Not in DESIGN.md's table: gradwatch reporting on itself (an internal error, reported once).
     "internal_error": "gradwatch itself failed; training went on without it for this step",
     # Not in DESIGN.md's table (proposed, issue 6): bf16 weights lose small updates to rounding.

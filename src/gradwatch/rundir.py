@@ -18,6 +18,7 @@ Layout (every file is optional except ``meta.json``)::
       weight_norms.f32   per-layer weight norms, same layout
       findings.jsonl     one Finding per line
       activations.jsonl  sampled activation statistics (one object per sampled step)
+      signals.jsonl      precursor signals (Adam RMS_t, attention logits, log Z), see gradwatch.precursors
       events.jsonl       other events: rollbacks, LR backoffs, internal errors
       nonfinite/         reproduction bundles: step_000123.pt (torch.load(weights_only=True))
 
@@ -55,7 +56,7 @@ from .runfiles import ReadLog
 from .runpath import RunDirTaken
 
 FORMAT_VERSION = 1
-STREAMS = ("steps", "findings", "activations", "events")
+STREAMS = ("steps", "findings", "activations", "events", "signals")
 MATRICES = ("grad_norms", "weight_norms")
 
 
@@ -650,7 +651,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _read_stream(log: ReadLog, name: str) -> list[dict[str, Any]]:
-    """The objects of ``activations.jsonl`` or ``events.jsonl``; a line whose ``step`` is not a step number is skipped."""
+    """The objects of ``activations.jsonl``, ``events.jsonl`` or ``signals.jsonl``; a line whose ``step`` is not a step number is skipped."""
     records = []
     for number, record in log.numbered_jsonl(name):
         if "step" in record:
@@ -688,6 +689,7 @@ class Run:
     findings: list[Finding]
     activations: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    signals: list[dict[str, Any]] = field(default_factory=list)
     step_extras: dict[int, dict[str, Any]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     skipped_lines: dict[str, int] = field(default_factory=dict)
@@ -805,6 +807,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             log.skip("findings.jsonl", number, f"not a finding ({type(exc).__name__})")
     activations = _read_stream(log, "activations.jsonl")
     events = _read_stream(log, "events.jsonl")
+    signals = _read_stream(log, "signals.jsonl")
     return Run(
         path=root,
         meta=meta,
@@ -814,6 +817,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         findings=findings,
         activations=activations,
         events=events,
+        signals=signals,
         step_extras=extras,
         problems=log.summary(),
         skipped_lines=dict(log.skipped_lines),

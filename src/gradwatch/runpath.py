@@ -44,7 +44,7 @@ RUN_DIR_MODES = ("version", "resume", "overwrite")
 VERSION_PREFIX = "version_"
 #: the files and folders of one run (what ``"overwrite"`` removes)
 RUN_FILES = ("meta.json", "layers.json", "steps.jsonl", "grad_norms.f32", "weight_norms.f32", "findings.jsonl",
-             "activations.jsonl", "events.jsonl", "report.html", "compare.html", "nonfinite")
+             "activations.jsonl", "events.jsonl", "signals.jsonl", "report.html", "compare.html", "nonfinite")
 _VERSION = re.compile(rf"^{VERSION_PREFIX}(\d+)$")
 
 # run directory (resolved) -> the writer of this process that has it open

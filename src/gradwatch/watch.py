@@ -34,7 +34,8 @@ from torch import nn
 from . import distributed as _distributed
 from . import runpath as _runpath
 from .clipping import make_clipper
-from .config import AmpConfig, DiagnosisConfig, NonFiniteConfig, RepairConfig, Settings, check_positive_int
+from .config import (AmpConfig, DiagnosisConfig, NonFiniteConfig, PrecursorConfig, RepairConfig, Settings,
+                     check_positive_int)
 from .errors import InternalErrorReporter, NonFiniteError, logger
 from .findings import Finding
 from .layers import OUTSIDE_MODEL, LayerIndex
@@ -104,6 +105,10 @@ class Watch:
         nonfinite: :class:`~gradwatch.NonFiniteConfig` (replays, bundles, rollback snapshots).
         repair: :class:`~gradwatch.RepairConfig` (spike skipping, lr backoff).
         amp: :class:`~gradwatch.AmpConfig` (fp16/bf16 diagnosis).
+        precursors: :class:`~gradwatch.PrecursorConfig` (signals that come before a loss spike: Adam's
+            RMS_t, attention logits, log Z; docs/precursors.md); None: off.
+        on_precursor: None (warn) or ``"clip_update"``: divide each Adam update by ``max(1, RMS_t)`` per
+            tensor (StableAdamW's update clipping). Default: None.
         tensorboard: a TensorBoard log directory, or a ``torch.utils.tensorboard.SummaryWriter`` (written
             through, never closed), to write every step to live under ``gradwatch/...`` tags; None: none. Default: None.
         tensorboard_every: write every this many steps (and every skipped one). Default: 1.
@@ -164,6 +169,8 @@ class Watch:
         nonfinite: NonFiniteConfig = NonFiniteConfig(),
         repair: RepairConfig = RepairConfig(),
         amp: AmpConfig = AmpConfig(),
+        precursors: PrecursorConfig | None = PrecursorConfig(),
+        on_precursor: str | None = None,
         tensorboard: str | os.PathLike[str] | None = None,
         tensorboard_every: int = 1,
         write_rank: int | str = 0,
@@ -186,6 +193,10 @@ class Watch:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         if on_spike not in ON_SPIKE:
             raise ValueError(f"on_spike must be one of {ON_SPIKE}, got {on_spike!r}")
+        if on_precursor not in (None, "clip_update"):
+            raise ValueError(f"on_precursor must be None or 'clip_update', got {on_precursor!r}")
+        if precursors is not None and not isinstance(precursors, PrecursorConfig):
+            raise TypeError(f"precursors must be a gradwatch.PrecursorConfig or None, got {type(precursors).__name__}")
         if not isinstance(diagnose, bool):
             raise TypeError(f"diagnose must be True or False, got {diagnose!r}")
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
@@ -273,7 +284,8 @@ class Watch:
         #: every plugin, in the order its hooks are called: gradwatch's own, then ``plugins``
         self.plugins: list[WatchPlugin] = default_plugins(
             clipper=self.clipper, on_nonfinite=on_nonfinite, on_spike=on_spike, diagnose=diagnose,
-            settings=self.config, tensorboard=tensorboard, tensorboard_every=tensorboard_every) + plugins
+            settings=self.config, tensorboard=tensorboard, tensorboard_every=tensorboard_every,
+            precursors=precursors, on_precursor=on_precursor) + plugins
 
         self.errors = InternalErrorReporter()
         self.findings: list[Finding] = []

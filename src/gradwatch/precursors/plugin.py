@@ -1,0 +1,315 @@
+"""The precursor plugin: measures the signals of :mod:`gradwatch.precursors.signals` inside the step,
+judges them with :mod:`gradwatch.precursors.rules`, writes ``signals.jsonl``, and (``on_precursor=
+"clip_update"``) scales Adam's update by ``1 / max(1, RMS_t)`` per tensor, as StableAdamW does.
+
+Where each signal is taken:
+
+- Adam RMS_t: in ``before_update``, from the step's final gradients (unscaled, clipped) and
+  the optimizer's ``exp_avg_sq`` before the update; every ``rms_every`` steps, and on every
+  step while the last measurement was above half of ``rms_threshold``. Cost: four elementwise
+  passes over the gradients and one small device-to-host copy (one float per parameter
+  tensor), about 260 us for 16 tensors on one CPU thread (so not every step by default).
+- attention logits and log Z: on sampled steps only, a :class:`torch.overrides.TorchFunctionMode`
+  is active during the model's forward (entered by a forward pre-hook on the model and, for
+  ``watch.step(closure)``, around the closure, so a loss computed outside the model counts);
+  it sees each ``F.scaled_dot_product_attention`` call (named after the innermost module
+  running it) and each ``F.cross_entropy`` call, and computes the statistic beside the
+  call, leaving the call itself unchanged. Attention written as explicit matmuls (an
+  "eager" attention) is not seen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..compat import no_torch_function
+from ..config import PrecursorConfig
+from ..findings import Finding
+from ..plugins import StepContext, WatchPlugin, WatchView
+from ..ratio import hookable_optimizer
+from ..records import StepRecord
+from . import rules, signals
+
+ON_PRECURSOR = (None, "clip_update")
+
+
+class _SampledMode(TorchFunctionMode):
+    """Catches attention and cross-entropy calls on a sampled step; computes their statistic beside them."""
+
+    def __init__(self, plugin: "PrecursorPlugin") -> None:
+        super().__init__()
+        self.plugin = plugin
+
+    def __torch_function__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and self.plugin.config.attention_logits:
+            with no_torch_function():
+                self.plugin._record_attention(args, kwargs)
+        elif func is F.cross_entropy and self.plugin.config.log_z:
+            with no_torch_function():
+                self.plugin._record_log_z(args, kwargs)
+        return out
+
+
+class PrecursorPlugin(WatchPlugin):
+    """Precursor signals of loss spikes and their findings (``update_spike_precursor``,
+    ``attention_logit_growth``, ``output_logit_divergence``).
+
+    Args:
+        config: the :class:`gradwatch.PrecursorConfig`.
+        on_precursor: None (measure and warn) or ``"clip_update"``: on an Adam-family
+            optimizer, every tensor whose RMS_t is above 1 gets its update divided by RMS_t
+            (StableAdamW's update clipping), applied right after ``optimizer.step()``.
+
+    Example:
+        >>> plugin = PrecursorPlugin(PrecursorConfig(sample_every=5))
+        >>> plugin.is_sampled(1), plugin.is_sampled(5), plugin.is_sampled(7), plugin.is_sampled(10)
+        (True, True, False, True)
+    """
+
+    name = "precursors"
+
+    def __init__(self, config: PrecursorConfig = PrecursorConfig(), on_precursor: str | None = None) -> None:
+        if on_precursor not in ON_PRECURSOR:
+            raise ValueError(f"on_precursor must be one of {ON_PRECURSOR}, got {on_precursor!r}")
+        self.config = config
+        self.on_precursor = on_precursor
+        self.rms_rule = rules.RmsRule(config.rms_threshold, config.rms_consecutive, config.rms_warmup,
+                                      config.quiet_steps)
+        self.attention_rule = rules.ThresholdRule("attention_logit_growth", config.attention_logit_threshold,
+                                                  max(1, config.quiet_steps // config.sample_every))
+        self.log_z_rule = rules.ThresholdRule("output_logit_divergence", config.log_z_threshold,
+                                              max(1, config.quiet_steps // config.sample_every))
+        self._mode: _SampledMode | None = None
+        self._mode_depth = 0
+        self._sampling = False
+        self._hooks: list[Any] = []
+        self._stack: list[str] = []
+        self._names: dict[int, str] = {}
+        self._attention: dict[str, torch.Tensor] = {}
+        self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
+        self.rms: dict[str, float] | None = None
+        self._rms_step = 0  # the step self.rms was measured on
+        self._rms_due = config.adam_rms
+        self._escalated = False  # the last measurement, past rms_warmup, was above half the threshold
+        self._adam_step = 0
+        self._beta2: float | None = None
+        self._clip_handle: Any = None
+        self.last: dict[str, Any] = {}  # the last step's signals (what signals.jsonl got)
+
+    # ----- cadence -----------------------------------------------------------------------
+    def is_sampled(self, step: int) -> bool:
+        """Whether ``step`` samples attention logits and log Z: each of the first ``sample_every`` steps
+        (a run that diverges from the start shows it there) and every ``sample_every`` steps after."""
+        return step <= self.config.sample_every or step % self.config.sample_every == 0
+
+    def attach(self, view: WatchView) -> None:
+        super().attach(view)
+        self._names = {id(m): n or "(root)" for n, m in view.model.named_modules()}
+
+    def prepare(self, next_step: int) -> None:
+        self._disarm()
+        wants_sample = self.config.attention_logits or self.config.log_z
+        self._sampling = wants_sample and self.is_sampled(next_step)
+        # every rms_every steps; every step while the last measurement was above half the threshold (a lag
+        # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
+        rms_due = self.config.adam_rms and (next_step % self.config.rms_every == 0 or self.on_precursor is not None
+                                            or self._escalated)
+        self.quiet_step = not (self._sampling or rms_due)
+        self._rms_due = rms_due
+        if self._sampling:
+            self._arm()
+
+    # ----- sampled signals: the mode and the module stack ----------------------------------
+    def _arm(self) -> None:
+        model = self.view.model
+        self._attention, self._log_z = {}, []
+        self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
+        self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
+        if self.config.attention_logits:
+            push = nn.modules.module.register_module_forward_pre_hook(self._push)
+            pop = nn.modules.module.register_module_forward_hook(self._pop)
+            self._hooks += [push, pop]
+
+    def _disarm(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        while self._mode_depth:
+            self._exit()
+        self._stack = []
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        name = self._names.get(id(module))
+        if name is not None:
+            self._stack.append(name)
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in self._names and self._stack:
+            self._stack.pop()
+
+    def _enter(self) -> None:
+        if not torch.is_grad_enabled():  # evaluation passes between steps are not this step's forward
+            return
+        if self._mode_depth == 0:
+            self._mode = _SampledMode(self)
+            self._mode.__enter__()
+        self._mode_depth += 1
+
+    def _exit(self) -> None:
+        if self._mode_depth == 0:
+            return
+        self._mode_depth -= 1
+        if self._mode_depth == 0 and self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+    def before_forward(self, ctx: StepContext) -> None:
+        if self._sampling and ctx.current.closure is not None:
+            self._enter()
+
+    def after_forward(self, ctx: StepContext) -> None:
+        if self._sampling and ctx.current.closure is not None:
+            self._exit()
+
+    def _record_attention(self, args: Any, kwargs: dict[str, Any]) -> None:
+        q = args[0] if len(args) > 0 else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            return
+        scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+        site = self._stack[-1] if self._stack else "attention"
+        value = signals.attention_logit_max(q, k, scale)
+        old = self._attention.get(site)
+        self._attention[site] = value if old is None else torch.maximum(old, value)
+
+    def _record_log_z(self, args: Any, kwargs: dict[str, Any]) -> None:
+        logits = args[0] if args else kwargs.get("input")
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.is_floating_point():
+            # F.cross_entropy takes (N, C) or (N, C, d1, ...): the class dimension is 1 when dim > 1
+            z_input = logits if logits.dim() <= 2 else logits.movedim(1, -1)
+            self._log_z.append(signals.log_z(z_input))
+
+    # ----- Adam RMS_t ----------------------------------------------------------------------
+    def _adam_tensors(self) -> tuple[list[signals.AdamTensor], list[int], list[int], list[nn.Parameter]]:
+        optimizer = self.view.optimizer
+        slot_of = {id(p): s for p, s in zip(self.view.layers.params, self.view.layers.param_layer)}
+        tensors, numels, slots, params = [], [], [], []
+        for group in optimizer.param_groups:
+            betas = group.get("betas")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                continue
+            beta2, eps = float(betas[1]), float(group.get("eps", 1e-8))
+            if not 0.0 < beta2 < 1.0:
+                continue
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if p.grad is None or not state or id(p) not in slot_of:
+                    continue
+                v = state.get("exp_avg_sq")
+                if not isinstance(v, torch.Tensor) or v.shape != p.shape or p.grad.is_sparse:
+                    continue
+                step = state.get("step", 0)
+                step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+                tensors.append(signals.AdamTensor(p.grad, v, beta2, eps, step + 1))
+                numels.append(p.numel())
+                slots.append(slot_of[id(p)])
+                params.append(p)
+                self._adam_step = max(self._adam_step, step + 1)
+                self._beta2 = beta2
+        return tensors, numels, slots, params
+
+    def before_update(self, ctx: StepContext, record: StepRecord) -> None:
+        if not self._rms_due or record.skipped or not self.config.adam_rms:
+            return
+        tensors, numels, slots, params = self._adam_tensors()
+        if not tensors:
+            return
+        sums = signals.adam_rms(tensors).tolist()
+        names = self.view.layers.names
+        per_layer = signals.layer_rms(sums, numels, slots, len(names))
+        self.rms = {names[i]: v for i, v in enumerate(per_layer) if not math.isnan(v)}
+        self._rms_step = ctx.step
+        self._escalated = (bool(self.rms) and self._adam_step >= self.config.rms_warmup
+                           and max(self.rms.values()) > self.config.rms_threshold / 2)
+        if self.on_precursor == "clip_update":
+            self._arm_clip(params, [math.sqrt(s / n) for s, n in zip(sums, numels)])
+
+    def _arm_clip(self, params: list[nn.Parameter], rms: list[float]) -> None:
+        """Snapshot the tensors whose RMS_t is above 1; right after the optimizer's step, scale their update."""
+        hot = [(p, r) for p, r in zip(params, rms) if r > 1.0 and math.isfinite(r)]
+        optimizer = hookable_optimizer(self.view.optimizer)
+        if not hot or optimizer is None:
+            return
+        with torch.no_grad():
+            before = [(p, p.detach().clone(), r) for p, r in hot]
+
+        def scale_updates(*_: Any) -> None:  # inside the user's optimizer.step(): never raise there
+            handle, self._clip_handle = self._clip_handle, None
+            if handle is not None:
+                handle.remove()
+            try:
+                with torch.no_grad():
+                    for p, old, r in before:  # p = old + (p - old) / r
+                        p.sub_(old).mul_(1.0 / r).add_(old)
+            except Exception as exc:
+                self.view.errors.report("precursors clip_update", exc)
+
+        if self._clip_handle is not None:
+            self._clip_handle.remove()
+        self._clip_handle = optimizer.register_step_post_hook(scale_updates)
+
+    # ----- judging and writing -------------------------------------------------------------
+    def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
+        if self._clip_handle is not None and (ctx.stepped or record.skipped):
+            self._clip_handle.remove()  # the step did not run (skipped): nothing to scale
+            self._clip_handle = None
+        found: list[Finding] = []
+        entry: dict[str, Any] = {"step": ctx.step}
+        if self.rms and self._rms_step == ctx.step:
+            worst = max(self.rms, key=self.rms.__getitem__)
+            entry["adam_rms_max"] = round(self.rms[worst], 5)
+            entry["adam_rms_layer"] = worst
+            if self.is_sampled(ctx.step) or self.rms[worst] > self.config.rms_threshold:
+                entry["adam_rms"] = {n: round(v, 5) for n, v in self.rms.items()}
+            finding = self.rms_rule.check(ctx.step, self.rms, self._adam_step, self._beta2, self.view.lr())
+            if finding is not None:
+                found.append(finding)
+        if self._sampling and not record.skipped:
+            if self._attention:
+                logits = {site: float(v) for site, v in self._attention.items()}
+                entry["attention_logit_max"] = {s: round(v, 4) for s, v in logits.items()}
+                finding = self.attention_rule.check(ctx.step, logits)
+                if finding is not None:
+                    found.append(finding)
+            if self._log_z:
+                mean = sum(float(m) for m, _ in self._log_z) / len(self._log_z)
+                peak = max(float(p) for _, p in self._log_z)
+                entry["log_z_mean"], entry["log_z_max"] = round(mean, 5), round(peak, 5)
+                finding = self.log_z_rule.check(ctx.step, {"output logits": mean})
+                if finding is not None:
+                    found.append(finding)
+            self._attention, self._log_z = {}, []
+        self.last = entry
+        if len(entry) > 1:
+            writer = self.view.writer
+            if writer is not None:
+                writer.append("signals", entry)
+        return found
+
+    def abort(self, ctx: StepContext) -> None:
+        if self._clip_handle is not None:
+            self._clip_handle.remove()
+            self._clip_handle = None
+        self._disarm()
+
+    def close(self) -> None:
+        self.abort(None)  # type: ignore[arg-type]

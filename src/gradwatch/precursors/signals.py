@@ -1,0 +1,143 @@
+"""Precursor signals, the pure core: tensors in, numbers out (no hooks, no I/O).
+
+Three quantities that the literature finds move *before* a loss spike:
+
+- :func:`adam_rms`: per tensor, ``RMS_t = sqrt(mean(g_t^2 / v_hat_t))``, the ratio of the
+  squared gradient to Adam's bias-corrected second moment *including* this step's
+  gradient (Wortsman et al. 2023, arXiv 2304.13013, StableAdamW). It is about 1 while
+  ``v`` tracks ``g^2``; well above 1 when the second moment lags a sudden rise of the
+  gradient, so the coming update ``m/sqrt(v)`` is larger than Adam's design assumes. With
+  ``beta2`` it is bounded by ``1/sqrt(1 - beta2)`` (about 31.6 at 0.999).
+- :func:`attention_logit_max`: ``max |q k^T| * scale`` of one attention call, the logit
+  whose growth saturates the softmax into one-hot (Wortsman et al. 2023, arXiv 2309.14322;
+  Dehghani et al. 2023).
+- :func:`log_z`: the mean and the largest ``|log Z|`` of the output softmax,
+  ``log Z = logsumexp(logits)``: its drift far from 0 is output-logit divergence, which
+  z-loss (``1e-4 * log Z ** 2``, PaLM) holds in place.
+
+Each runs under ``torch.no_grad()`` and returns tensors on the input's device: the
+caller decides when to read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_CHUNK_BYTES = 32 * 2**20  # temporaries of adam_rms: at most ~2 x this many bytes at once
+
+
+@dataclass(frozen=True)
+class AdamTensor:
+    """One parameter's inputs to :func:`adam_rms`: its gradient, Adam's ``exp_avg_sq`` before the step, and
+    the group's ``beta2``, ``eps`` and the 1-based step number the coming update will have."""
+
+    grad: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    beta2: float
+    eps: float
+    step: int
+
+
+def adam_rms(tensors: list[AdamTensor]) -> torch.Tensor:
+    """``sum(g^2 / v_hat)`` of each tensor (float32, one value per tensor, on the gradients' device).
+
+    ``v_hat = (beta2 * v + (1 - beta2) * g^2) / (1 - beta2 ** step)`` is the second moment
+    the coming Adam update divides by, floored at ``eps ** 2`` as StableAdamW does. The
+    per-tensor RMS is ``sqrt(sum / numel)``; a layer's is ``sqrt(sum of sums / sum of numels)``.
+    Computed with four elementwise ops and one norm per tensor, in chunks that keep the
+    temporaries under ~64 MiB.
+
+    Example:
+        >>> g = torch.tensor([2.0, 2.0]); v = torch.tensor([1.0, 1.0])  # v lags g^2 = 4
+        >>> s = adam_rms([AdamTensor(g, v, beta2=0.5, eps=1e-8, step=1000)])
+        >>> round(float(s[0]), 4)  # v_hat = 0.5 * 1 + 0.5 * 4 = 2.5: 2 x 4 / 2.5
+        3.2
+    """
+    if not tensors:
+        return torch.zeros(0)
+    device = tensors[0].grad.device
+    out: list[torch.Tensor] = []
+    chunk: list[AdamTensor] = []
+    size = 0
+    for t in tensors:
+        chunk.append(t)
+        size += t.grad.numel() * 4
+        if size >= _CHUNK_BYTES:
+            out.extend(_chunk_sums(chunk))
+            chunk, size = [], 0
+    if chunk:
+        out.extend(_chunk_sums(chunk))
+    return torch.stack([s.to(device) for s in out])
+
+
+def _chunk_sums(chunk: list[AdamTensor]) -> list[torch.Tensor]:
+    sums = []
+    with torch.no_grad():
+        for t in chunk:
+            g = t.grad.detach().float()
+            v = t.exp_avg_sq.detach().float()
+            correction = 1.0 - t.beta2 ** t.step
+            # v_hat = beta2 * (v + (1 - beta2) / beta2 * g^2) / correction; floored at eps^2
+            d = torch.addcmul(v, g, g, value=(1.0 - t.beta2) / t.beta2)
+            d.clamp_min_(t.eps * t.eps * correction / t.beta2)
+            ratio_sum = torch.sum(g * g / d)
+            sums.append(ratio_sum * (correction / t.beta2))
+    return sums
+
+
+def layer_rms(sums: list[float], numels: list[int], slots: list[int], n_layers: int) -> list[float]:
+    """Per-layer RMS from per-tensor sums (:func:`adam_rms`), their sizes and layer slots; NaN: no tensor.
+
+    Example:
+        >>> layer_rms([4.0, 12.0, 9.0], [1, 3, 1], [0, 0, 1], 3)
+        [2.0, 3.0, nan]
+    """
+    total = [0.0] * n_layers
+    count = [0] * n_layers
+    for s, n, slot in zip(sums, numels, slots):
+        total[slot] += s
+        count[slot] += n
+    return [math.sqrt(t / c) if c else math.nan for t, c in zip(total, count)]
+
+
+def attention_logit_max(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                        chunk: int = 256) -> torch.Tensor:
+    """``max |q k^T| * scale`` over every batch, head, query and key (0-d float32 tensor).
+
+    ``q`` is ``(..., L, E)``, ``k`` is ``(..., S, E)`` as for
+    :func:`torch.nn.functional.scaled_dot_product_attention`; ``scale`` defaults to
+    ``1/sqrt(E)`` as there. Grouped-query keys (fewer heads in ``k``) are repeated to
+    ``q``'s heads. Queries go ``chunk`` at a time, so the logits never exist at once.
+
+    Example:
+        >>> q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]); k = torch.tensor([[[3.0, 0.0], [0.0, -4.0]]])
+        >>> round(float(attention_logit_max(q, k)), 4)  # |2 x -4| / sqrt(2)
+        5.6569
+    """
+    with torch.no_grad():
+        q, k = q.detach(), k.detach()
+        if q.dim() >= 3 and k.dim() == q.dim() and k.shape[-3] != q.shape[-3] and q.shape[-3] % k.shape[-3] == 0:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        peak = torch.zeros((), dtype=torch.float32, device=q.device)
+        kt = k.float().transpose(-2, -1)
+        for start in range(0, q.shape[-2], chunk):
+            logits = torch.matmul(q[..., start:start + chunk, :].float(), kt)
+            peak = torch.maximum(peak, logits.abs().amax())
+        return peak * scale
+
+
+def log_z(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, max |.|) of ``logsumexp(logits)`` over the last dimension (0-d float32 tensors).
+
+    Example:
+        >>> mean, peak = log_z(torch.zeros(2, 4))  # uniform logits: log Z = log 4
+        >>> round(float(mean), 4), round(float(peak), 4)
+        (1.3863, 1.3863)
+    """
+    with torch.no_grad():
+        z = torch.logsumexp(logits.detach().float(), dim=-1)
+        return z.mean(), z.abs().amax()

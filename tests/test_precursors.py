@@ -1,0 +1,265 @@
+"""Precursor signals against independent references: torch's own Adam state, explicit attention
+matmuls, torch.logsumexp, and a hand-written StableAdamW-style update clipping."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch.precursors import rules, signals
+from gradwatch.precursors.plugin import PrecursorPlugin
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _plugin(watch: gw.Watch) -> PrecursorPlugin:
+    return next(p for p in watch.plugins if isinstance(p, PrecursorPlugin))
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def test_adam_rms_equals_the_ratio_to_torchs_own_second_moment() -> None:
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(rms_every=1))
+    plugin = _plugin(watch)
+    checked = 0
+    for step in range(1, 13):
+        x = torch.randn(16, 6) * (10.0 if step == 9 else 1.0)  # a gradient jump: RMS well above 1
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), torch.randint(0, 3, (16,)))
+        loss.backward()
+        watch.observe(loss)
+        opt.step()  # torch's AdamW updates exp_avg_sq with this step's gradient: v_hat is what it divides by
+        if step == 1:
+            continue  # no second moment before the first step: not measured
+        for layer in ("0", "2"):
+            module = model[int(layer)]
+            total, count = 0.0, 0
+            for p in module.parameters():
+                state = opt.state[p]
+                v_hat = state["exp_avg_sq"] / (1 - 0.95 ** int(state["step"]))
+                total += float((p.grad.double() ** 2 / v_hat.double().clamp_min(1e-16)).sum())
+                count += p.numel()
+            assert plugin.rms[layer] == pytest.approx(math.sqrt(total / count), rel=1e-4)
+            checked += 1
+    assert checked == 22
+    watch.close()
+
+
+def test_adam_rms_chunks_and_layer_aggregation_by_hand() -> None:
+    g = torch.tensor([3.0, 0.0, 1.0])
+    v = torch.tensor([1.0, 2.0, 0.0])
+    beta2, step = 0.9, 5
+    s = signals.adam_rms([signals.AdamTensor(g, v, beta2, 1e-8, step)])
+    v_hat = (beta2 * v + (1 - beta2) * g * g) / (1 - beta2 ** step)
+    assert float(s[0]) == pytest.approx(float((g * g / v_hat.clamp_min(1e-16)).sum()), rel=1e-6)
+    assert signals.layer_rms([4.0, 12.0], [2, 2], [0, 0], 1) == [2.0]
+
+
+def test_sgd_has_no_second_moment_and_is_left_alone() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt)
+    for _ in range(3):
+        x = torch.randn(8, 6)
+        watch.step(lambda: model(x).pow(2).mean())
+    assert "adam_rms_max" not in _plugin(watch).last
+    assert "log_z_mean" not in _plugin(watch).last  # no cross_entropy here
+    watch.close()
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, 5)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        self.seen.append((q.detach(), k.detach()))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_attention_logit_and_log_z_equal_explicit_computations() -> None:
+    torch.manual_seed(1)
+    model = Attention()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(sample_every=2))
+    plugin = _plugin(watch)
+    for step in range(1, 5):
+        x = torch.randn(3, 6, 8) * 4
+        y = torch.randint(0, 5, (3, 6))
+        model.seen.clear()
+        logits_seen: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            logits = model(x)
+            logits_seen.append(logits.detach())
+            return F.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))
+
+        watch.step(closure)
+        last = plugin.last
+        if step in (1, 2, 4):  # sampled: the first 2 steps and every 2
+            q, k = model.seen[-1]
+            expected = float((q @ k.transpose(-2, -1)).abs().max()) / math.sqrt(q.shape[-1])
+            (site, value), = last["attention_logit_max"].items()
+            assert site == "(root)"  # no submodule runs it: the model itself
+            assert value == pytest.approx(expected, rel=1e-4)
+            z = torch.logsumexp(logits_seen[-1].reshape(-1, 5), dim=-1)
+            assert last["log_z_mean"] == pytest.approx(float(z.mean()), rel=1e-4)
+            assert last["log_z_max"] == pytest.approx(float(z.abs().max()), rel=1e-4)
+        else:
+            assert "attention_logit_max" not in last and "log_z_mean" not in last
+    watch.close()
+
+
+def test_attention_site_is_the_hf_module_and_the_math_is_unchanged() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    watched, plain = transformers.GPT2LMHeadModel(config), transformers.GPT2LMHeadModel(config)
+    plain.load_state_dict(watched.state_dict())
+    ids = torch.randint(0, 50, (2, 16))
+    opt = torch.optim.AdamW(watched.parameters(), lr=1e-3)
+    watch = gw.Watch(watched, opt)
+    result = watch.step(lambda: watched(input_ids=ids, labels=ids).loss)
+    sites = _plugin(watch).last["attention_logit_max"]
+    assert sorted(sites) == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    with torch.no_grad():
+        expected = float(plain(input_ids=ids, labels=ids).loss)
+    assert result.loss == pytest.approx(expected, rel=1e-6)  # the math is unchanged
+    assert "log_z_mean" in _plugin(watch).last  # the loss inside the model's forward is seen
+    watch.close()
+
+
+def test_clip_update_equals_a_hand_written_stable_adamw_step() -> None:
+    torch.manual_seed(0)
+    watched = _mlp()
+    reference = _mlp()
+    opt_w = torch.optim.AdamW(watched.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    opt_r = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    watch = gw.Watch(watched, opt_w, on_precursor="clip_update")
+    scaled = 0
+    for step in range(1, 16):
+        x = torch.randn(16, 6) * (30.0 if step >= 10 else 1.0)  # gradients jump: v lags, RMS_t > 1
+        y = torch.randint(0, 3, (16,))
+        watch.step(lambda: F.cross_entropy(watched(x), y))
+        # the reference: AdamW, then each tensor's update divided by max(1, RMS_t) (StableAdamW)
+        opt_r.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        before = [p.detach().clone() for p in reference.parameters()]
+        opt_r.step()
+        with torch.no_grad():
+            for p, old in zip(reference.parameters(), before):
+                state = opt_r.state[p]
+                v_hat = state["exp_avg_sq"] / (1 - 0.99 ** int(state["step"]))
+                rms = float(torch.sqrt((p.grad ** 2 / v_hat.clamp_min(1e-16)).mean()))
+                if rms > 1.0:
+                    scaled += 1
+                    p.copy_(old + (p - old) / rms)
+        for pw, pr in zip(watched.parameters(), reference.parameters()):
+            torch.testing.assert_close(pw, pr, rtol=1e-5, atol=1e-6)
+    assert scaled > 0  # the comparison covered scaled updates
+    watch.close()
+
+
+def test_rms_rule_one_finding_per_episode() -> None:
+    rule = rules.RmsRule(threshold=4.0, consecutive=2, warmup=10, quiet_steps=3)
+    series = [1, 5, 5, 6, 1, 5, 1, 1, 1, 7, 7]
+    codes = [rule.check(20 + i, {"fc": float(v)}, adam_step=20 + i) for i, v in enumerate(series)]
+    raised = [20 + i for i, f in enumerate(codes) if f is not None]
+    assert raised == [22, 30]  # the second time above, then again only after 3 quiet measurements
+    assert rules.RmsRule(4.0, 1, warmup=100, quiet_steps=3).check(5, {"fc": 9.0}, adam_step=5) is None  # warm-up
+
+
+def test_options_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="on_precursor"):
+        gw.Watch(model, opt, run_dir=tmp_path / "r", on_precursor="clip")
+    with pytest.raises(TypeError, match="PrecursorConfig"):
+        gw.Watch(model, opt, run_dir=tmp_path / "r", precursors=True)
+    with pytest.raises(ValueError, match="rms_threshold"):
+        gw.PrecursorConfig(rms_threshold=0.5)
+    assert not (tmp_path / "r").exists()
+    off = gw.Watch(model, opt, precursors=None)
+    assert not any(isinstance(p, PrecursorPlugin) for p in off.plugins)
+    off.close()
+
+
+def test_signals_reach_the_run_directory(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    watch = gw.Watch(model, opt, run_dir=tmp_path / "run")
+    for _ in range(12):
+        x = torch.randn(8, 6)
+        y = torch.randint(0, 3, (8,))
+        watch.step(lambda: F.cross_entropy(model(x), y))
+    watch.close()
+    run = gw.load_run(tmp_path / "run")
+    by_step = {s["step"]: s for s in run.signals}
+    assert sorted(by_step) == list(range(1, 11))  # the first 10 sampled; 11, 12 measured nothing
+    assert all("log_z_mean" in by_step[s] for s in range(1, 11))
+    measured = [s for s in range(1, 13) if "adam_rms_max" in by_step.get(s, {})]
+    assert measured == [10]  # every rms_every=10 steps
+
+
+def test_rms_is_measured_every_step_while_it_is_high() -> None:
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(rms_warmup=5))  # rms_every=10, rms_threshold=6
+    plugin = _plugin(watch)
+    measured, codes = [], []
+    for step in range(1, 321):
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        weight = 1000.0 if step >= 305 else 1.0  # the loss (and every gradient) 1000x: v lags, RMS_t near its bound
+        result = watch.step(lambda: weight * F.cross_entropy(model(x), y))
+        codes += [f.code for f in result.findings]
+        if "adam_rms_max" in plugin.last:
+            measured.append(step)
+    # every 10 steps while calm; the jump at 305 is seen at the next due step (310), then every step
+    assert [s for s in measured if s <= 310] == list(range(10, 311, 10)) and set(range(310, 321)) <= set(measured)
+    assert codes.count("update_spike_precursor") == 1  # one episode, one finding
+    watch.close()
+
+
+def test_a_reproduced_instability_is_named_before_its_loss_onset() -> None:
+    from benchmarks.instability import train
+
+    unstable = train("lr=1e-1", 1e-1, "plain", seed=0, steps=40)
+    assert unstable.precursor is not None and unstable.precursor[1] == "attention_logit_growth"
+    assert unstable.max_attention_logit > 50
+    stable = train("lr=1e-3 qk_ln", 1e-3, "qk_ln", seed=0, steps=40)
+    assert stable.precursors == [] and stable.max_attention_logit < 50
+
+
+def test_the_documented_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from _docs import doc_block
+
+    exec(compile(doc_block("precursors.md"), "docs/precursors.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("{'0': ") and "'2': " in printed
+
+
+def test_the_benchmarks_instability_judges_by_hand() -> None:
+    from benchmarks.instability import behind, onset
+
+    assert onset([4.0, 3.0, 2.0, 2.1, 2.0, 9.0, 9.5, 9.1, 2.0]) == 7  # median of 3 above 1.3 x best 2.0
+    assert onset([4.0, 3.0, 2.0, 9.0, 2.0, 2.1]) is None  # one bad batch is not a spike
+    assert behind([4.0, 4.5, 5.0, 5.0, 5.0, 5.0], [4.0, 3.0, 2.5, 2.0, 2.0, 2.0], smooth=1) == 3  # 5 > 1.5 x 2.5
