@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..compat import no_torch_function
+from ..compat import compiled_inner_module, no_torch_function
 from ..config import PrecursorConfig
 from ..findings import Finding
 from ..plugins import StepContext, WatchPlugin, WatchView
@@ -93,6 +93,8 @@ class PrecursorPlugin(WatchPlugin):
         self._hooks: list[Any] = []
         self._stack: list[str] = []
         self._names: dict[int, str] = {}
+        self._compiled = False
+        self._model: nn.Module | None = None
         self._attention: dict[str, torch.Tensor] = {}
         self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
@@ -113,11 +115,15 @@ class PrecursorPlugin(WatchPlugin):
 
     def attach(self, view: WatchView) -> None:
         super().attach(view)
-        self._names = {id(m): n or "(root)" for n, m in view.model.named_modules()}
+        # torch.compile: a TorchFunctionMode and hooks inside the compiled forward would break or
+        # recompile its graph, so the sampled signals are off there (Adam RMS_t is not in the forward)
+        self._compiled = compiled_inner_module(view.model) is not None
+        self._model = view.layers.model  # unwrapped (DDP's module): names without "module."
+        self._names = {id(m): n or "(root)" for n, m in self._model.named_modules()}
 
     def prepare(self, next_step: int) -> None:
         self._disarm()
-        wants_sample = self.config.attention_logits or self.config.log_z
+        wants_sample = (self.config.attention_logits or self.config.log_z) and not self._compiled
         self._sampling = wants_sample and self.is_sampled(next_step)
         # every rms_every steps; every step while the last measurement was above half the threshold (a lag
         # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
@@ -130,14 +136,14 @@ class PrecursorPlugin(WatchPlugin):
 
     # ----- sampled signals: the mode and the module stack ----------------------------------
     def _arm(self) -> None:
-        model = self.view.model
+        model = self._model
         self._attention, self._log_z = {}, []
         self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
         self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
-        if self.config.attention_logits:
-            push = nn.modules.module.register_module_forward_pre_hook(self._push)
-            pop = nn.modules.module.register_module_forward_hook(self._pop)
-            self._hooks += [push, pop]
+        if self.config.attention_logits:  # the module stack names each attention call (sampled steps only)
+            for module in model.modules():
+                self._hooks.append(module.register_forward_pre_hook(self._push))
+                self._hooks.append(module.register_forward_hook(self._pop))
 
     def _disarm(self) -> None:
         for handle in self._hooks:
