@@ -197,9 +197,11 @@ class Watch:
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a gradwatch.{kind.__name__}, got {type(value).__name__}; "
                                 f"e.g. gradwatch.Watch(..., {name}=gradwatch.{kind.__name__}())")
-        if on_nonfinite != "rollback" and (nonfinite.rollback_every is not None or nonfinite.rollback_lr_factor is not None):
+        if on_nonfinite != "rollback" and (nonfinite.rollback_every is not None or nonfinite.rollback_lr_factor is not None
+                                           or nonfinite.rollback_device is not None):
             raise ValueError(
-                "NonFiniteConfig(rollback_every=, rollback_lr_factor=) only take effect with on_nonfinite='rollback'; "
+                "NonFiniteConfig(rollback_every=, rollback_lr_factor=, rollback_device=) only take effect with "
+                "on_nonfinite='rollback'; "
                 f"pass on_nonfinite='rollback' or drop them (on_nonfinite is {on_nonfinite!r})")
         if on_spike is None:
             changed = [f.name for f in dataclasses.fields(RepairConfig) if f.name.startswith("spike_")
