@@ -171,3 +171,20 @@ def test_update_ratio_budget_is_checked(bad) -> None:
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="update_ratio_budget"):
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), update_ratio_budget=bad)
+
+
+def test_the_first_measurements_sample_the_whole_depth() -> None:
+    # a 4 KiB budget: the 9 KiB first layer takes three rounds of slices, the last layer is in the last round
+    model = _model((8, 256, 4))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), update_ratio_every=10,
+                     update_ratio_budget=4096, diagnose=False)
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+    for _ in range(3):
+        watch.step(lambda: F.mse_loss(model(x), y))
+    k = len(watch._pipeline.ratio.rounds)
+    assert k >= 3
+    # the last layer is measured within the first three measurements, not only after every slice of the first
+    last = [watch._pipeline.ratio.round_of(s) for s in (1, 2, 3)]
+    assert any(1 in r.layers for r in last)
+    assert len({id(watch._pipeline.ratio.round_of(s)) for s in range(1, k + 1)}) == k  # k in a row: every round
+    watch.close()

@@ -6,8 +6,9 @@ from before the update, and a copy of all of them is as large as the model (on
 a 7B-parameter model in bf16, 14 GB). So the layers are split, in depth order,
 into *rounds* whose copies fit a byte budget (``update_ratio_budget``; default
 5% of the parameter bytes, at most 64 MiB and at least 1 MiB), and each
-measurement copies one round: measurement ``m`` takes round ``m mod k``, so
-every layer gets a ratio every ``k`` measurements (every
+measurement copies one round: measurement ``m`` takes round ``m * s mod k``
+(``s`` coprime with ``k`` and near ``0.618 k``, so that the first measurements
+sample the whole depth), so every layer gets a ratio every ``k`` measurements (every
 ``update_ratio_every * k`` steps once past the first steps), and a model whose
 weights fit the budget is measured whole every time (``k = 1``). Layers a
 measurement does not cover are NaN in its record, as frozen layers are; the
@@ -197,6 +198,25 @@ def _close_partial(current: Round, slot: int) -> None:
         current.partial.append(slot)
 
 
+def round_stride(k: int) -> int:
+    """The step through the ``k`` rounds between consecutive measurements: coprime with ``k`` (so
+    any ``k`` measurements in a row visit every round) and near ``0.618 k`` (so the first few
+    measurements sample the whole depth, not only the first layers or one large embedding).
+
+    Example:
+        >>> [round_stride(k) for k in (1, 2, 3, 10, 21)]
+        [1, 1, 2, 7, 13]
+    """
+    if k <= 2:
+        return 1
+    target = round(0.618 * k)
+    for delta in range(k):
+        for s in (target - delta, target + delta):
+            if 0 < s < k and math.gcd(s, k) == 1:
+                return s
+    return 1
+
+
 def _measurement_number(step: int, every: int) -> int:
     """0 for the first due step, 1 for the next, ... (the due steps are 1..every, then multiples)."""
     return step - 1 if step <= every else every + step // every - 2
@@ -253,7 +273,8 @@ class UpdateRatioMeter:
         """The round step ``step`` measures (None before the plan is made)."""
         if not self.rounds:
             return None
-        return self.rounds[_measurement_number(step, self.every) % len(self.rounds)]
+        k = len(self.rounds)
+        return self.rounds[_measurement_number(step, self.every) * round_stride(k) % k]
 
     def plan(self, index: "LayerIndex") -> list[Round]:
         """The rounds for ``index`` (re-planned when its parameters changed)."""
