@@ -133,7 +133,11 @@ def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(t
         rows = list(csv.DictReader(handle))
     skipped = [float(r["gradwatch/skipped"]) for r in rows if r.get("gradwatch/skipped")]
     assert skipped == [float(i == NAN_BATCH) for i in range(STEPS)]
-    assert any(r.get("gradwatch/grad_norm/net.0") for r in rows)
+    assert any(r.get("gradwatch/layer_grad_norm/net.0") for r in rows)
+    # the per-layer update ratios reach the logger too, once per measured step, equal to a hand measurement
+    logged = [float(r["gradwatch/layer_update_ratio/net.0"]) for r in rows if r.get("gradwatch/layer_update_ratio/net.0")]
+    measured = [i for i, record in enumerate(records) if record.update_ratio is not None]
+    assert logged == pytest.approx([probe.ratios[i]["net.0"] for i in measured], rel=1e-4)
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [s["skipped"] for s in steps] == [i == NAN_BATCH for i in range(STEPS)]
     codes_logged = {k.split("/")[-1] for r in rows for k, v in r.items() if k.startswith("gradwatch/finding/") and v}
@@ -183,6 +187,11 @@ def test_callback_state_round_trips_and_rejects_bad_arguments():
         GradwatchCallback(precision="fp16")
     with pytest.raises(TypeError, match="log_layers"):
         GradwatchCallback(log_layers="yes")
+    with pytest.raises(TypeError, match="positive int"):
+        GradwatchCallback(log_layers=0)
+    every3 = GradwatchCallback(log_layers=3)
+    assert [s for s in range(1, 10) if every3._layers_due(s)] == [1, 3, 6, 9]
+    assert all(GradwatchCallback(log_layers=True)._layers_due(s) for s in range(1, 5))
     cb = GradwatchCallback()
     assert cb.state_dict() == {}
     cb.load_state_dict({"watch": {"step": 7, "clipper": {}, "precision": {}}})

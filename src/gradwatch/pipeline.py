@@ -528,13 +528,21 @@ class StepPipeline:
         # as clip_grad_norm_; the gradients are multiplied only when it is below 1.
         threshold = watch.clipper.threshold()
         coef = watch.clipper.coefficient(m.grad_norm, threshold) if threshold is not None and finite else 1.0
+        external = getattr(watch, "external_clip", None) if threshold is None else None
+        value_clipped = False
+        if external is not None:  # the framework clips after observe(): record it, apply nothing (see clip)
+            threshold = float(external[0])
+            if finite and external[1] == "value":
+                value_clipped = self._any_grad_above(threshold)
+            elif finite:
+                coef = min(1.0, threshold / (m.grad_norm + 1e-6))
         record = StepRecord(
             step=ctx.step,
             loss=m.loss,
             grad_norm=m.grad_norm,
             clip_coef=coef if finite else math.nan,
             clip_threshold=threshold,
-            clipped=bool(finite and threshold is not None and coef < 1.0),
+            clipped=bool(finite and threshold is not None and (coef < 1.0 or value_clipped)),
             skipped=not finite,
             loss_finite=loss_finite,
             layer_names=index.names,
@@ -571,9 +579,18 @@ class StepPipeline:
             return vetoed
         return dist.agree(vetoed)
 
+    def _any_grad_above(self, value: float) -> bool:
+        """Whether any gradient element exceeds ``value`` in magnitude (clip_grad_value_ would change it)."""
+        with torch.no_grad():
+            peaks = [p.grad.detach().abs().max() for g in self.watch.optimizer.param_groups for p in g["params"]
+                     if p.grad is not None and p.grad.numel()]
+            return bool(peaks) and bool((torch.stack([x.float().cpu() for x in peaks]).max() > value).item())
+
     def clip(self, m: Measurement, record: StepRecord) -> None:
         """Scale the gradients in place by the clip coefficient (only when below 1); AGC unit-wise."""
         clipper = self.watch.clipper
+        if getattr(self.watch, "external_clip", None) is not None and clipper.threshold() is None:
+            return  # the framework (Lightning's gradient_clip_val) clips after observe()
         if record.clip_coef < 1.0 or clipper.unitwise:
             with torch.no_grad():
                 if record.clip_coef < 1.0:

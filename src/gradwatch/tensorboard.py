@@ -10,16 +10,12 @@ writes on a background thread):
 - after the fact: :func:`export_tensorboard` (``gradwatch export --tensorboard
   RUN_DIR DIR``) writes a whole run directory.
 
-Tags (one event per step carries all of them, so 200 layers cost one protobuf,
-not 200 writes)::
+Tags: the ``gradwatch/...`` scheme of :mod:`gradwatch.tags` (one event per
+step carries all of them, so 200 layers cost one protobuf, not 200 writes);
+nothing is written outside ``gradwatch/``, so a user's own ``loss`` never collides.
 
-    loss                      the step's loss
-    grad_norm/global          global gradient norm before clipping
-    clip_coef                 clip coefficient (1.0: not clipped)
-    skipped                   1.0 on a skipped (non-finite) step
-    loss_scale                fp16 loss scale, when there is one
-    grad_norm/layer/<name>    per-layer gradient norm before clipping
-    findings                  text: one entry per finding, at its step
+``tensorboard=`` also takes a user's ``torch.utils.tensorboard.SummaryWriter``:
+gradwatch writes through it and never closes it (only flushes).
 
 The tensorboard package is imported only when a writer is made, never by
 ``import gradwatch``.
@@ -37,9 +33,10 @@ from typing import Any, Sequence
 from .findings import Finding
 from .plugins import StepContext, WatchPlugin, WatchView
 from .records import StepRecord
+from . import tags
 
-FINDINGS_TAG = "findings"
-LAYER_PREFIX = "grad_norm/layer/"
+FINDINGS_TAG = tags.FINDINGS
+LAYER_PREFIX = tags.LAYER_GRAD_NORM
 
 
 def _require_tensorboard() -> None:
@@ -69,6 +66,17 @@ def finding_markdown(finding: Finding) -> str:
     return body
 
 
+def is_summary_writer(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.utils.tensorboard.SummaryWriter`` (or quacks like one).
+
+    Example:
+        >>> is_summary_writer("tb/exp1")
+        False
+    """
+    return not isinstance(obj, (str, os.PathLike)) and callable(getattr(obj, "_get_file_writer", None)) \
+        and callable(getattr(obj, "get_logdir", None))
+
+
 class TensorBoardWriter:
     """Writes gradwatch's step numbers and findings as TensorBoard events.
 
@@ -85,34 +93,52 @@ class TensorBoardWriter:
         >>> tb.close()
     """
 
-    def __init__(self, logdir: str | os.PathLike[str], flush_secs: int = 10) -> None:
+    def __init__(self, logdir: Any, flush_secs: int = 10) -> None:
         _require_tensorboard()
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.logdir = Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
         self._Event, self._Summary = Event, Summary
-        self._writer = EventFileWriter(str(self.logdir), flush_secs=flush_secs)
+        self.owned = not is_summary_writer(logdir)
+        if self.owned:
+            self.logdir = Path(logdir)
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._writer: Any = EventFileWriter(str(self.logdir), flush_secs=flush_secs)
+        else:  # a user's SummaryWriter: write through its file writer, never close it
+            self.logdir = Path(logdir.get_logdir())
+            self._writer = logdir._get_file_writer()
         self._text_metadata: Any = None
         self._closed = False
 
     def add_step(self, step: int, *, loss: float, grad_norm: float, clip_coef: float,
                  layer_names: Sequence[str], layer_norms: Sequence[float], skipped: bool = False,
-                 loss_scale: float | None = None, wall_time: float | None = None) -> None:
-        """Write one step's scalars (one event, every tag)."""
+                 loss_scale: float | None = None, wall_time: float | None = None,
+                 clip_threshold: float | None = None, clipped: bool = False,
+                 update_ratios: Sequence[float] | None = None, skipped_steps: int | None = None,
+                 clipped_share: float | None = None) -> None:
+        """Write one step's scalars (one event, every tag); a NaN update ratio (layer not measured) is left out."""
         value = self._Summary.Value
         values = [
-            value(tag="loss", simple_value=float(loss)),
-            value(tag="grad_norm/global", simple_value=float(grad_norm)),
-            value(tag="clip_coef", simple_value=float(clip_coef)),
-            value(tag="skipped", simple_value=1.0 if skipped else 0.0),
+            value(tag=tags.LOSS, simple_value=float(loss)),
+            value(tag=tags.GRAD_NORM, simple_value=float(grad_norm)),
+            value(tag=tags.CLIP_COEF, simple_value=float(clip_coef)),
+            value(tag=tags.SKIPPED, simple_value=1.0 if skipped else 0.0),
         ]
+        if clip_threshold is not None and math.isfinite(clip_threshold):
+            values.append(value(tag=tags.CLIP_THRESHOLD, simple_value=float(clip_threshold)))
+            values.append(value(tag=tags.CLIPPED, simple_value=1.0 if clipped else 0.0))
+            if clipped_share is not None:
+                values.append(value(tag=tags.CLIPPED_SHARE, simple_value=float(clipped_share)))
         if loss_scale is not None and math.isfinite(loss_scale) and loss_scale > 0:
-            values.append(value(tag="loss_scale", simple_value=float(loss_scale)))
+            values.append(value(tag=tags.LOSS_SCALE, simple_value=float(loss_scale)))
+        if skipped_steps is not None:
+            values.append(value(tag=tags.SKIPPED_STEPS, simple_value=float(skipped_steps)))
         values.extend(value(tag=LAYER_PREFIX + name, simple_value=float(norm))
                       for name, norm in zip(layer_names, layer_norms))
+        if update_ratios is not None:
+            values.extend(value(tag=tags.layer_update_ratio(name), simple_value=float(ratio))
+                          for name, ratio in zip(layer_names, update_ratios) if math.isfinite(ratio))
         self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
                                            step=int(step), summary=self._Summary(value=values)))
 
@@ -139,7 +165,10 @@ class TensorBoardWriter:
         """Flush and close the event file. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            if self.owned:
+                self._writer.close()
+            else:
+                self._writer.flush()
 
 
 def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLike[str], every: int = 1) -> Path:
@@ -177,12 +206,24 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
             writer.add_step(int(s["step"][i]), loss=s["loss"][i], grad_norm=s["grad_norm"][i],
                             clip_coef=s["clip_coef"][i], layer_names=names,
                             layer_norms=s["layer_grad_norms"][i].tolist(), skipped=bool(s["skipped"][i]),
-                            loss_scale=scale if math.isfinite(scale) else None)
+                            loss_scale=scale if math.isfinite(scale) else None,
+                            clip_threshold=_threshold(s, i), clipped=bool(s["clipped"][i]))
         for finding in run.findings:
             writer.add_finding(finding)
     finally:
         writer.close()
     return Path(logdir)
+
+
+def _threshold(steps: dict[str, Any], i: int) -> float | None:
+    column = steps.get("clip_threshold")
+    if column is None:
+        return None
+    try:
+        value = float(column[i])
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 class TensorBoardPlugin(WatchPlugin):
@@ -197,11 +238,12 @@ class TensorBoardPlugin(WatchPlugin):
 
     name = "tensorboard"
 
-    def __init__(self, logdir: str | os.PathLike[str], every: int = 1) -> None:
-        self.logdir = Path(logdir)
+    def __init__(self, logdir: Any, every: int = 1) -> None:
+        self.logdir = logdir
         self.every = every
         self.writer: TensorBoardWriter | None = None
         self._findings_written = 0
+        self._skipped_steps = self._clipped_steps = self._steps = 0
 
     def attach(self, view: WatchView) -> None:
         super().attach(view)
@@ -210,11 +252,17 @@ class TensorBoardPlugin(WatchPlugin):
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
         if self.writer is None:
             return []
+        self._skipped_steps += bool(record.skipped)
+        self._clipped_steps += bool(record.clipped)
+        self._steps += 1
         if record.step % self.every == 0 or record.skipped:
+            ratios = record.update_ratio.tolist() if record.update_ratio is not None else None
             self.writer.add_step(record.step, loss=record.loss, grad_norm=record.grad_norm,
                                  clip_coef=record.clip_coef, layer_names=record.layer_names,
                                  layer_norms=record.layer_grad_norms.tolist(), skipped=record.skipped,
-                                 loss_scale=record.loss_scale)
+                                 loss_scale=record.loss_scale, clip_threshold=record.clip_threshold,
+                                 clipped=record.clipped, update_ratios=ratios, skipped_steps=self._skipped_steps,
+                                 clipped_share=self._clipped_steps / self._steps)
         self._write_new_findings()
         return []
 
@@ -239,6 +287,9 @@ def make_tensorboard_plugin(logdir: str | os.PathLike[str], every: int = 1) -> T
         ValueError: ``logdir`` exists and is not a directory.
         ImportError: the tensorboard package is not installed.
     """
+    if is_summary_writer(logdir):
+        _require_tensorboard()
+        return TensorBoardPlugin(logdir, every)
     if Path(logdir).exists() and not Path(logdir).is_dir():
         raise ValueError(f"tensorboard={str(logdir)!r} exists and is not a directory; pass a log directory")
     _require_tensorboard()

@@ -113,7 +113,8 @@ class Watch:
         nonfinite: :class:`~gradwatch.NonFiniteConfig` (replays, bundles, rollback snapshots).
         repair: :class:`~gradwatch.RepairConfig` (spike skipping, lr backoff).
         amp: :class:`~gradwatch.AmpConfig` (fp16/bf16 diagnosis).
-        tensorboard: a TensorBoard log directory to write every step to live; None: none. Default: None.
+        tensorboard: a TensorBoard log directory, or a ``torch.utils.tensorboard.SummaryWriter`` (written
+            through, never closed), to write every step to live under ``gradwatch/...`` tags; None: none. Default: None.
         tensorboard_every: write every this many steps (and every skipped one). Default: 1.
         write_rank: under torch.distributed, the rank that writes ``run_dir``, or
             ``"all"`` (each rank writes ``run_dir/rank<k>``). Default: 0. See
@@ -210,8 +211,10 @@ class Watch:
                 raise ValueError(
                     f"RepairConfig({', '.join(f'{n}=' for n in changed)}) only takes effect with on_spike='skip'; "
                     "pass on_spike='skip' or drop it")
-        if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)):
-            raise TypeError(f"tensorboard must be a log directory path or None, got {type(tensorboard).__name__}")
+        if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)) and not (
+                callable(getattr(tensorboard, "_get_file_writer", None)) and callable(getattr(tensorboard, "get_logdir", None))):
+            raise TypeError("tensorboard must be a log directory path, a torch.utils.tensorboard.SummaryWriter or None, "
+                            f"got {type(tensorboard).__name__}")
         plugins = list(plugins)
         bad = [p for p in plugins if not isinstance(p, WatchPlugin)]
         if bad:
@@ -247,6 +250,9 @@ class Watch:
                 "(GradScaler cannot unscale fp16 gradients); call model.float() and let autocast compute in fp16")
         self.clipper = make_clipper(clip_norm)
         self.clipper.bind(self)
+        # (threshold, "norm" | "value") of a clipping the caller's framework applies after observe()
+        # (Lightning's gradient_clip_val): recorded as the step's clip threshold and flag, never applied here.
+        self.external_clip: tuple[float, str] | None = None
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
         self.on_spike = on_spike

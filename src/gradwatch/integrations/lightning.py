@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the standalone package
 
 from ..runpath import check_mode
 from ..watch import Watch
+from .. import tags
 from . import SchedulerRewind, severity_level
 
 __all__ = ["GradwatchCallback"]
@@ -69,8 +70,10 @@ class GradwatchCallback(Callback):
         on_nonfinite: ``"skip"`` (drop the step's gradients, rewind the LR
             scheduler) or ``"raise"`` (:class:`gradwatch.NonFiniteError` stops
             training). Default: ``"skip"``.
-        log_layers: also log one ``gradwatch/grad_norm/<layer>`` metric per
-            layer. Default: False (a metric per layer can be many).
+        log_layers: also log the per-layer numbers, ``gradwatch/layer_grad_norm/<layer>`` and, on
+            the steps that measure it, ``gradwatch/layer_update_ratio/<layer>``: True on every step,
+            an int ``N`` on step 1 and every ``N`` steps, False never. Default: False (a metric per
+            layer can be many).
         run_dir_mode: ``"version"``, ``"resume"`` or ``"overwrite"`` (see
             :class:`gradwatch.Watch`); None: ``"resume"`` when the fit restores
             a checkpoint that holds gradwatch's state (``fit(ckpt_path=...)``),
@@ -93,7 +96,7 @@ class GradwatchCallback(Callback):
         run_dir: str | os.PathLike[str] | None = None,
         clip_norm: float | None = None,
         on_nonfinite: str = "skip",
-        log_layers: bool = False,
+        log_layers: bool | int = False,
         run_dir_mode: str | None = None,
         **watch_options: Any,
     ) -> None:
@@ -103,8 +106,8 @@ class GradwatchCallback(Callback):
             )
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise TypeError(f"run_dir must be a path or None, got {type(run_dir).__name__}")
-        if not isinstance(log_layers, bool):
-            raise TypeError(f"log_layers must be True or False, got {log_layers!r}")
+        if not isinstance(log_layers, (bool, int)) or (not isinstance(log_layers, bool) and log_layers < 1):
+            raise TypeError(f"log_layers must be True, False or a positive int (every N steps), got {log_layers!r}")
         if run_dir_mode is not None:
             check_mode(run_dir_mode)
         for reserved in ("precision", "scaler"):
@@ -124,6 +127,7 @@ class GradwatchCallback(Callback):
         self._rewind = SchedulerRewind()
         self._pending_state: dict[str, Any] | None = None
         self.last_result = None
+        self._ratio_record = None  # this step's record, whose update ratio is logged at batch end
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -150,6 +154,7 @@ class GradwatchCallback(Callback):
         if self._pending_state is not None:
             self.watch.load_state_dict(self._pending_state)
             self._pending_state = None
+        self.watch.external_clip = _trainer_clip(trainer) if self.clip_norm is None else None
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.watch is not None:
@@ -192,6 +197,7 @@ class GradwatchCallback(Callback):
         loss, self._loss = self._loss, None
         result = watch.observe(loss, batch=self._batch)  # internal errors are reported inside, never raised
         self.last_result = result
+        self._ratio_record = result.record
         if result.skipped:
             configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step"]
             self._rewind.save([c.scheduler for c in configs], optimizer)
@@ -203,6 +209,11 @@ class GradwatchCallback(Callback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        try:
+            self._log_update_ratio(trainer)
+        except Exception as exc:
+            if self.watch is not None:
+                self.watch.errors.report("lightning logging", exc)
         if self._rewind.pending:  # Lightning stepped the schedulers after a skipped update: undo it
             try:
                 self._rewind.restore()
@@ -211,17 +222,44 @@ class GradwatchCallback(Callback):
                     self.watch.errors.report("lightning scheduler rewind", exc)
 
     # ----- logging ---------------------------------------------------------------------
+    def _layers_due(self, step: int) -> bool:
+        """Whether the per-layer numbers of ``step`` are logged (``log_layers``: True, False or every N)."""
+        every = self.log_layers
+        if isinstance(every, bool):
+            return every
+        return step == 1 or step % every == 0
+
+    def _log_update_ratio(self, trainer: "pl.Trainer") -> None:
+        """The per-layer update ratios of this step, measured inside Lightning's ``optimizer.step()``.
+
+        Sent to each logger directly (``log_metrics``), under the global step the step's other numbers
+        were logged with: ``log_dict`` after the step's metrics were flushed would repeat them on the next.
+        """
+        record, self._ratio_record = self._ratio_record, None  # logged once
+        if record is None or record.update_ratio is None or not self._layers_due(record.step):
+            return
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        metrics = {tags.layer_update_ratio(name): float(value)
+                   for name, value in zip(record.layer_names, record.update_ratio.tolist()) if value == value}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+
     def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Any) -> None:
         metrics = {
-            "gradwatch/grad_norm": float(result.grad_norm),
-            "gradwatch/skipped": float(result.skipped),
-            "gradwatch/clipped": float(result.clipped),
+            tags.GRAD_NORM: float(result.grad_norm),
+            tags.SKIPPED: float(result.skipped),
+            tags.CLIPPED: float(result.clipped),
         }
-        if self.log_layers and result.record is not None:
+        record = result.record
+        if record is not None and record.clip_threshold is not None:
+            metrics[tags.CLIP_THRESHOLD] = float(record.clip_threshold)
+            metrics[tags.CLIP_COEF] = float(record.clip_coef)
+        if result.record is not None and self._layers_due(result.record.step):
             for name, value in result.layer_grad_norms.items():
-                metrics[f"gradwatch/grad_norm/{name}"] = float(value)
+                metrics[tags.layer_grad_norm(name)] = float(value)
         for finding in result.findings:
-            metrics[f"gradwatch/finding/{finding.code}"] = severity_level(finding.severity)
+            metrics[tags.finding(finding.code)] = severity_level(finding.severity)
         if trainer.loggers:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         for finding in result.findings:
@@ -229,4 +267,24 @@ class GradwatchCallback(Callback):
                 experiment = getattr(logger, "experiment", None)
                 add_text = getattr(experiment, "add_text", None)
                 if callable(add_text) and trainer.is_global_zero:  # TensorBoard
-                    add_text(f"gradwatch/{finding.code}", str(finding), trainer.global_step)
+                    add_text(tags.FINDINGS + "/" + finding.code, str(finding), trainer.global_step)
+
+
+def _trainer_clip(trainer: Any) -> tuple[float, str] | None:
+    """``(gradient_clip_val, "norm" | "value")`` of a Lightning Trainer that clips, else None.
+
+    Example:
+        >>> class T: gradient_clip_val, gradient_clip_algorithm = 0.5, "norm"
+        >>> _trainer_clip(T())
+        (0.5, 'norm')
+    """
+    val = getattr(trainer, "gradient_clip_val", None)
+    try:
+        val = float(val) if val is not None else None
+    except (TypeError, ValueError):
+        return None
+    if val is None or not val > 0 or val != val:
+        return None
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+    algorithm = algorithm.split(".")[-1]  # GradClipAlgorithmType.NORM -> norm
+    return (val, "value" if algorithm == "value" else "norm")

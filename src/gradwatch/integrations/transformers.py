@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover
 
 from ..runpath import check_mode
 from ..watch import Watch
+from .. import tags
 from . import SchedulerRewind
 
 __all__ = ["GradwatchCallback"]
@@ -91,6 +92,10 @@ class GradwatchCallback(TrainerCallback):
             resumes from a checkpoint (``state.global_step > 0`` when training
             begins), continuing the run the checkpoint's ``gradwatch_state.pt``
             names, else ``"version"``. Default: None.
+        layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) and, on
+            the steps that measure them, the update ratios (``gradwatch/layer_update_ratio/<name>``) to the
+            ``report_to`` backends on step 1 and every this many steps (at a logging step); None: never.
+            Default: 50.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
 
@@ -109,6 +114,7 @@ class GradwatchCallback(TrainerCallback):
         clip_norm: float | str | None = "trainer",
         on_nonfinite: str = "skip",
         run_dir_mode: str | None = None,
+        layers_every: int | None = 50,
         **watch_options: Any,
     ) -> None:
         if on_nonfinite not in _ON_NONFINITE:
@@ -150,9 +156,49 @@ class GradwatchCallback(TrainerCallback):
         self._losses: list[torch.Tensor] = []
         self._partial = False
         self.skipped_steps = 0
+        if layers_every is not None and (isinstance(layers_every, bool) or not isinstance(layers_every, int)
+                                         or layers_every < 1):
+            raise ValueError(f"layers_every must be a positive int or None, got {layers_every!r}")
+        self.layers_every = layers_every
+        self._logged_step = -1
 
     # ----- set-up / tear-down ----------------------------------------------------------
+    def _move_first(self) -> None:
+        """Put this callback just ahead of the ``report_to`` callbacks (TensorBoard, W&B, MLflow, ...: those of
+        ``transformers.integrations``) in the Trainer's list, so its ``on_log`` adds the gradwatch/* numbers
+        before they send the logs on. Other callbacks keep their order.
+
+        The Trainer hands callbacks no reference to their handler, so the list is found as the
+        ``callbacks`` attribute of the object holding this callback. Moving an item from position k to 0
+        to j < k while the handler iterates at k neither repeats nor skips a callback.
+        """
+        import gc
+
+        for holder in gc.get_referrers(self):
+            if not isinstance(holder, list) or not holder:
+                continue
+            owners = gc.get_referrers(holder)  # the handler itself, or its __dict__ (Python < 3.12)
+            if not any((d.get("callbacks") if isinstance(d, dict) else getattr(d, "callbacks", None)) is holder
+                       for d in owners):
+                continue
+            reporters = [i for i, cb in enumerate(holder)
+                         if type(cb).__module__.startswith("transformers.integrations")]
+            mine = holder.index(self)
+            if reporters and reporters[0] < mine:
+                holder.remove(self)
+                holder.insert(reporters[0], self)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        try:
+            self._move_first()
+        except Exception:  # never break the Trainer for the order of its callbacks
+            pass
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        try:
+            self._move_first()  # a callback added with trainer.add_callback after __init__
+        except Exception:
+            pass
         if self.watch is not None and not self.watch.closed:
             return
         if model is None or optimizer is None:
@@ -245,6 +291,24 @@ class GradwatchCallback(TrainerCallback):
         if logs is None or self.watch is None or not self.watch.history:
             return
         record = self.watch.history[-1]
-        logs["gradwatch/grad_norm"] = float(record.grad_norm)
-        logs["gradwatch/skipped_steps"] = float(self.skipped_steps)
-        logs["gradwatch/findings"] = float(len(self.watch.findings))
+        if record.step == self._logged_step:  # the end-of-training summary: this step's numbers are already sent
+            return
+        self._logged_step = record.step
+        logs[tags.GRAD_NORM] = float(record.grad_norm)
+        logs[tags.SKIPPED_STEPS] = float(self.skipped_steps)
+        logs[tags.FINDINGS] = float(len(self.watch.findings))
+        logs[tags.LOSS] = float(record.loss)
+        if record.clip_threshold is not None:
+            logs[tags.CLIP_THRESHOLD] = float(record.clip_threshold)
+            logs[tags.CLIP_COEF] = float(record.clip_coef)
+            logs[tags.CLIPPED] = float(record.clipped)
+        if record.loss_scale is not None:
+            logs[tags.LOSS_SCALE] = float(record.loss_scale)
+        every = self.layers_every
+        if every and (record.step % every == 0 or record.step == 1):
+            for name, value in zip(record.layer_names, record.layer_grad_norms.tolist()):
+                logs[tags.layer_grad_norm(name)] = float(value)
+            if record.update_ratio is not None:  # measured on this step (NaN: a layer not measured)
+                for name, value in zip(record.layer_names, record.update_ratio.tolist()):
+                    if value == value:
+                        logs[tags.layer_update_ratio(name)] = float(value)
