@@ -258,6 +258,7 @@ class UpdateRatioMeter:
         self._plan_key: tuple[int, int, int] | None = None
         self._pools: dict[torch.device, torch.Tensor] = {}
         self._host_pool: np.ndarray | None = None  # the CPU buffer seen by numpy (made once per buffer)
+        self._host_views: dict[int, list[np.ndarray]] = {}  # per round: its pieces' views of that buffer
         self._caller_hook: Any = None
 
     def due(self, step: int) -> bool:
@@ -304,6 +305,19 @@ class UpdateRatioMeter:
             self._pools = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in rnd.nbytes.items()}
         return self._pools
 
+    def _host_buffers(self, rnd: Round, host: _norms.HostWeights, pool: torch.Tensor) -> list[np.ndarray]:
+        """numpy views of ``pool`` for ``rnd``'s pieces (made once per round and buffer)."""
+        if self._host_pool is None:
+            self._host_pool, self._host_views = pool.numpy(), {}
+        key = id(rnd)
+        cached = self._host_views.get(key)
+        if cached is None or any(b.dtype != host.views[p.param].dtype for b, p in zip(cached, rnd.pieces)):
+            raw = self._host_pool
+            cached = self._host_views[key] = [
+                raw[p.offset: p.offset + (p.stop - p.start) * host.views[p.param].itemsize].view(host.views[p.param].dtype)
+                for p in rnd.pieces]
+        return cached
+
     # ----- before the update --------------------------------------------------------------
     def snapshot(self, index: "LayerIndex", host: _norms.HostWeights | None, dist: "DistSync | None",
                  step: int = 1) -> Snapshot | None:
@@ -316,17 +330,10 @@ class UpdateRatioMeter:
         pools = self._pool(rnd)
         params = index.params
         if host is not None and host.current():
-            pool = self._host_pool
-            if pool is None:
-                pool = self._host_pool = pools[params[0].device].numpy()
-            views = host.views
-            buffers = []
-            for piece in rnd.pieces:
-                view = views[piece.param]
-                n = piece.stop - piece.start
-                buffer = pool[piece.offset: piece.offset + n * view.itemsize].view(view.dtype)
-                np.copyto(buffer, view[piece.start: piece.stop])
-                buffers.append(buffer)
+            buffers = self._host_buffers(rnd, host, pools[params[0].device])
+            copy, views = np.copyto, host.views
+            for piece, buffer in zip(rnd.pieces, buffers):
+                copy(buffer, views[piece.param] if piece.whole else views[piece.param][piece.start: piece.stop])
             return RatioSnapshot(rnd, buffers, True)
         with torch.no_grad():
             local = params if dist is None else dist.local_params([params[p.param] for p in rnd.pieces])
@@ -361,11 +368,13 @@ class UpdateRatioMeter:
                 views = host.views
                 delta, base = [0.0] * n_layers, [0.0] * n_layers
                 with np.errstate(over="ignore", invalid="ignore"):
+                    subtract = np.subtract
                     for piece, buffer in zip(rnd.pieces, before.buffers):
                         slot = slot_of[piece.param]
-                        if slot in partial:
+                        if partial and slot in partial:
                             base[slot] += float(buffer.dot(buffer))
-                        np.subtract(buffer, views[piece.param][piece.start: piece.stop], out=buffer)
+                        view = views[piece.param]
+                        subtract(buffer, view if piece.whole else view[piece.start: piece.stop], out=buffer)
                         delta[slot] += float(buffer.dot(buffer))
                 return _ratios(rnd, delta, base, weight_norms)
             params = index.params
