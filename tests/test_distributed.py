@@ -120,7 +120,9 @@ class _CountAllReduce:
         self.original = torch.distributed.all_reduce
 
         def counting(tensor, *args, **kwargs):
-            self.sizes.append(tensor.numel())
+            # DDP's own gradient all-reduce: in C++, or in gradwatch's comm hook (which replaces it, one per bucket)
+            if sys._getframe(1).f_code.co_name != "flagging_allreduce_hook":
+                self.sizes.append(tensor.numel())
             return self.original(tensor, *args, **kwargs)
 
         torch.distributed.all_reduce = counting
@@ -385,7 +387,8 @@ def _lightning_ddp(rank: int, out: Path) -> dict:
     sched = trainer.lr_scheduler_configs[0].scheduler
     return {"skipped": [r.skipped for r in callback.watch.history], "last_epoch": sched.last_epoch,
             "run_dir": str(callback.watch.run_dir) if callback.watch.run_dir is not None else None,
-            "digest": float(_digest(trainer.lightning_module))}
+            "digest": float(_digest(trainer.lightning_module)), "hooked": callback.watch._dist.hooked,
+            "rank": [f.evidence.get("rank") for f in callback.watch.findings if f.severity == "error"]}
 
 
 def _transformers_ddp(rank: int, out: Path) -> dict:
@@ -617,6 +620,7 @@ def test_lightning_ddp_strategy_nan_on_rank1_skips_everywhere_without_lr_drift(r
     for res in results:
         assert res["skipped"] == [i == 1 for i in range(STEPS)]
         assert res["last_epoch"] == STEPS - 1  # the skipped step did not advance the schedule
+        assert res["hooked"] and res["rank"] == [1]  # the comm hook on Lightning's DDP wrapper; rank 1 named
     assert results[0]["run_dir"] is not None and results[1]["run_dir"] is None
     assert results[0]["digest"] == results[1]["digest"]  # the ranks stayed in sync
 
@@ -663,13 +667,14 @@ def test_fsdp2_global_norm_and_clipping_match_clip_grad_norm(ranks, norm_type):
 @pytest.mark.slow
 def test_one_small_collective_per_step(ranks):
     for res in ranks:
-        # DDP: the loss and a non-finite flag; then one flag of 1 only if a plugin's veto may differ between ranks
+        # DDP: the loss, a non-finite flag and one word of per-rank flags (2 bits per rank, 26 ranks a word);
+        # then one flag of 1 only if a plugin's veto may differ between ranks
         sizes = res["ddp_all_reduce_sizes"]
-        assert sizes[0] == 2 and sizes[1:] == ([1] if res["ddp_local_veto"] else [])
+        assert sizes[0] == 3 and sizes[1:] == ([1] if res["ddp_local_veto"] else [])
         n = res["fsdp_n_layers"]
         veto = [1] if res["fsdp_local_veto"] else []
-        assert res["fsdp_all_reduce_sizes_2.0"] == [2 * n + 1] + veto  # FSDP2: grad powers, weight powers, loss
-        assert res["fsdp_all_reduce_sizes_inf"] == [n, n + 1] + veto  # max-norm: MAX for grads, SUM for the rest
+        assert res["fsdp_all_reduce_sizes_2.0"] == [2 * n + 2] + veto  # FSDP2: grad powers, weight powers, loss, flags
+        assert res["fsdp_all_reduce_sizes_inf"] == [n, n + 2] + veto  # max-norm: MAX for grads, SUM for the rest
 
 
 @pytest.mark.slow

@@ -191,6 +191,27 @@ def compiled_inner_module(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 # ----- dispatch and function modes, autograd internals (the NaN replay and the sampler) -------
+def fsdp_reduce_scatter_comms(module: torch.nn.Module) -> list[Any] | None:
+    """The reduce-scatter comms an FSDP2 module uses now, one per param group (None if they cannot be read).
+
+    Why private: FSDP2 has a public setter (``FSDPModule.set_custom_reduce_scatter``)
+    but no getter; gradwatch wraps the comm in place (it delegates to it, so a
+    custom one keeps working). Fallback: None, and the ranks are named from the loss.
+    A module without parameters of its own has no group (an empty list).
+
+    Example:
+        >>> fsdp_reduce_scatter_comms(torch.nn.Linear(2, 2)) is None   # not an FSDP2 module
+        True
+    """
+    getter = getattr(module, "_get_fsdp_state", None)
+    if getter is None or not hasattr(module, "set_custom_reduce_scatter"):
+        return None
+    try:
+        return [group._reduce_scatter_comm for group in getter()._fsdp_param_groups]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
 def torch_dispatch_mode() -> type:
     """``TorchDispatchMode``: the base class of a mode that sees every aten op (forward and backward).
 

@@ -35,6 +35,7 @@ CODES: dict[str, str] = {
     "clipping_always_active": "the clip threshold engages on nearly every step",
     "missing_normalization": "a deep stack with no normalization layer, in a regime that will not train",
     "training_stalled": "several steps in a row were skipped (non-finite, overflow, spikes): the run is not learning",
+    "rank_divergence": "data-parallel replicas hold different parameters or made different decisions",
     # Not in DESIGN.md's table: gradwatch reporting on itself (an internal error, reported once).
     "internal_error": "gradwatch itself failed; training went on without it for this step",
     # Not in DESIGN.md's table (proposed, issue 6): bf16 weights lose small updates to rounding.

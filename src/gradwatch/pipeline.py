@@ -562,6 +562,8 @@ class StepPipeline:
                 record.overflow_skips = precision.overflow_skips
             else:
                 ctx.skip_reasons.append(SkipReason.NONFINITE)
+            if watch._dist is not None:  # which rank(s): read on the host on such steps only
+                ctx.nonfinite_ranks = self.guard("non-finite ranks", watch._dist.nonfinite_ranks)
             return record
         vetoed = bool(self.bus.call("veto", ctx, record)) if not ctx.quiet else False
         if self._veto_agreed(vetoed):
@@ -622,8 +624,19 @@ class StepPipeline:
         findings: list[Finding] = []
         for found in self.bus.call("after_step", ctx, record):
             findings.extend(found)
+        bad: list[dict[str, Any]] | None = None
         if watch._dist is not None and not record.finite:  # the rank that saw the NaN can locate it: share its finding
-            findings = self.guard("distributed findings", watch._dist.merge_findings, findings) or findings
+            merged = self.guard("distributed findings", watch._dist.merge_findings, findings, ctx.nonfinite_ranks,
+                                ctx.bad_step, watch.writer)
+            if merged is not None:
+                findings, bad = merged
+        if ctx.bad_step is not None and watch.writer is not None:
+            self.guard("bad batches", self._note_bad_batches, ctx, bad)
+        if watch._dist is not None and watch.agree_every and (ctx.step == 1 or ctx.step % watch.agree_every == 0):
+            diverged = self.guard("replica check", watch._dist.check_replicas, ctx.step, watch.index,
+                                  record.clip_coef, record.skipped)
+            if diverged is not None:
+                findings.append(diverged)
         for finding in findings:
             watch.add_finding(finding)
         writer = watch.writer
@@ -648,6 +661,20 @@ class StepPipeline:
                 "the update was not applied. Pass on_nonfinite='skip' to skip such steps instead of raising.",
                 record=record, finding=finding)
         return result
+
+    def _note_bad_batches(self, ctx: StepContext, bad: list[dict[str, Any]] | None) -> None:
+        """One line per bad batch in ``RUN_DIR/bad_batches.jsonl`` (under torch.distributed: the flagged ranks')."""
+        from .nonfinite.badbatches import BadBatch, append_bad_batch
+
+        step = ctx.bad_step
+        if bad is None:  # one process
+            bad = [{"rank": None, "fingerprint": step.fingerprint, "signature": step.signature}]
+        for item in bad:
+            if item.get("fingerprint"):
+                append_bad_batch(self.watch.writer.path, BadBatch(
+                    step=ctx.step, fingerprint=item["fingerprint"], signature=item.get("signature"),
+                    verdict=item.get("verdict") or step.verdict, code=item.get("code") or step.code,
+                    rank=item.get("rank")))
 
     # ----- when a step cannot go on --------------------------------------------------------------
     def abandon(self, ctx: StepContext | None) -> None:

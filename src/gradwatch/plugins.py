@@ -94,6 +94,10 @@ class StepContext:
         spike: evidence of a spike that ``on_spike="skip"`` vetoed (set in ``veto``).
         rollback: the restore the NaN plugin made on this step (``on_nonfinite="rollback"``),
             read by the learning-rate backoff after it.
+        nonfinite_ranks: torch.distributed, a non-finite step: the ranks whose local loss /
+            local gradients were non-finite (``{"loss": [...], "gradients": [...]}``), set by the pipeline.
+        bad_step: a non-finite step the NaN plugin explained: this rank's batch fingerprint,
+            the replay's verdict and bundle (:class:`gradwatch.nonfinite.badbatches.BadStep`).
     """
 
     step: int
@@ -104,6 +108,8 @@ class StepContext:
     quiet: bool = False
     spike: dict[str, Any] | None = None
     rollback: Any = None  # gradwatch.nonfinite.rollback.RollbackEvent
+    nonfinite_ranks: dict[str, list[int]] | None = None
+    bad_step: Any = None  # gradwatch.nonfinite.badbatches.BadStep
 
     @property
     def closure(self) -> Closure | None:
@@ -186,6 +192,17 @@ class WatchView:
     def writer(self) -> "RunWriter | None":
         """The run directory's writer (None when the Watch keeps everything in memory or this rank does not write)."""
         return self._watch.writer
+
+    @property
+    def rank(self) -> int | None:
+        """This process's rank under torch.distributed (None in a single process)."""
+        dist = self._watch._dist
+        return dist.rank if dist is not None else None
+
+    @property
+    def keeps_bundles(self) -> bool:
+        """Whether some rank writes a run directory (then non-finite steps get reproduction bundles)."""
+        return self._watch.writer is not None or self._watch._bundles_elsewhere
 
     @property
     def errors(self) -> "InternalErrorReporter":

@@ -123,6 +123,17 @@ class Watch:
         distributed: None syncs with the process group when one is initialized;
             False keeps this Watch to its own rank (a Watch that only some ranks
             build must not wait for the others); True requires a process group. Default: None.
+            Under DDP the Watch registers a communication hook that names the
+            rank(s) whose local gradients were non-finite (a model with a comm
+            hook of its own keeps it; see docs/distributed.md).
+        agree_every: under torch.distributed (DDP), on step 1 and every this many
+            steps, check with one small ``all_gather`` that the replicas hold the
+            same weights (per-layer float64 checksums) and made the same clip
+            decision: a ``rank_divergence`` finding if not. None: never. Default: 1000.
+        skip_bad_batches: read the batch fingerprints of earlier non-finite steps
+            from every ``bad_batches.jsonl`` under ``run_dir`` (all versions and
+            ranks), so that :meth:`should_skip` tells a restarted run which
+            batches to leave out. Default: False.
         plugins: your own :class:`~gradwatch.plugins.WatchPlugin` objects, called
             after gradwatch's own. Default: ().
 
@@ -167,6 +178,8 @@ class Watch:
         tensorboard_every: int = 1,
         write_rank: int | str = 0,
         distributed: bool | None = None,
+        agree_every: int | None = 1000,
+        skip_bad_batches: bool = False,
         plugins: Sequence[WatchPlugin] = (),
     ) -> None:
         # ----- every check first: a refused Watch writes nothing and starts nothing -----
@@ -193,6 +206,12 @@ class Watch:
         self.history_size = check_positive_int("history", history)
         flush_every = check_positive_int("flush_every", flush_every)
         tensorboard_every = check_positive_int("tensorboard_every", tensorboard_every)
+        self.agree_every = None if agree_every is None else check_positive_int("agree_every", agree_every)
+        if not isinstance(skip_bad_batches, bool):
+            raise TypeError(f"skip_bad_batches must be True or False, got {skip_bad_batches!r}")
+        if skip_bad_batches and run_dir is None:
+            raise ValueError("skip_bad_batches=True reads the bad batches of an earlier run from run_dir; "
+                             "pass the run_dir the interrupted run wrote")
         for name, value, kind in (("diagnosis", diagnosis, DiagnosisConfig), ("nonfinite", nonfinite, NonFiniteConfig),
                                   ("repair", repair, RepairConfig), ("amp", amp, AmpConfig)):
             if not isinstance(value, kind):
@@ -276,6 +295,14 @@ class Watch:
         self._step = 0
 
         # ----- everything is checked: only now touch the disk -----
+        from .nonfinite.badbatches import BadBatches, read_bad_batches
+
+        #: the known bad batches (``skip_bad_batches=True``: read from ``run_dir`` before this run writes)
+        self.bad_batches = BadBatches(read_bad_batches(run_dir) if skip_bad_batches else ())
+        self.skip_bad_batches = skip_bad_batches
+        #: batches :meth:`should_skip` told to leave out so far
+        self.batches_skipped = 0
+        self._bundles_elsewhere = run_dir is not None and self._dist is not None and not self._dist.writes
         if run_dir is not None and self._dist is not None:  # only write_rank writes (default: rank 0)
             run_dir = self._dist.run_dir(run_dir) if self._dist.writes else None
         self.run_dir_mode = run_dir_mode
@@ -285,6 +312,7 @@ class Watch:
         #: the directory this Watch writes (``run_dir`` itself, or the ``version_N`` / resumed run chosen in it)
         self.run_dir = self.writer.path if self.writer is not None else None
         self._pipeline = StepPipeline(self)
+        self._install_comm_hook(model)
         view = WatchView(self)
         for plugin in self.plugins:
             plugin.attach(view)
@@ -536,11 +564,61 @@ class Watch:
         self._expect(StepState.READY, "watch.zero_grad()")
         self._pipeline.clear_grads()
 
+    def _install_comm_hook(self, wrapper: Any) -> None:
+        """Under torch.distributed: the comm hook that names the rank of a non-finite step, on ``wrapper``
+        (the model, or the DDP wrapper an integration's trainer made around it); says once why not."""
+        if self._dist is None or not isinstance(wrapper, nn.Module) or self._dist.hooked:
+            return
+        self._dist.report = self.errors.report
+        why_not = self._dist.install_hook(wrapper)
+        if why_not is not None:
+            logger.warning("gradwatch: %s; a non-finite step names the rank(s) from their local loss only "
+                           "(not from local gradients made non-finite in the backward)", why_not)
+
+    def should_skip(self, batch: Any) -> bool:
+        """Whether ``batch`` made an earlier run's step non-finite (``skip_bad_batches=True``): leave it out.
+
+        Compares the batch's fingerprint (:func:`gradwatch.nonfinite.badbatches.fingerprint`:
+        a hash of its bytes, computed only when some bad batch has the same dtypes
+        and shapes) with those in the run directory's ``bad_batches.jsonl``. Under
+        torch.distributed the ranks agree (one all-reduce of 1 number per call):
+        when one rank's batch is a bad one, every rank skips its own, so the ranks
+        stay in step. Always False with ``skip_bad_batches=False`` (no cost).
+
+        Example:
+            >>> import tempfile
+            >>> run_dir = tempfile.mkdtemp()
+            >>> model = nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> bad = (torch.tensor([[1.0, float("nan")]]), torch.zeros(1, 1))
+            >>> with Watch(model, opt, run_dir=run_dir) as watch:   # the run that hit it
+            ...     _ = watch.step(lambda: nn.functional.mse_loss(model(bad[0]), bad[1]), batch=bad)
+            >>> restarted = Watch(model, opt, run_dir=run_dir, skip_bad_batches=True)
+            >>> restarted.should_skip(bad), restarted.should_skip((torch.ones(1, 2), torch.zeros(1, 1)))
+            (True, False)
+            >>> restarted.close()
+        """
+        if not self.skip_bad_batches:
+            return False
+        local = False
+        try:
+            local = self.bad_batches.contains(batch)
+        except Exception as exc:  # a batch that cannot be hashed is not skipped
+            self.errors.report("should_skip", exc)
+        skip = self._dist.agree(local) if self._dist is not None else local
+        if skip:
+            self.batches_skipped += 1
+            if self.batches_skipped == 1:
+                logger.info("gradwatch: leaving out a batch that made an earlier run's step non-finite "
+                            "(skip_bad_batches=True)")
+        return skip
+
     def close(self) -> None:
         """Remove hooks, close plugins and flush the run directory. Idempotent."""
         pipe = self._pipeline
         if pipe.state is StepState.CLOSED:
             return
+        if self._dist is not None:
+            self._dist.release_hook()
         if pipe.pending is not None:
             pipe.abandon(pipe.pending)
             pipe.pending = None

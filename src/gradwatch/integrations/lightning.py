@@ -151,6 +151,9 @@ class GradwatchCallback(Callback):
             run_dir_mode=mode,
             **self.watch_options,
         )
+        wrapper = getattr(trainer.strategy, "model", None)  # Lightning's DDP wrapper around pl_module
+        if wrapper is not None and wrapper is not pl_module:
+            self.watch._install_comm_hook(wrapper)  # names the rank of a non-finite step from its local gradients
         if self._pending_state is not None:
             self.watch.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -262,6 +262,33 @@ def _init_evidence(facts: StepFacts, loc: Localization | None) -> str | None:
     return None
 
 
+def verdict(outcome: ReplayOutcome | None, note: str | None = None) -> tuple[str, str]:
+    """Was the non-finite step reproducible? ``(verdict, reason)``; the verdict is one of
+    ``"reproduced"``, ``"not reproduced"``, ``"not replayed"``.
+
+    Reproduced: the replay of the same batch, weights and RNG state made the same
+    non-finite value again (deterministic: the op and line). Not reproduced: the
+    replay was finite (transient: suspect the hardware - a bit flip, a failing
+    GPU - or a non-deterministic kernel; or a closure that reads changing data).
+
+    Example:
+        >>> verdict(None, "not replayed: no closure")
+        ('not replayed', 'not replayed: no closure')
+        >>> verdict(ReplayOutcome(localization=None, loss=0.5, grads_finite=True))[0]
+        'not reproduced'
+    """
+    if outcome is None:
+        return "not replayed", note or "no closure was given, so the step could not be replayed"
+    if outcome.localization is not None:
+        loc = outcome.localization
+        at = f" at {loc.source}" if loc.source else ""
+        return "reproduced", f"deterministic: the replay made {loc.kind} again at {loc.op}{at}"
+    if outcome.error:
+        return "not replayed", f"the replay failed: {outcome.error}"
+    return "not reproduced", ("transient: the replay of the same batch, weights and RNG state was finite; suspect "
+                              "the hardware (a bit flip, a failing GPU) or a non-deterministic kernel")
+
+
 def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome | None) -> Finding:
     """Turn a non-finite step's facts into one error-level :class:`Finding`.
 
@@ -299,6 +326,7 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
             "grads_finite": outcome.grads_finite,
             "error": outcome.error,
         }
+    evidence["verdict"], evidence["verdict_reason"] = verdict(outcome, facts.replay_note)
     if loc is not None:
         evidence["localization"] = loc.to_dict()
     if batch is not None:
@@ -322,6 +350,10 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
 
     def done(code: str, decided_by: str, message: str, fixes: list[str]) -> Finding:
         evidence["decided_by"] = decided_by
+        if evidence["verdict"] == "not reproduced":
+            fixes = fixes + ["the replay was finite (transient): if such steps recur on the same machine or GPU, "
+                             "check its health (memory test, ECC errors); a restart from a checkpoint can leave the "
+                             "batch out with Watch(..., skip_bad_batches=True) and watch.should_skip(batch)"]
         if facts.bundle:
             fixes = fixes + [f"reproduce it from the bundle {facts.bundle} (torch.load(path, weights_only=True))"]
         return Finding(code, "error", n, message, evidence=evidence, location=location, fixes=fixes)
@@ -416,7 +448,9 @@ def classify(facts: StepFacts, batch: BatchReport | None, outcome: ReplayOutcome
     not_reproduced = f" ({facts.replay_note})" if facts.replay_note and outcome is None else ""
     if outcome is not None:
         not_reproduced = (f" (the replay failed: {outcome.error})" if outcome.error else
-                          " (the replay of the step was finite: a non-deterministic op, or a closure that reads changing data)")
+                          " (not reproduced: the replay of the same batch, weights and RNG state was finite, so the "
+                          "fault was transient: suspect the hardware or a non-deterministic kernel, or a closure "
+                          "that reads changing data)")
     layers = ", ".join(facts.nonfinite_layers[:5]) or "unknown layers"
     if not facts.loss_known:
         return done("nonfinite_backward", "no_replay",

@@ -55,6 +55,7 @@ from ..errors import logger
 from ..findings import Finding
 from ..plugins import MicroBatch, StepContext, WatchPlugin, WatchView
 from ..records import StepRecord
+from .badbatches import BadStep, fingerprint, signature
 from .batch import BatchReport, check_batch
 from .bundle import bundle_name, make_bundle
 from .classify import StepFacts, classify, forward_overflow_finding, weight_scale
@@ -67,6 +68,30 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     except ImportError:  # pragma: no cover - distributed support not present
         return model
     return unwrap_model(model)
+
+
+@contextlib.contextmanager
+def _rank_local(model: torch.nn.Module) -> Any:
+    """A DDP model whose forward and backward issue no collective: a replay on one rank alone.
+
+    ``no_sync()`` keeps the backward local; DDP's own forward is bypassed (its
+    bucket rebuild after the first step and its buffer broadcast are collectives
+    that the other ranks, not replaying, would never join): the wrapped module
+    runs directly, with its own hooks.
+    """
+    before = vars(model).get("forward")  # an instance attribute already there (rare): put it back after
+    inner = getattr(model, "module", None)
+    with model.no_sync():
+        if inner is not None:
+            model.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+        try:
+            yield
+        finally:
+            if inner is not None:
+                if before is None:
+                    del model.forward
+                else:
+                    model.forward = before
 
 
 #: Steps between two checks that a closure still draws no random number (step 1 is always checked).
@@ -219,8 +244,7 @@ class NonFinitePlugin(WatchPlugin):
         skipped = [r.skipped for r in history]
         if history and history[0].step != 1 and self._first_norm is not None:
             norms, skipped = [self._first_norm] + norms, [False] + skipped
-        writer = watch.writer
-        name = bundle_name(ctx.step) if writer is not None and self.bundles < self.max_bundles else None
+        name = bundle_name(ctx.step) if watch.keeps_bundles and self.bundles < self.max_bundles else None
         facts = StepFacts(
             step=ctx.step,
             loss=record.loss,
@@ -243,9 +267,22 @@ class NonFinitePlugin(WatchPlugin):
                 finding.evidence["micro_batch"] = ctx.micro.index(micro) + 1
         self._note_buffers(finding)
         self._maybe_roll_back(ctx, finding)
+        ctx.bad_step = self._bad_step(ctx, micro, finding)
         if name is not None:
             self._save_bundle(name, ctx, micro, record, finding, outcome)
         return [finding] if self._new_episode(ctx.step, finding) else []
+
+    def _bad_step(self, ctx: StepContext, micro: MicroBatch | None, finding: Finding) -> BadStep:
+        """This rank's batch fingerprint and the replay's verdict, for ``bad_batches.jsonl``."""
+        batch = micro.batch if micro is not None else ctx.batch
+        fp = sig = None
+        if batch is not None:
+            try:
+                fp, sig = fingerprint(batch), signature(batch)
+            except Exception as exc:  # a batch that cannot be hashed is still explained
+                self.view.errors.report("nonfinite.fingerprint", exc)
+        return BadStep(step=ctx.step, fingerprint=fp, signature=sig,
+                       verdict=str(finding.evidence.get("verdict", "not replayed")), code=finding.code)
 
     def _new_episode(self, step: int, finding: Finding) -> bool:
         """False for a repeat: the step right after a non-finite one, with the same code and place.
@@ -282,6 +319,12 @@ class NonFinitePlugin(WatchPlugin):
         micros = [m for m in ctx.micro if m.closure is not None]
         if not micros:
             return None, None
+        ranks = ctx.nonfinite_ranks
+        flagged = sorted(set(ranks["loss"]) | set(ranks["gradients"])) if ranks else []
+        if flagged and self.view.rank not in flagged:  # torch.distributed: the rank(s) where it arose replay it
+            self._replay_note = (f"not replayed on rank {self.view.rank}: its local values were finite; "
+                                 f"rank{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} replayed the step")
+            return None, micros[0]
         first: tuple[ReplayOutcome | None, MicroBatch | None] = (None, None)
         for micro in micros:
             outcome = self._replay_one(micro, record)
@@ -310,7 +353,7 @@ class NonFinitePlugin(WatchPlugin):
         autocast = precision.autocast if precision.mode != "fp32" else None
         scale = record.loss_scale if precision.scaling and record.loss_scale and math.isfinite(record.loss_scale) else None
         try:
-            with (no_sync() if distributed else contextlib.nullcontext()):
+            with (_rank_local(model) if distributed else contextlib.nullcontext()):
                 return replay(_unwrap(model), micro.closure, micro.rng_before, autocast_ctx=autocast, loss_scale=scale)
         except Exception as exc:  # the replay machinery itself failed: classify without it
             view.errors.report("nonfinite.replay", exc)
@@ -322,8 +365,12 @@ class NonFinitePlugin(WatchPlugin):
         where = outcome.localization if outcome is not None else None
         if self.view.precision.mode != "fp16" or where is None or where.dtype != "float16" or micro is None:
             return False
+        model = self.view.model
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1 and hasattr(model, "no_sync")
         try:
-            return replay(_unwrap(self.view.model), micro.closure, micro.rng_before).localization is None
+            with (_rank_local(model) if distributed else contextlib.nullcontext()):
+                return replay(_unwrap(model), micro.closure, micro.rng_before).localization is None
         except Exception as exc:
             self.view.errors.report("nonfinite.replay", exc)
             return False
@@ -374,8 +421,11 @@ class NonFinitePlugin(WatchPlugin):
 
     def _save_bundle(self, name: str, ctx: StepContext, micro: MicroBatch | None, record: StepRecord,
                      finding: Finding, outcome: ReplayOutcome | None) -> None:
+        """Save this rank's bundle (if it writes); under torch.distributed also keep it on ``ctx.bad_step``,
+        for the writing rank to get when this rank's finding is the one kept."""
         writer = self.view.writer
-        if writer is None:
+        shared = self.view.rank is not None and ctx.bad_step is not None
+        if writer is None and not shared:
             return
         loc = outcome.localization if outcome is not None else None
         try:
@@ -389,7 +439,10 @@ class NonFinitePlugin(WatchPlugin):
                 nonfinite_layers=record.nonfinite_layers,
                 localization=loc.to_dict() if loc is not None else None,
             )
-            writer.save_bundle(name, payload)
+            if writer is not None:
+                writer.save_bundle(name, payload)
+            if shared:
+                ctx.bad_step.bundle_name, ctx.bad_step.bundle = name, payload
             self.bundles += 1
         except Exception as exc:  # a bundle that cannot be written must not hide the finding
             finding.evidence.pop("bundle", None)
