@@ -1,6 +1,7 @@
 """Step-time overhead of gradwatch.Watch against a hand-written clipped loop.
 
 Run by hand (not a test):  python benchmarks/overhead.py [--rounds 15] [--steps N] [--ddp]
+                           python benchmarks/overhead.py --depth-sweep [--rounds 5] [--threads 1]
 
 Workloads (issue 2): a GPT-style model (6 pre-LN blocks, d=256, 4 heads, seq 128,
 batch 8, vocab 256, AdamW) and a small MLP (7 x Linear(128)+ReLU, batch 64,
@@ -13,6 +14,16 @@ cancel out. Variants:
 - watch: ``watch.step(closure)`` with default settings and a run directory on
 - watch_diagnose_off: the same with ``diagnose=False`` (telemetry, clipping, skip, NaN replay only)
 - detect_anomaly: the baseline under ``torch.autograd.detect_anomaly()`` (for scale)
+
+``--depth-sweep`` (issue 19): how the cost grows with the number of layers. MLPs of
+10-1000 ``Linear(64)+ReLU`` layers (batch 32) and GPT-style models of 2-166 blocks
+(d=64, 2 heads, seq 32, batch 4, vocab 256; 6 layers per block, ~15-1000 layers),
+AdamW, run directory on: the Watch with ``clip_norm=1.0`` against the clipped loop, and
+the Watch with its defaults (measure, never clip) against the loop without clipping;
+each ratio with the Watch's extra microseconds per step per layer. Narrow layers on
+purpose: the per-layer work of the Watch is fixed, so this is its worst case. Each
+Watch first takes ``update_ratio_every + 2`` steps (past the first steps, which all
+measure the update ratio), then rounds alternate as above.
 """
 
 from __future__ import annotations
@@ -143,6 +154,98 @@ def measure(name: str, rounds: int, steps: int, tmp: Path) -> tuple[dict[str, fl
     return alternating_ratios(variants, rounds, steps)
 
 
+# ----- --depth-sweep ------------------------------------------------------------------------
+MLP_DEPTHS = (10, 30, 100, 300, 1000)
+GPT_BLOCKS = (2, 8, 32, 100, 166)  # 6 layers a block + 3: 15 ... 999 layers
+
+
+def depth_workloads() -> list[tuple[str, Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]]:
+    """(label, model factory, loss) for every depth of the sweep."""
+    out: list[tuple[str, Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]] = []
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    for depth in MLP_DEPTHS:
+        out.append((f"mlp-{depth}", lambda depth=depth: models.mlp(width=64, layers=depth, out=10),
+                    lambda m: F.cross_entropy(m(x), y)))
+    tokens, targets = models.gpt_batch(batch=4, seq=32, vocab=256)
+    for blocks in GPT_BLOCKS:
+        out.append((f"gpt-{blocks}", lambda blocks=blocks: models.gpt(vocab=256, d=64, heads=2, layers=blocks, seq=32),
+                    lambda m: models.gpt_loss(m, tokens, targets)))
+    return out
+
+
+def depth_sweep(rounds: int, steps: int | None, tmp: Path, only: str | None = None) -> list[dict[str, float | str]]:
+    """One row per depth: layers, parameters, the plain steps and the two ratios with us per layer.
+
+    ``clipped``: the Watch with ``clip_norm=1.0`` against ``backward; clip_grad_norm_; step;
+    zero_grad``; ``monitor``: the Watch with its defaults (measure, never clip) against the same
+    loop without ``clip_grad_norm_`` (what the telemetry alone costs).
+    """
+    import logging
+
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the deep stacks' findings are not the point here
+    rows: list[dict[str, float | str]] = []
+    for label, make, loss_of in depth_workloads():
+        if only is not None and not label.startswith(only):
+            continue
+        variants: dict[str, Callable[[], None]] = {"baseline": clipped_loop(make, loss_of)}
+        watches = []
+        for name, clip in (("watch", 1.0), ("monitor", None)):
+            torch.manual_seed(0)
+            model = make()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            with warnings_off():
+                watch = gw.Watch(model, opt, clip_norm=clip, run_dir=tmp / f"depth-{label}-{name}")
+            watches.append(watch)
+            variants[name] = (lambda watch=watch, model=model: watch.step(lambda: loss_of(model)))
+        variants["plain"] = plain_loop(make, loss_of)
+        for name, fn in variants.items():  # the Watches past the first steps (each measures the update ratio)
+            for _ in range(watches[0].update_ratio_every + 2 if name in ("watch", "monitor") else 2):
+                fn()
+        start = time.perf_counter()
+        variants["baseline"]()
+        one = time.perf_counter() - start
+        n = steps or max(3, min(50, int(0.3 / max(one, 1e-4))))  # a round of each variant lasts ~0.3 s
+        ratio, base = alternating_ratios(variants, rounds, n)
+        plain = base * ratio["plain"]
+        layers = len(watches[0].layers)
+        rows.append({"workload": label, "layers": layers, "params": sum(p.numel() for p in watches[0].index.params),
+                     "baseline_ms": base * 1e3, "plain_ms": plain * 1e3, "ratio": ratio["watch"],
+                     "us_per_layer": (ratio["watch"] - 1.0) * base / layers * 1e6,
+                     "monitor_ratio": ratio["monitor"] / ratio["plain"],
+                     "monitor_us_per_layer": (ratio["monitor"] - ratio["plain"]) * base / layers * 1e6, "steps": n})
+        for watch in watches:
+            watch.close()
+        print(f"# {label}: {layers} layers, ratio {ratio['watch']:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def plain_loop(make: Callable[[], torch.nn.Module], loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """``backward; step; zero_grad`` with no clipping, on a fresh model (seed 0)."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def plain() -> None:
+        loss_of(model).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return plain
+
+
+def depth_table(rows: list[dict[str, float | str]]) -> str:
+    """The markdown table of :func:`depth_sweep`."""
+    lines = ["| workload | layers | params | clipped loop ms | watch(clip 1.0) / clipped loop | us / layer "
+             "| watch(defaults) / plain loop | us / layer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['layers']} | {float(r['params']) / 1e6:.2f}M | {float(r['baseline_ms']):.2f} "
+                     f"| {float(r['ratio']):.3f} | {float(r['us_per_layer']):+.2f} "
+                     f"| {float(r['monitor_ratio']):.3f} | {float(r['monitor_us_per_layer']):+.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -150,8 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", default="gpt,mlp")
     parser.add_argument("--ddp", action="store_true", help="also run the 2-process DDP benchmark (benchmarks/ddp_overhead.py)")
+    parser.add_argument("--depth-sweep", action="store_true",
+                        help="MLPs and GPT configs from ~10 to ~1000 layers: ratio and us per layer (default rounds: 5)")
+    parser.add_argument("--only", default=None, help="--depth-sweep: only workloads whose label starts with this")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.depth_sweep:
+        rounds = args.rounds if "--rounds" in (argv if argv is not None else sys.argv) else 5
+        print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds, {time.strftime('%Y-%m-%d')}; "
+              "ratios: median over rounds; us / layer = the Watch's extra time per step / layers")
+        with tempfile.TemporaryDirectory() as tmp:
+            print(depth_table(depth_sweep(rounds, args.steps, Path(tmp), args.only)))
+        return 0
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds; ratio = variant / baseline (median over rounds)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):

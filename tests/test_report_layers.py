@@ -187,3 +187,27 @@ def test_prefix_and_blocks_by_hand() -> None:
     for tick, label in zip(ticks, labels):  # each label sits on the first layer of its block
         assert llama[tick] == f"model.{label}.input_layernorm"
     assert depth_ticks(llama[:-1], max_labels=40)[1][-1] == "norm"  # with room, it is labelled
+
+
+def test_update_ratio_lines_of_a_rotating_run_show_every_layers_latest_value(tmp_path: Path) -> None:
+    """A budget far below the weights: each measurement covers a few layers; each line carries every layer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(6)])
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run",
+                     update_ratio_every=2, update_ratio_budget=2 * 32 * 33 * 4 + 128, diagnose=False)
+    for _ in range(12):
+        x = torch.randn(8, 32)
+        watch.step(lambda: model(x).pow(2).mean())
+    watch.close()
+    view = prepare(gw.load_run(watch.run_dir))
+    measured = np.isfinite(view.update_ratio)
+    assert measured.any(axis=0).all() and not measured[measured.any(axis=1)].all(axis=1).any()  # no row has all 6
+    with figures._style():
+        fig = figures.draw_update_ratio([view])
+    lines = [line for line in fig.axes[0].get_lines() if "step" in str(line.get_label())]
+    last = np.asarray(lines[-1].get_ydata(), dtype=float)
+    assert len(last) == 6 and np.isfinite(last).all()  # every layer's latest ratio by the last step
+    # and each value is the layer's last measured ratio in the run directory
+    want = [view.update_ratio[np.flatnonzero(measured[:, j])[-1], j] for j in range(6)]
+    np.testing.assert_allclose(last, want, rtol=1e-6)
+    assert "latest per layer" in str(lines[-1].get_label())

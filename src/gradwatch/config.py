@@ -110,6 +110,10 @@ class DiagnosisConfig(_Config):
             check_positive_int(name, getattr(self, name), f"; e.g. gradwatch.DiagnosisConfig({name}=50)")
 
 
+#: ``NonFiniteConfig.rollback_device`` values (None: ``"cpu"``).
+ROLLBACK_DEVICES = (None, "cpu", "params")
+
+
 @dataclass(frozen=True)
 class NonFiniteConfig(_Config):
     """Settings of the non-finite-step explanation (always on) and of ``on_nonfinite="rollback"``.
@@ -123,6 +127,11 @@ class NonFiniteConfig(_Config):
             weights and optimizer state; None means 100. Default: None.
         rollback_lr_factor: rollback mode only: lr multiplier on each restore,
             in (0, 1] (1 keeps the lr); None means 0.5. Default: None.
+        rollback_device: rollback mode only: where the snapshot lives:
+            ``"cpu"`` (no accelerator memory; a device-to-host copy per snapshot)
+            or ``"params"`` (each tensor on its own device: no transfer, but as
+            much accelerator memory again as the weights and optimizer state);
+            None means ``"cpu"``. Default: None.
 
     Example:
         >>> NonFiniteConfig(rollback_every=20).rollback_every
@@ -133,9 +142,13 @@ class NonFiniteConfig(_Config):
     max_bundles: int = 100
     rollback_every: int | None = None
     rollback_lr_factor: float | None = None
+    rollback_device: str | None = None
 
     def __post_init__(self) -> None:
         check_count("max_replays", self.max_replays)
+        if self.rollback_device not in ROLLBACK_DEVICES:
+            raise ValueError(f"rollback_device must be one of {ROLLBACK_DEVICES}, got {self.rollback_device!r} "
+                             "('params' keeps each tensor's copy on its own device)")
         check_count("max_bundles", self.max_bundles)
         if self.rollback_every is not None:
             check_positive_int("rollback_every", self.rollback_every, " (steps between snapshots)")
@@ -149,6 +162,10 @@ class NonFiniteConfig(_Config):
     @property
     def lr_factor(self) -> float:
         return 0.5 if self.rollback_lr_factor is None else self.rollback_lr_factor
+
+    @property
+    def snapshot_device(self) -> str:
+        return "cpu" if self.rollback_device is None else self.rollback_device
 
 
 #: ``RepairConfig.lr_backoff`` values that are not a factor.

@@ -192,7 +192,7 @@ class OwnUpdate:
         if record.skipped:
             pipe.guard("precision update", precision.update)
         else:
-            before = pipe.guard("update-ratio snapshot", pipe.snapshot) if pipe.ratio.due(ctx.step) else None
+            before = pipe.guard("update-ratio snapshot", pipe.snapshot, ctx.step) if pipe.ratio.due(ctx.step) else None
             # finite: the scaler's found_inf is 0, no second sync; the user's optimizer may raise
             pipe.user(precision.step, watch.optimizer, True)
             ctx.stepped = True
@@ -218,7 +218,7 @@ class CallerUpdate:
         optimizer = hookable_optimizer(watch.optimizer)
         if optimizer is None:
             return
-        before = pipe.guard("update-ratio snapshot", pipe.snapshot)
+        before = pipe.guard("update-ratio snapshot", pipe.snapshot, ctx.step)
         if before is None:
             return
 
@@ -244,7 +244,7 @@ class StepPipeline:
     def __init__(self, watch: "Watch") -> None:
         self.watch = watch
         self.bus = PluginBus(watch.plugins, watch.errors.report)
-        self.ratio = UpdateRatioMeter(watch.update_ratio_every)
+        self.ratio = UpdateRatioMeter(watch.update_ratio_every, watch.update_ratio_budget)
         self.state = StepState.READY
         self.pending: StepContext | None = None  # the step being accumulated
         self._plan: _norms.MeasurePlan | None = None
@@ -600,10 +600,11 @@ class StepPipeline:
                 if clipper.unitwise:  # after the pre-clip norms were taken
                     clipper.clip_unitwise_(self.watch.index)
 
-    def snapshot(self) -> Any:
+    def snapshot(self, step: int) -> Any:
+        """Step ``step``'s round of weights, copied before the update (:mod:`gradwatch.ratio`)."""
         watch = self.watch
         plan = self._plan if watch._dist is None else None
-        return self.ratio.snapshot(watch.index, plan.host if plan is not None else None, watch._dist)
+        return self.ratio.snapshot(watch.index, plan.host if plan is not None else None, watch._dist, step)
 
     def measure_ratio(self, before: Any, weight_norms: np.ndarray) -> np.ndarray | None:
         watch = self.watch

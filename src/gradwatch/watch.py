@@ -14,8 +14,9 @@ weights' norms in place), one host sync (the skip decision, which carries the
 loss and every per-tensor norm to the host in one small transfer, where they
 are summed per layer), the clip multiply only when the coefficient, worked out
 on the host, is below 1, and some Python. On the first ``update_ratio_every``
-steps and every ``update_ratio_every`` steps after (default 10) the weights are
-also copied before the update to measure ``||dw|| / ||w||`` per layer
+steps and every ``update_ratio_every`` steps after (default 10) a share of the
+weights that fits ``update_ratio_budget`` (a rotating round of layers) is also
+copied before the update to measure ``||dw|| / ||w||`` per layer
 (:mod:`gradwatch.ratio`).
 """
 
@@ -99,6 +100,14 @@ class Watch:
         norm_type: p of the p-norm (``float('inf')`` for the max norm). Default: 2.0.
         update_ratio_every: measure ``||dw||/||w||`` per layer on each of the
             first this many steps and every this many steps after. Default: 10.
+        update_ratio_budget: bytes the weight copies for the update ratio may
+            take. Each measurement copies one round of layers (in depth order)
+            that fits, the next measurement the next round, so every layer gets
+            a ratio every ``k`` measurements and the others are NaN in between;
+            a layer larger than the budget is measured on slices of its
+            elements. None: 5% of the parameter bytes, at most 64 MiB and at
+            least 1 MiB (a model under 1 MiB of weights is measured whole at
+            every measurement). Default: None.
         history: number of recent step records kept in memory for the rules. Default: 200.
         flush_every: write the run directory every this many steps. Default: 50.
         diagnosis: :class:`~gradwatch.DiagnosisConfig` (sampling intervals).
@@ -163,6 +172,7 @@ class Watch:
         diagnose: bool = True,
         norm_type: float = 2.0,
         update_ratio_every: int = 10,
+        update_ratio_budget: int | None = None,
         history: int = 200,
         flush_every: int = 50,
         diagnosis: DiagnosisConfig = DiagnosisConfig(),
@@ -202,6 +212,8 @@ class Watch:
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
             raise ValueError(f"norm_type must be a positive number or float('inf'), got {norm_type!r}")
         self.update_ratio_every = check_positive_int("update_ratio_every", update_ratio_every)
+        self.update_ratio_budget = None if update_ratio_budget is None else check_positive_int(
+            "update_ratio_budget", update_ratio_budget, " (bytes; None: 5% of the parameter bytes, within 1-64 MiB)")
         self.history_size = check_positive_int("history", history)
         flush_every = check_positive_int("flush_every", flush_every)
         tensorboard_every = check_positive_int("tensorboard_every", tensorboard_every)
@@ -216,9 +228,11 @@ class Watch:
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a gradwatch.{kind.__name__}, got {type(value).__name__}; "
                                 f"e.g. gradwatch.Watch(..., {name}=gradwatch.{kind.__name__}())")
-        if on_nonfinite != "rollback" and (nonfinite.rollback_every is not None or nonfinite.rollback_lr_factor is not None):
+        if on_nonfinite != "rollback" and (nonfinite.rollback_every is not None or nonfinite.rollback_lr_factor is not None
+                                           or nonfinite.rollback_device is not None):
             raise ValueError(
-                "NonFiniteConfig(rollback_every=, rollback_lr_factor=) only take effect with on_nonfinite='rollback'; "
+                "NonFiniteConfig(rollback_every=, rollback_lr_factor=, rollback_device=) only take effect with "
+                "on_nonfinite='rollback'; "
                 f"pass on_nonfinite='rollback' or drop them (on_nonfinite is {on_nonfinite!r})")
         if on_spike is None:
             changed = [f.name for f in dataclasses.fields(RepairConfig) if f.name.startswith("spike_")
@@ -778,6 +792,7 @@ class Watch:
             "on_spike": self.on_spike,
             "norm_type": self.norm_type,
             "update_ratio_every": self.update_ratio_every,
+            "update_ratio_budget": self.update_ratio_budget,
             "settings": {name: getattr(self.config, name).changed() for name in ("diagnosis", "nonfinite", "repair", "amp")},
             "torch": torch.__version__,
             "device": str(self.device),

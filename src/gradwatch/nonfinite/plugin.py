@@ -9,8 +9,9 @@ backward; a closure that draws none needs no copy (its state at the end of a
 non-finite step is the one it started with, and that is what the replay and
 the bundle get). A closure that draws random numbers only now and then, between
 two checks, may then replay with other random numbers than the step had. With
-``on_nonfinite="rollback"`` a CPU snapshot of the weights and optimizer state is
-also taken every ``rollback_every`` steps.
+``on_nonfinite="rollback"`` a snapshot of the weights and optimizer state (on the
+CPU unless ``rollback_device="params"``; its size logged once) is also taken every
+``rollback_every`` steps.
 
 On a non-finite step (``record.finite`` is False), ``after_step``:
 
@@ -27,6 +28,7 @@ Settings (``gradwatch.Watch(..., nonfinite=gw.NonFiniteConfig(...))``):
 
 - ``rollback_every`` (int, default 100): steps between snapshots (rollback mode only).
 - ``rollback_lr_factor`` (float in (0, 1], default 0.5): lr multiplier on a restore.
+- ``rollback_device`` (``"cpu"``, default, or ``"params"``): where the snapshot lives.
 - ``max_replays`` (int >= 0, default 20): replays per run; later non-finite steps are
   classified without one (a run that is NaN on every step must not triple its cost).
 - ``max_bundles`` (int >= 0, default 100): bundles saved per run.
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from ..config import NonFiniteConfig
+from ..errors import logger
 from ..findings import Finding
 from ..plugins import MicroBatch, StepContext, WatchPlugin, WatchView
 from ..records import StepRecord
@@ -160,7 +163,10 @@ class NonFinitePlugin(WatchPlugin):
         super().attach(view)
         if view.on_nonfinite == "rollback":
             self.rollback = Rollback(view.model, view.optimizer, every=self.config.snapshot_every,
-                                     lr_factor=self.config.lr_factor)
+                                     lr_factor=self.config.lr_factor, device=self.config.snapshot_device)
+            #: what one snapshot holds (logged once, here: the memory rollback costs)
+            self.rollback_cost = self.rollback.cost()
+            logger.warning("gradwatch: %s", self.rollback_cost.describe())
 
     # ----- healthy path ---------------------------------------------------------------------
     def before_forward(self, ctx: StepContext) -> None:

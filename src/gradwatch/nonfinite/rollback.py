@@ -1,16 +1,22 @@
 """Rollback: a known-good snapshot of weights and optimizer state, and restoring it with an LR backoff.
 
-``Watch(on_nonfinite="rollback")`` keeps a snapshot on the CPU (so it costs no
-accelerator memory) of the model's ``state_dict`` (parameters and buffers, e.g.
-BatchNorm running statistics) and the optimizer's ``state_dict``: before the
+``Watch(on_nonfinite="rollback")`` keeps a snapshot of the model's
+``state_dict`` (parameters and buffers, e.g. BatchNorm running statistics; a
+tensor shared by two names, as tied embeddings, once) and the optimizer's
+``state_dict``, on the CPU by default (so it costs no accelerator memory) or,
+with ``NonFiniteConfig(rollback_device="params")``, each tensor on its own
+device (no transfer, but accelerator memory): before the
 first step, then after every ``rollback_every``-th step whose update was
 finite and whose weights are finite (their per-layer norms, already on the
 host, say so: no extra check). On a non-finite step it restores the snapshot
 and multiplies every param group's ``lr`` by ``rollback_lr_factor``.
 
-Cost: one copy of the weights and the optimizer state to the CPU every
-``rollback_every`` steps (a device-to-host transfer and a sync on a GPU); none
-on other steps.
+Cost: memory for one copy of the weights and the optimizer state (with Adam
+about 3x the parameter bytes: the weights and two moments), logged once when
+the Watch is built (:func:`estimate_snapshot_bytes`); a restore briefly holds
+one more copy of the optimizer state. Time: the copy every ``rollback_every``
+steps (a device-to-host transfer and a sync on a GPU with ``"cpu"``); none on
+other steps.
 
 A learning-rate scheduler that recomputes ``lr`` from its ``base_lrs`` undoes
 the backoff on its next step; scale ``scheduler.base_lrs`` too in that case.
@@ -40,17 +46,140 @@ def _check_factor(value: Any) -> float:
     return float(value)
 
 
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to the CPU."""
+#: where a snapshot's tensors live: on the CPU, or each on the device of the tensor it copies
+SNAPSHOT_DEVICES = ("cpu", "params")
+
+
+def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two views of the same memory with the same layout (tied weights in a state_dict)."""
+    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _copy(obj: Any, device: str, seen: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
+    """Deep copy with every tensor cloned, to the CPU (``device="cpu"``) or where it is (``"params"``);
+    a tensor reached twice (tied weights) is copied once.
+
+    Example:
+        >>> w = torch.ones(3)
+        >>> out = _copy({"a": w, "b": w, "n": 2}, "cpu")
+        >>> out["a"] is out["b"], out["a"].data_ptr() != w.data_ptr(), out["n"]
+        (True, True, 2)
+    """
+    if seen is None:
+        seen = {}
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = _tensor_key(obj)
+        done = seen.get(key)
+        if done is None:
+            target = "cpu" if device == "cpu" else obj.device
+            done = seen[key] = obj.detach().to(target, copy=True)
+        return done
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _copy(v, device, seen) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [_copy(v, device, seen) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
+        return tuple(_copy(v, device, seen) for v in obj)
     return copy.deepcopy(obj)
+
+
+def _tensor_bytes(obj: Any, seen: set[tuple[Any, ...]] | None = None) -> int:
+    """Bytes of the distinct tensors in a nested state (each tensor once)."""
+    if seen is None:
+        seen = set()
+    if isinstance(obj, torch.Tensor):
+        key = _tensor_key(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+@dataclass(frozen=True)
+class SnapshotCost:
+    """What one rollback snapshot holds, in bytes: the model's tensors and the optimizer state.
+
+    ``exact`` is False when the optimizer state was not created yet (before the first step)
+    and was estimated from the optimizer's kind (:func:`estimate_snapshot_bytes`).
+    """
+
+    weights: int
+    optimizer_state: int
+    exact: bool
+    device: str = "cpu"
+
+    @property
+    def total(self) -> int:
+        """Bytes of the whole snapshot."""
+        return self.weights + self.optimizer_state
+
+    def describe(self) -> str:
+        """One line for the log.
+
+        Example:
+            >>> SnapshotCost(4 << 20, 8 << 20, False).describe()[:86]
+            "on_nonfinite='rollback' keeps a snapshot of the weights and optimizer state on the cpu"
+        """
+        mib = 1 << 20
+        where = "on the cpu" if self.device == "cpu" else "on the parameters' devices"
+        how = "" if self.exact else ", the optimizer state estimated from the optimizer's kind"
+        return (f"on_nonfinite='rollback' keeps a snapshot of the weights and optimizer state {where}: "
+                f"{self.total / mib:.1f} MiB (weights and buffers {self.weights / mib:.1f} MiB, optimizer state "
+                f"{self.optimizer_state / mib:.1f} MiB{how}); NonFiniteConfig(rollback_device=...) chooses where")
+
+
+# Per-parameter state tensors of torch's optimizers before their first step: (names of state
+# tensors shaped like the parameter, number of 0-d float32 scalars such as "step").
+def _known_state(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[int, int] | None:
+    name = type(optimizer).__name__
+    if name in ("Adam", "AdamW"):
+        return 2 + bool(group.get("amsgrad")), 1
+    if name == "SGD":
+        return int(bool(group.get("momentum"))), 0
+    if name == "RMSprop":
+        return 1 + bool(group.get("momentum")) + bool(group.get("centered")), 1
+    if name in ("Adamax", "RAdam", "Adadelta"):
+        return 2, 1
+    if name == "NAdam":
+        return 2, 2  # step and mu_product
+    if name == "Adagrad":
+        return 1, 1
+    return None
+
+
+def estimate_snapshot_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: str = "cpu") -> SnapshotCost:
+    """The bytes a rollback snapshot of ``model`` and ``optimizer`` takes.
+
+    The weights and buffers are counted from the model's ``state_dict`` (a tensor under two
+    names once); the optimizer state from the optimizer's ``state_dict`` when every parameter
+    has its state, else from the optimizer's kind (Adam/AdamW: two tensors the size of each
+    parameter and a ``step`` scalar; SGD with momentum: one; an optimizer it does not know:
+    two, and ``exact`` is False).
+
+    Example:
+        >>> model = nn.Linear(100, 10)  # 1010 float32 parameters
+        >>> cost = estimate_snapshot_bytes(model, torch.optim.Adam(model.parameters()))
+        >>> cost.weights, cost.optimizer_state, cost.exact  # 2 moments + a 4-byte step per tensor
+        (4040, 8088, False)
+    """
+    weights = _tensor_bytes(dict(model.state_dict()))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if params and all(p in optimizer.state and optimizer.state[p] for p in params):
+        return SnapshotCost(weights, _tensor_bytes(optimizer.state_dict()["state"]), True, device)
+    state = 0
+    for group in optimizer.param_groups:
+        known = _known_state(optimizer, group) or (2, 0)
+        for p in group["params"]:
+            if p in optimizer.state and optimizer.state[p]:
+                state += _tensor_bytes(optimizer.state[p])
+            else:
+                state += known[0] * p.numel() * p.element_size() + known[1] * 4
+    return SnapshotCost(weights, state, False, device)
 
 
 def _clone(obj: Any) -> Any:
@@ -88,7 +217,7 @@ class RollbackEvent:
 
 
 class Rollback:
-    """Known-good snapshots of a model and its optimizer, kept on the CPU.
+    """Known-good snapshots of a model and its optimizer, kept on the CPU (or where the tensors are).
 
     Args:
         model: the model (its ``state_dict``: parameters and buffers).
@@ -96,6 +225,7 @@ class Rollback:
         every: take a snapshot after every this many good steps. Default: 100.
         lr_factor: multiply every param group's lr by this on a restore; 1 keeps
             it. Default: 0.5.
+        device: ``"cpu"``, or ``"params"``: each tensor's copy on its own device. Default: ``"cpu"``.
 
     Example:
         >>> model = nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -107,7 +237,8 @@ class Rollback:
         (True, [0.05])
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 100, lr_factor: float = 0.5) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 100, lr_factor: float = 0.5,
+                 device: str = "cpu") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -116,6 +247,9 @@ class Rollback:
         self.optimizer = optimizer
         self.every = _check_every(every)
         self.lr_factor = _check_factor(lr_factor)
+        if device not in SNAPSHOT_DEVICES:
+            raise ValueError(f"device must be one of {SNAPSHOT_DEVICES}, got {device!r}")
+        self.device = device
         self.step: int | None = None  # the step after which the snapshot was taken (0: before training)
         self._model_state: dict[str, torch.Tensor] | None = None
         self._optim_state: dict[str, Any] | None = None
@@ -130,11 +264,21 @@ class Rollback:
         """How many param groups the snapshot's optimizer had (None before the first snapshot)."""
         return None if self._optim_state is None else len(self._optim_state["param_groups"])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the snapshot held now (0 before the first)."""
+        return _tensor_bytes([self._model_state, self._optim_state])
+
+    def cost(self) -> SnapshotCost:
+        """What a snapshot of the model and optimizer takes now (:func:`estimate_snapshot_bytes`)."""
+        return estimate_snapshot_bytes(self.model, self.optimizer, self.device)
+
     def snapshot(self, step: int) -> None:
-        """Copy the weights, buffers and optimizer state to the CPU, as after ``step``."""
+        """Copy the weights, buffers and optimizer state (to the CPU by default), as after ``step``."""
+        self._model_state = self._optim_state = None  # the old copy goes before the new one is made
         with torch.no_grad():
-            self._model_state = _to_cpu(dict(self.model.state_dict()))
-            self._optim_state = _to_cpu(self.optimizer.state_dict())
+            self._model_state = _copy(dict(self.model.state_dict()), self.device)
+            self._optim_state = _copy(self.optimizer.state_dict(), self.device)
         self.step = int(step)
 
     def due(self, step: int) -> bool:

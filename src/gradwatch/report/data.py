@@ -224,6 +224,26 @@ def effective_gain(rms: np.ndarray) -> np.ndarray:
         return np.exp(-slope)
 
 
+def carried_forward(matrix: np.ndarray) -> np.ndarray:
+    """Each NaN cell replaced by the last finite value above it in its column (NaN if none yet).
+
+    For per-layer values measured on a rotating share of the layers (the update ratio within
+    its memory budget): row ``i`` then holds every layer's latest value as of row ``i``.
+
+    Example:
+        >>> carried_forward(np.array([[1.0, np.nan], [np.nan, 2.0], [3.0, np.nan]])).tolist()
+        [[1.0, nan], [1.0, 2.0], [3.0, 2.0]]
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.size == 0:
+        return matrix.copy()
+    rows = np.arange(matrix.shape[0])[:, None]
+    last = np.maximum.accumulate(np.where(np.isfinite(matrix), rows, -1), axis=0)
+    out = matrix[last.clip(0), np.arange(matrix.shape[1])]
+    out[last < 0] = np.nan
+    return out
+
+
 def last_finite_rows(matrix: np.ndarray) -> np.ndarray:
     """Per column, the last finite value (NaN if the column has none).
 

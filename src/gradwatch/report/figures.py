@@ -384,11 +384,18 @@ def draw_update_ratio(views: Sequence[RunView]) -> Any:
             measured = np.flatnonzero((np.isfinite(ratio) & (ratio > 0)).any(axis=1)) if ratio.size else np.zeros(0, np.int64)
             if not measured.size:
                 continue
-            rows = measured[data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)]
-            colors = _palette(cmaps[i], len(rows), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
-            for color, row in zip(colors, rows):
-                norms |= _layer_line(ax, depth.x(view.update_ratio.shape[1]), _positive(view.update_ratio[row]), view.norm,
-                                     RUN_STYLES[i], color, f"{_runs_label(views, i)}step {int(view.steps[row])}", linewidth=1.2)
+            picks = data.checkpoint_rows(measured, np.ones(measured.size, bool), 6 if len(views) == 1 else 3)
+            values = ratio[measured]
+            # a rotating share of the layers per measurement (update_ratio_budget): each line shows
+            # every layer's latest ratio as of its step
+            rotating = bool((np.isfinite(values).any(axis=0) & ~np.isfinite(values)).any())
+            if rotating:
+                values = data.carried_forward(values)
+            colors = _palette(cmaps[i], len(picks), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, pick in zip(colors, picks):
+                label = f"{_runs_label(views, i)}step {int(view.steps[measured[pick]])}" + (" (latest per layer)" if rotating else "")
+                norms |= _layer_line(ax, depth.x(view.update_ratio.shape[1]), _positive(values[pick]), view.norm,
+                                     RUN_STYLES[i], color, label, linewidth=1.2)
         _norm_legend_entry(ax, norms)
         ax.axhline(1e-3, color="#7f7f7f", linestyle=":", linewidth=1.2, label="1e-3 (rule of thumb)")
         ax.set_yscale("log")
