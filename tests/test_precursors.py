@@ -263,3 +263,17 @@ def test_the_benchmarks_instability_judges_by_hand() -> None:
     assert onset([4.0, 3.0, 2.0, 2.1, 2.0, 9.0, 9.5, 9.1, 2.0]) == 7  # median of 3 above 1.3 x best 2.0
     assert onset([4.0, 3.0, 2.0, 9.0, 2.0, 2.1]) is None  # one bad batch is not a spike
     assert behind([4.0, 4.5, 5.0, 5.0, 5.0, 5.0], [4.0, 3.0, 2.5, 2.0, 2.0, 2.0], smooth=1) == 3  # 5 > 1.5 x 2.5
+
+
+def test_a_model_without_attention_or_cross_entropy_stops_sampling_after_its_first_step() -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    watch = gw.Watch(model, opt)
+    plugin = _plugin(watch)
+    armed = []
+    for step in range(1, 6):
+        x = torch.randn(8, 6)
+        watch.step(lambda: model(x).pow(2).mean())
+        armed.append(len(plugin._hooks))  # hooks armed for the next step by prepare()
+    assert armed == [0, 0, 0, 0, 0]  # step 1 saw no attention and no cross_entropy: nothing armed again
+    watch.close()

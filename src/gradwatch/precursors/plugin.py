@@ -95,6 +95,9 @@ class PrecursorPlugin(WatchPlugin):
         self._names: dict[int, str] = {}
         self._compiled = False
         self._model: nn.Module | None = None
+        self._seen_attention: bool | None = None  # None: not sampled yet
+        self._seen_log_z: bool | None = None
+        self._hook_modules = False
         self._attention: dict[str, torch.Tensor] = {}
         self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
@@ -123,7 +126,12 @@ class PrecursorPlugin(WatchPlugin):
 
     def prepare(self, next_step: int) -> None:
         self._disarm()
-        wants_sample = (self.config.attention_logits or self.config.log_z) and not self._compiled
+        # after the first sampled step, only what the model showed: no attention call, no module hooks;
+        # neither attention nor cross_entropy, no mode either (a plain MLP with MSE pays nothing)
+        wants_attention = self.config.attention_logits and self._seen_attention is not False
+        wants_log_z = self.config.log_z and self._seen_log_z is not False
+        wants_sample = (wants_attention or wants_log_z) and not self._compiled
+        self._hook_modules = wants_attention
         self._sampling = wants_sample and self.is_sampled(next_step)
         # every rms_every steps; every step while the last measurement was above half the threshold (a lag
         # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
@@ -140,7 +148,7 @@ class PrecursorPlugin(WatchPlugin):
         self._attention, self._log_z = {}, []
         self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
         self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
-        if self.config.attention_logits:  # the module stack names each attention call (sampled steps only)
+        if self._hook_modules:  # the module stack names each attention call (sampled steps only)
             for module in model.modules():
                 self._hooks.append(module.register_forward_pre_hook(self._push))
                 self._hooks.append(module.register_forward_hook(self._pop))
@@ -290,6 +298,8 @@ class PrecursorPlugin(WatchPlugin):
             if finding is not None:
                 found.append(finding)
         if self._sampling and not record.skipped:
+            if self._seen_attention is None:
+                self._seen_attention, self._seen_log_z = bool(self._attention), bool(self._log_z)
             if self._attention:
                 logits = {site: float(v) for site, v in self._attention.items()}
                 entry["attention_logit_max"] = {s: round(v, 4) for s, v in logits.items()}
