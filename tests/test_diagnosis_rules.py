@@ -214,7 +214,8 @@ def test_dead_and_saturated_functional_activations_are_named(digits):
 
 def test_functional_activations_keep_the_mode_on_later_sampled_steps(digits):
     model = FunctionalNet()
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), diagnosis=gw.DiagnosisConfig(sample_every=3))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.01), diagnosis=gw.DiagnosisConfig(sample_every=3),
+                     precursors=None)  # the diagnosis sampler's mode alone (the precursors have a mode of their own)
     x, y = digits[0][:64], digits[1][:64]
     modes = []
 
@@ -320,7 +321,8 @@ def test_options_are_validated_and_unsampled_steps_have_no_hooks(digits, tmp_pat
     model = mlp(3, "relu", "kaiming")
     with pytest.raises(ValueError, match="sample_every"):
         gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=0))
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=4), run_dir=tmp_path / "run")
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), diagnosis=gw.DiagnosisConfig(sample_every=4),
+                     run_dir=tmp_path / "run", precursors=None)  # the diagnosis sampler's hooks alone
     x, y = digits[0][:64], digits[1][:64]
     hooked, modes = [], []
 

@@ -94,6 +94,7 @@ class PrecursorPlugin(WatchPlugin):
         self._stack: list[str] = []
         self._names: dict[int, str] = {}
         self._compiled = False
+        self._adam = True
         self._model: nn.Module | None = None
         self._seen_attention: bool | None = None  # None: not sampled yet
         self._seen_log_z: bool | None = None
@@ -122,6 +123,8 @@ class PrecursorPlugin(WatchPlugin):
         # recompile its graph, so the sampled signals are off there (Adam RMS_t is not in the forward)
         self._compiled = compiled_inner_module(view.model) is not None
         self._model = view.layers.model  # unwrapped (DDP's module): names without "module."
+        # an optimizer without Adam's betas (SGD, Adagrad, ...) has no second moment to read: never due
+        self._adam = any(isinstance(g.get("betas"), (tuple, list)) for g in view.optimizer.param_groups)
         self._names = {id(m): n or "(root)" for n, m in self._model.named_modules()}
 
     def prepare(self, next_step: int) -> None:
@@ -135,7 +138,7 @@ class PrecursorPlugin(WatchPlugin):
         self._sampling = wants_sample and self.is_sampled(next_step)
         # every rms_every steps; every step while the last measurement was above half the threshold (a lag
         # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
-        rms_due = self.config.adam_rms and (next_step % self.config.rms_every == 0 or self.on_precursor is not None
+        rms_due = self.config.adam_rms and self._adam and (next_step % self.config.rms_every == 0 or self.on_precursor is not None
                                             or self._escalated)
         self.quiet_step = not (self._sampling or rms_due)
         self._rms_due = rms_due
