@@ -206,7 +206,7 @@ def test_options_are_checked_before_anything_is_written(tmp_path: Path) -> None:
 def test_signals_reach_the_run_directory(tmp_path: Path) -> None:
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    watch = gw.Watch(model, opt, run_dir=tmp_path / "run")
+    watch = gw.Watch(model, opt, run_dir=tmp_path / "run", precursors=gw.PrecursorConfig(rms_every=10, sample_every=10))
     for _ in range(12):
         x = torch.randn(8, 6)
         y = torch.randint(0, 3, (8,))
@@ -223,7 +223,7 @@ def test_signals_reach_the_run_directory(tmp_path: Path) -> None:
 def test_rms_is_measured_every_step_while_it_is_high() -> None:
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
-    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(rms_warmup=5))  # rms_every=10, rms_threshold=6
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(rms_warmup=5, rms_every=10))  # rms_threshold=6
     plugin = _plugin(watch)
     measured, codes = [], []
     for step in range(1, 321):

@@ -281,9 +281,9 @@ class PrecursorConfig(_Config):
         log_z: on sampled steps, log Z of the logits given to ``F.cross_entropy``. Default: True.
         rms_every: measure RMS_t every this many steps, and on every step while the last
             measurement was above half of ``rms_threshold`` (4 elementwise passes over the
-            gradients: ~260 us for 16 tensors on one CPU thread). Default: 10.
+            gradients: ~260 us for 16 tensors on one CPU thread, dispatch-bound). Default: 50.
         sample_every: the attention-logit and log Z sampling interval in steps (and each of the first
-            ``sample_every`` steps). Default: 10.
+            ``sample_every`` steps). Default: 50.
         rms_threshold: a layer whose RMS_t is above this on ``rms_consecutive`` measurements in a
             row raises ``update_spike_precursor``. Default: 6.0.
         rms_consecutive: see ``rms_threshold``. Default: 2.
@@ -301,8 +301,8 @@ class PrecursorConfig(_Config):
     adam_rms: bool = True
     attention_logits: bool = True
     log_z: bool = True
-    rms_every: int = 10
-    sample_every: int = 10
+    rms_every: int = 50
+    sample_every: int = 50
     rms_threshold: float = 6.0
     rms_consecutive: int = 2
     rms_warmup: int = 50
