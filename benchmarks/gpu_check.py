@@ -308,7 +308,8 @@ def check_syncs(device: torch.device, sizes: Sizes) -> Row:
     opt2 = torch.optim.AdamW(watched.parameters(), lr=1e-4)
     with _quiet():
         watch = gw.Watch(watched, opt2, clip_norm=1.0)
-        for _ in range(12):  # past the first update-ratio steps (1-10); step 13 is a plain healthy step
+        for _ in range(50):  # past the first update-ratio steps (1-10) and the precursors' dense sampling (1-50):
+            # step 51 is a plain healthy step (sampled steps read their attention logits and log Z on top)
             watch.step(lambda: models.gpt_loss(watched, x, y))
         _sync(device)
         with _count_syncs(device) as watch_count:
