@@ -10,36 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..diagnosis.rules import Episode  # the diagnosis rules' episode: fire once, re-arm after quiet steps
 from ..findings import Finding
-
-
-@dataclass
-class Episode:
-    """Whether a signal is inside an episode, and how many measurements it has been below its threshold."""
-
-    quiet_steps: int
-    active: bool = False
-    below: int = 0
-
-    def update(self, above: bool) -> bool:
-        """Feed one measurement; True when it starts a new episode.
-
-        Example:
-            >>> e = Episode(quiet_steps=2)
-            >>> [e.update(a) for a in (True, True, False, True, False, False, True)]
-            [True, False, False, False, False, False, True]
-        """
-        if above:
-            self.below = 0
-            if not self.active:
-                self.active = True
-                return True
-            return False
-        if self.active:
-            self.below += 1
-            if self.below >= self.quiet_steps:
-                self.active, self.below = False, 0
-        return False
 
 
 @dataclass
