@@ -151,7 +151,8 @@ def _ddp_scenarios(rank: int, out: Path) -> dict:
     # 1. per-layer norms over 3 clipped SGD steps
     model = DDP(make_model())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run", update_ratio_every=STEPS)
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "ddp_run", update_ratio_every=STEPS,
+                     update_ratio_budget=1 << 20)
     for step in range(STEPS):
         x, y = rank_batch(step, rank)
         with _CountAllReduce() as sizes:  # DDP's own gradient all-reduce runs in C++, not counted
@@ -235,7 +236,8 @@ def _fsdp_scenarios(rank: int, out: Path) -> dict:
     # 1. 3 clipped steps, per-layer norms against the single-process reference
     model = _fsdp_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "fsdp_run", update_ratio_every=STEPS)
+    watch = gw.Watch(model, opt, clip_norm=CLIP, run_dir=out / "fsdp_run", update_ratio_every=STEPS,
+                     update_ratio_budget=1 << 20)
     for step in range(STEPS):
         x, y = rank_batch(step, rank)
         watch.step(lambda: lm_loss(model, x, y))

@@ -93,7 +93,8 @@ def _loader():
 def test_callback_measures_before_clipping_skips_nan_and_keeps_the_lr_schedule(tmp_path, precision):
     module = TinyModule()
     probe = Probe()
-    gw_cb = GradwatchCallback(run_dir=tmp_path / "run", log_layers=True, update_ratio_every=2)
+    gw_cb = GradwatchCallback(run_dir=tmp_path / "run", log_layers=True, update_ratio_every=2,
+                              update_ratio_budget=1 << 20)
     trainer = pl.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, precision=precision,
         gradient_clip_val=CLIP, callbacks=[probe, gw_cb],

@@ -119,7 +119,7 @@ def _ratio_by_hand(before: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 def test_observe_measures_the_update_ratio_once_the_callers_optimizer_stepped(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2, run_dir=tmp_path / "run", flush_every=2)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2, update_ratio_budget=1 << 20, run_dir=tmp_path / "run", flush_every=2)
     x, y = torch.randn(16, 6), torch.randn(16, 1)
     want = {}
     for step in range(1, 9):
@@ -148,7 +148,7 @@ def test_observe_measures_the_update_ratio_once_the_callers_optimizer_stepped(tm
 def test_observe_update_ratio_raises_lr_too_high_for_updates_that_rewrite_the_weights():
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1.0)  # each update moves every weight by ~1: ratio >> 0.1
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1, update_ratio_budget=1 << 20)
     x, y = torch.randn(16, 6), torch.randn(16, 1)
     for _ in range(4):
         F.mse_loss(model(x), y).backward()

@@ -27,7 +27,8 @@ def _train(run_dir: Path, steps: int = 7, flush_every: int = 3) -> tuple[gw.Watc
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    watch = gw.Watch(model, opt, clip_norm=1.0, run_dir=run_dir, flush_every=flush_every, update_ratio_every=2)
+    watch = gw.Watch(model, opt, clip_norm=1.0, run_dir=run_dir, flush_every=flush_every, update_ratio_every=2,
+                     update_ratio_budget=1 << 20)  # measured whole
     results = []
     for _ in range(steps):
         x, y = torch.randn(16, 4), torch.randn(16, 1)

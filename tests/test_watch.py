@@ -98,7 +98,7 @@ def weights_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 def test_weight_norms_and_update_ratio(weights_path: str) -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=2, update_ratio_budget=1 << 20)
     x, y = _data(1)[0]
 
     before = {n: m.weight.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Linear)}
@@ -136,7 +136,7 @@ def test_weights_replaced_between_and_during_steps_are_read_where_they_now_live(
 
     model = _mlp()
     opt = Replacing(model.parameters(), lr=0.1)
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1, update_ratio_budget=1 << 20)
     x, y = _data(1)[0]
     for step in range(3):
         if step == 1:
@@ -161,7 +161,7 @@ def test_update_ratio_of_an_all_zero_layer_is_nan() -> None:
         first.weight.zero_()
         first.bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1, update_ratio_budget=1 << 20)
     x, y = _data(1)[0]
     ratio = watch.step(lambda: F.mse_loss(model(x), y)).record.update_ratio
     assert math.isnan(ratio[0]) and np.isfinite(ratio[1:]).all()
@@ -407,12 +407,12 @@ def test_closed_watch_refuses_steps() -> None:
 
 def test_findings_property_and_state_dict_round_trip() -> None:
     model = _mlp()
-    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), update_ratio_budget=1 << 20)
     x, y = _data(1)[0]
     for _ in range(3):
         watch.step(lambda: F.mse_loss(model(x), y))
     state = watch.state_dict()
-    other = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    other = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), update_ratio_budget=1 << 20)
     other.load_state_dict(state)
     assert other.state_dict() == state and other.steps_taken == 3
     assert isinstance(watch.findings, list)
@@ -527,7 +527,7 @@ def test_a_weight_numpy_cannot_read_after_the_update_leaves_that_ratio_out_and_t
 
     model = _mlp()
     opt = Transposing(model.parameters(), lr=0.1)
-    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=1, update_ratio_budget=1 << 20)
     x, y = _data(1)[0]
     assert watch.step(lambda: F.mse_loss(model(x), y)).record.update_ratio is None  # snapshot by numpy, update moved it
     _assert_update_ratio_of_next_step(watch, model, ["0", "2", "4"], lambda: F.mse_loss(model(x), y))  # foreach path now

@@ -105,9 +105,9 @@ class Watch:
             that fits, the next measurement the next round, so every layer gets
             a ratio every ``k`` measurements and the others are NaN in between;
             a layer larger than the budget is measured on slices of its
-            elements. None: 5% of the parameter bytes, at most 64 MiB and at
-            least 1 MiB (a model under 1 MiB of weights is measured whole at
-            every measurement). Default: None.
+            elements. None: 5% of the parameter bytes, at most 64 MiB (pass
+            a larger budget, e.g. ``1 << 20``, to measure a small model whole
+            at every measurement). Default: None.
         history: number of recent step records kept in memory for the rules. Default: 200.
         flush_every: write the run directory every this many steps. Default: 50.
         diagnosis: :class:`~gradwatch.DiagnosisConfig` (sampling intervals).
