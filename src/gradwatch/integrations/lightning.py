@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradwatch.integrations.lightning needs Lightning: pip install 'gradwatch[lightning]'"
         ) from exc
 
+from ..plugins import WatchView
 from ..runpath import check_mode
 from ..watch import Watch
 from .. import tags
@@ -73,7 +74,8 @@ class GradwatchCallback(Callback):
         log_layers: also log the per-layer numbers, ``gradwatch/layer_grad_norm/<layer>`` and, on
             the steps that measure it, ``gradwatch/layer_update_ratio/<layer>``: True on every step,
             an int ``N`` on step 1 and every ``N`` steps, False never. Default: False (a metric per
-            layer can be many).
+            layer can be many). The precursor signals (``gradwatch/adam_rms_max``, ...) are logged on
+            the steps that measure them; their per-layer and per-site tags only when this is not False.
         run_dir_mode: ``"version"``, ``"resume"`` or ``"overwrite"`` (see
             :class:`gradwatch.Watch`); None: ``"resume"`` when the fit restores
             a checkpoint that holds gradwatch's state (``fit(ckpt_path=...)``),
@@ -261,6 +263,9 @@ class GradwatchCallback(Callback):
         if result.record is not None and self._layers_due(result.record.step):
             for name, value in result.layer_grad_norms.items():
                 metrics[tags.layer_grad_norm(name)] = float(value)
+        if record is not None:  # the precursor signals, on the steps that measured them
+            metrics.update(tags.signal_metrics(WatchView(self.watch).signals(record.step),
+                                               per_layer=self.log_layers is not False))
         for finding in result.findings:
             metrics[tags.finding(finding.code)] = severity_level(finding.severity)
         if trainer.loggers:
