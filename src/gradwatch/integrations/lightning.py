@@ -250,6 +250,16 @@ class GradwatchCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 
+    def _log_signals(self, trainer: "pl.Trainer", step: int) -> None:
+        """The precursor signals of ``step``, when it measured some, sent to each logger directly under the
+        global step the step's other numbers are logged with: ``log_dict`` would send a key's last value again
+        on every later step, and the signals are measured on some steps only."""
+        signals = tags.signal_metrics(WatchView(self.watch).signals(step), per_layer=self.log_layers is not False)
+        if not signals or not trainer.loggers or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(signals, step=trainer.global_step)
+
     def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Any) -> None:
         metrics = {
             tags.GRAD_NORM: float(result.grad_norm),
@@ -263,13 +273,12 @@ class GradwatchCallback(Callback):
         if result.record is not None and self._layers_due(result.record.step):
             for name, value in result.layer_grad_norms.items():
                 metrics[tags.layer_grad_norm(name)] = float(value)
-        if record is not None:  # the precursor signals, on the steps that measured them
-            metrics.update(tags.signal_metrics(WatchView(self.watch).signals(record.step),
-                                               per_layer=self.log_layers is not False))
         for finding in result.findings:
             metrics[tags.finding(finding.code)] = severity_level(finding.severity)
         if trainer.loggers:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        if record is not None:
+            self._log_signals(trainer, record.step)
         for finding in result.findings:
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
