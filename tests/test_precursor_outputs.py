@@ -128,6 +128,25 @@ def test_metrics_logger_without_layers_sends_only_the_run_wide_signals(tmp_path:
     assert any("gradwatch/adam_rms_max" in m for _, m in sent)
 
 
+def test_mlflow_reads_back_the_signals_on_their_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from gradwatch.loggers import MlflowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    with mlflow.start_run() as run:
+        train(tmp_path / "run", [MlflowLogger()])
+    lines = {s["step"]: s for s in gw.load_run(tmp_path / "run").signals}
+    client = mlflow.MlflowClient()
+    for tag, key in (("gradwatch/adam_rms_max", "adam_rms_max"), ("gradwatch/log_z_mean", "log_z_mean")):
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
+        want = sorted((step, line[key]) for step, line in lines.items() if key in line)
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want])
+    history = client.get_metric_history(run.info.run_id, "gradwatch/attention_logit/attn")
+    assert sorted(m.step for m in history) == sorted(s for s, line in lines.items() if "attention_logit_max" in line)
+
+
 def _tb_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
