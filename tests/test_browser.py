@@ -205,6 +205,17 @@ def test_report_of_a_demo_run_renders_in_headless_chromium(tmp_path: Path, brows
     assert evaluate("document.body.innerText.includes('vanishing_gradients')")
 
 
+def test_report_with_precursor_signals_renders_in_headless_chromium(tmp_path: Path, browser: Chromium) -> None:
+    """An AdamW run with attention and cross-entropy: the early-warning section's three charts are drawn too."""
+    from test_precursor_outputs import train
+
+    train(tmp_path / "run")
+    evaluate = _render_and_check(browser, gw.report(tmp_path / "run").resolve())
+    ids = evaluate("[...document.querySelectorAll('#precursors figure')].map(f => f.id)")
+    assert ids == ["fig-adam-rms", "fig-attention-logits", "fig-log-z"]
+    assert evaluate("document.querySelector('#precursor-thresholds').nextElementSibling.innerText.includes('rms_threshold 3')")
+
+
 def _open(browser: Chromium, page: Path, height: int = 900) -> str:
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]

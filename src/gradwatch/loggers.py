@@ -6,7 +6,11 @@ when clipping is on, ``gradwatch/clip_threshold``, ``gradwatch/clip_coef``,
 ``gradwatch/clipped``, ``gradwatch/clipped_share`` (clipped steps so far / steps);
 ``gradwatch/loss_scale`` under fp16. On step 1 and every ``layers_every`` steps:
 ``gradwatch/layer_grad_norm/<name>`` and, when measured,
-``gradwatch/layer_update_ratio/<name>``. Findings go to ``text(finding)``.
+``gradwatch/layer_update_ratio/<name>``. On the steps that measured them, the
+precursor signals (:func:`gradwatch.tags.signal_metrics`: ``gradwatch/adam_rms_max``,
+``gradwatch/attention_logit_max``, ``gradwatch/log_z_mean``, ``gradwatch/log_z_max``
+and, unless ``layers_every=None``, ``gradwatch/layer_adam_rms/<name>`` and
+``gradwatch/attention_logit/<site>``). Findings go to ``text(finding)``.
 wandb and mlflow are imported only when their logger is made.
 """
 
@@ -72,6 +76,9 @@ class MetricsLogger(WatchPlugin):
             if record.update_ratio is not None:
                 for name, value in zip(record.layer_names, record.update_ratio.tolist()):
                     out[tags.layer_update_ratio(name)] = value
+        view = getattr(self, "view", None)
+        if view is not None:  # the precursor signals of this step, when it measured some
+            out.update(tags.signal_metrics(view.signals(record.step), per_layer=every is not None))
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:

@@ -237,6 +237,32 @@ class WatchView:
     def steps_taken(self) -> int:
         return self._watch.steps_taken
 
+    def signals(self, step: int) -> dict[str, Any]:
+        """The precursor signals measured on ``step``: its ``signals.jsonl`` line (``{}`` when that step
+        measured none, the precursors are off, or ``step`` is not the last step the precursor plugin saw).
+
+        Read-only; complete once the precursor plugin's ``after_step`` has run (every plugin of
+        the user's, the loggers included, runs after it).
+
+        Example:
+            >>> import gradwatch as gw
+            >>> model = torch.nn.Linear(2, 1); opt = torch.optim.AdamW(model.parameters())
+            >>> watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(rms_every=1))
+            >>> for _ in range(2): result = watch.step(lambda: model(torch.ones(4, 2)).pow(2).mean())
+            >>> sorted(WatchView(watch).signals(2))  # step 1: Adam has no second moment yet
+            ['adam_rms', 'adam_rms_layer', 'adam_rms_max', 'step']
+            >>> WatchView(watch).signals(1)
+            {}
+            >>> watch.close()
+        """
+        for plugin in self._watch.plugins:
+            if plugin.name == "precursors":
+                last = getattr(plugin, "last", None)
+                if isinstance(last, dict) and last.get("step") == step and len(last) > 1:
+                    return last
+                return {}
+        return {}
+
     def lr(self) -> float | None:
         """The first param group's learning rate as a float (None if unreadable)."""
         try:

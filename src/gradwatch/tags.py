@@ -16,9 +16,21 @@ tags (``loss``, ``grad_norm``)::
     gradwatch/layer_update_ratio/<name>  per-layer update/weight ratio, when measured
     gradwatch/finding/<code>             a finding's severity level (scalar)
     gradwatch/findings                   findings as text (or their count, as a scalar)
+
+The precursor signals (docs/precursors.md), on the steps that measured them only::
+
+    gradwatch/adam_rms_max               the largest per-layer Adam RMS_t of the step
+    gradwatch/layer_adam_rms/<name>      per-layer Adam RMS_t (steps whose signals.jsonl line lists every layer)
+    gradwatch/attention_logit_max        the largest attention logit over every attention site
+    gradwatch/attention_logit/<site>     the largest attention logit of one attention module
+    gradwatch/log_z_mean                 mean log Z of the output softmax
+    gradwatch/log_z_max                  the largest |log Z|
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping
 
 PREFIX = "gradwatch/"
 LOSS = PREFIX + "loss"
@@ -34,6 +46,12 @@ LAYER_GRAD_NORM = PREFIX + "layer_grad_norm/"
 LAYER_UPDATE_RATIO = PREFIX + "layer_update_ratio/"
 FINDING = PREFIX + "finding/"
 FINDINGS = PREFIX + "findings"
+ADAM_RMS_MAX = PREFIX + "adam_rms_max"
+LAYER_ADAM_RMS = PREFIX + "layer_adam_rms/"
+ATTENTION_LOGIT_MAX = PREFIX + "attention_logit_max"
+ATTENTION_LOGIT = PREFIX + "attention_logit/"
+LOG_Z_MEAN = PREFIX + "log_z_mean"
+LOG_Z_MAX = PREFIX + "log_z_max"
 
 
 def layer_grad_norm(name: str) -> str:
@@ -64,6 +82,74 @@ def finding(code: str) -> str:
         'gradwatch/finding/loss_spike'
     """
     return FINDING + code
+
+def layer_adam_rms(name: str) -> str:
+    """The per-layer Adam RMS_t tag of layer ``name``.
+
+    Example:
+        >>> layer_adam_rms("fc1")
+        'gradwatch/layer_adam_rms/fc1'
+    """
+    return LAYER_ADAM_RMS + name
+
+
+def attention_logit(site: str) -> str:
+    """The max attention logit tag of one attention site (the module that ran the attention).
+
+    Example:
+        >>> attention_logit("h.0.attn")
+        'gradwatch/attention_logit/h.0.attn'
+    """
+    return ATTENTION_LOGIT + site
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)  # signals.jsonl writes a non-finite float as the string "nan" / "inf"
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def signal_metrics(entry: Mapping[str, Any] | None, per_layer: bool = True) -> dict[str, float]:
+    """The tags of one step's precursor signals (a ``signals.jsonl`` line, or the precursor plugin's ``last``).
+
+    Only what the step measured, finite values only: a step without signals gives ``{}``
+    (no NaN or zero filler). ``per_layer=False`` leaves out the per-layer and per-site tags.
+
+    Example:
+        >>> signal_metrics({"step": 3, "adam_rms_max": 7.5, "adam_rms_layer": "fc1",
+        ...                 "adam_rms": {"fc1": 7.5}, "log_z_max": "nan"})
+        {'gradwatch/adam_rms_max': 7.5, 'gradwatch/layer_adam_rms/fc1': 7.5}
+        >>> signal_metrics({"step": 4})
+        {}
+    """
+    out: dict[str, float] = {}
+    if not entry:
+        return out
+
+    def put(tag: str, value: Any) -> None:
+        number = _finite(value)
+        if number is not None:
+            out[tag] = number
+
+    put(ADAM_RMS_MAX, entry.get("adam_rms_max"))
+    layers = entry.get("adam_rms")
+    if per_layer and isinstance(layers, Mapping):
+        for name, value in layers.items():
+            put(layer_adam_rms(str(name)), value)
+    sites = entry.get("attention_logit_max")
+    if isinstance(sites, Mapping):
+        values = [v for v in (_finite(v) for v in sites.values()) if v is not None]
+        if values:
+            out[ATTENTION_LOGIT_MAX] = max(values)
+        if per_layer:
+            for site, value in sites.items():
+                put(attention_logit(str(site)), value)
+    put(LOG_Z_MEAN, entry.get("log_z_mean"))
+    put(LOG_Z_MAX, entry.get("log_z_max"))
+    return out
+
 
 # Per-layer tags are not under gradwatch/grad_norm/: a store that keeps one file per metric (MLflow's
 # file store) cannot hold both a metric gradwatch/grad_norm and gradwatch/grad_norm/<layer>.

@@ -13,6 +13,9 @@ writes on a background thread):
 Tags: the ``gradwatch/...`` scheme of :mod:`gradwatch.tags` (one event per
 step carries all of them, so 200 layers cost one protobuf, not 200 writes);
 nothing is written outside ``gradwatch/``, so a user's own ``loss`` never collides.
+The precursor signals (:func:`gradwatch.tags.signal_metrics`) are written on the
+steps that measured them, and only there (in the step's event when that step is
+written, else in an event of their own).
 
 ``tensorboard=`` also takes a user's ``torch.utils.tensorboard.SummaryWriter``:
 gradwatch writes through it and never closes it (only flushes).
@@ -28,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .findings import Finding
 from .plugins import StepContext, WatchPlugin, WatchView
@@ -116,8 +119,11 @@ class TensorBoardWriter:
                  loss_scale: float | None = None, wall_time: float | None = None,
                  clip_threshold: float | None = None, clipped: bool = False,
                  update_ratios: Sequence[float] | None = None, skipped_steps: int | None = None,
-                 clipped_share: float | None = None) -> None:
-        """Write one step's scalars (one event, every tag); a NaN update ratio (layer not measured) is left out."""
+                 clipped_share: float | None = None, signals: Mapping[str, float] | None = None) -> None:
+        """Write one step's scalars (one event, every tag); a NaN update ratio (layer not measured) is left out.
+
+        ``signals``: the step's precursor signals as ``{tag: value}`` (:func:`gradwatch.tags.signal_metrics`).
+        """
         value = self._Summary.Value
         values = [
             value(tag=tags.LOSS, simple_value=float(loss)),
@@ -139,6 +145,23 @@ class TensorBoardWriter:
         if update_ratios is not None:
             values.extend(value(tag=tags.layer_update_ratio(name), simple_value=float(ratio))
                           for name, ratio in zip(layer_names, update_ratios) if math.isfinite(ratio))
+        if signals:
+            values.extend(value(tag=tag, simple_value=float(v)) for tag, v in signals.items())
+        self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
+                                           step=int(step), summary=self._Summary(value=values)))
+
+    def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
+        """Write ``{tag: value}`` at ``step`` as one event (nothing when empty).
+
+        Example:
+            >>> import tempfile
+            >>> tb = TensorBoardWriter(tempfile.mkdtemp())
+            >>> tb.add_scalars(50, {"gradwatch/adam_rms_max": 1.3}); tb.close()
+        """
+        if not scalars:
+            return
+        value = self._Summary.Value
+        values = [value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
         self._writer.add_event(self._Event(wall_time=wall_time if wall_time is not None else time.time(),
                                            step=int(step), summary=self._Summary(value=values)))
 
@@ -177,8 +200,8 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
     Args:
         run_dir: a run directory written by :class:`gradwatch.Watch`.
         logdir: where to write the event files (created if missing).
-        every: write every this many steps, and every skipped step (findings are
-            always all written). Default: 1.
+        every: write every this many steps, and every skipped step (findings and
+            the precursor signals of ``signals.jsonl`` are always all written). Default: 1.
 
     Returns:
         ``logdir`` as a Path.
@@ -201,13 +224,21 @@ def export_tensorboard(run_dir: str | os.PathLike[str], logdir: str | os.PathLik
         names = run.layer_names
         scales = s["loss_scale"]
         rows = np.flatnonzero((np.arange(s["step"].size) % every == 0) | s["skipped"])  # skipped steps always
+        signals = {}
+        for entry in run.signals:  # a step's line, the last one if a resumed run wrote it twice
+            if isinstance(entry.get("step"), int):
+                signals[entry["step"]] = tags.signal_metrics(entry)
         for i in rows.tolist():
             scale = float(scales[i])
-            writer.add_step(int(s["step"][i]), loss=s["loss"][i], grad_norm=s["grad_norm"][i],
+            step = int(s["step"][i])
+            writer.add_step(step, loss=s["loss"][i], grad_norm=s["grad_norm"][i],
                             clip_coef=s["clip_coef"][i], layer_names=names,
                             layer_norms=s["layer_grad_norms"][i].tolist(), skipped=bool(s["skipped"][i]),
                             loss_scale=scale if math.isfinite(scale) else None,
-                            clip_threshold=_threshold(s, i), clipped=bool(s["clipped"][i]))
+                            clip_threshold=_threshold(s, i), clipped=bool(s["clipped"][i]),
+                            signals=signals.pop(step, None))
+        for step, metrics in sorted(signals.items()):  # signals of steps not written above
+            writer.add_scalars(step, metrics)
         for finding in run.findings:
             writer.add_finding(finding)
     finally:
@@ -255,6 +286,7 @@ class TensorBoardPlugin(WatchPlugin):
         self._skipped_steps += bool(record.skipped)
         self._clipped_steps += bool(record.clipped)
         self._steps += 1
+        signals = tags.signal_metrics(self.view.signals(record.step))
         if record.step % self.every == 0 or record.skipped:
             ratios = record.update_ratio.tolist() if record.update_ratio is not None else None
             self.writer.add_step(record.step, loss=record.loss, grad_norm=record.grad_norm,
@@ -262,7 +294,9 @@ class TensorBoardPlugin(WatchPlugin):
                                  layer_norms=record.layer_grad_norms.tolist(), skipped=record.skipped,
                                  loss_scale=record.loss_scale, clip_threshold=record.clip_threshold,
                                  clipped=record.clipped, update_ratios=ratios, skipped_steps=self._skipped_steps,
-                                 clipped_share=self._clipped_steps / self._steps)
+                                 clipped_share=self._clipped_steps / self._steps, signals=signals)
+        elif signals:  # a step between tensorboard_every's: its precursor signals still go out
+            self.writer.add_scalars(record.step, signals)
         self._write_new_findings()
         return []
 

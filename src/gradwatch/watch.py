@@ -794,6 +794,9 @@ class Watch:
             "update_ratio_every": self.update_ratio_every,
             "update_ratio_budget": self.update_ratio_budget,
             "settings": {name: getattr(self.config, name).changed() for name in ("diagnosis", "nonfinite", "repair", "amp")},
+            # the whole PrecursorConfig (its thresholds are drawn in the report), None when off
+            "precursors": next((p.config.to_dict() for p in self.plugins
+                                if p.name == "precursors" and isinstance(getattr(p, "config", None), PrecursorConfig)), None),
             "torch": torch.__version__,
             "device": str(self.device),
             **(self._dist.meta() if self._dist is not None else {}),

@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradwatch.integrations.lightning needs Lightning: pip install 'gradwatch[lightning]'"
         ) from exc
 
+from ..plugins import WatchView
 from ..runpath import check_mode
 from ..watch import Watch
 from .. import tags
@@ -73,7 +74,8 @@ class GradwatchCallback(Callback):
         log_layers: also log the per-layer numbers, ``gradwatch/layer_grad_norm/<layer>`` and, on
             the steps that measure it, ``gradwatch/layer_update_ratio/<layer>``: True on every step,
             an int ``N`` on step 1 and every ``N`` steps, False never. Default: False (a metric per
-            layer can be many).
+            layer can be many). The precursor signals (``gradwatch/adam_rms_max``, ...) are logged on
+            the steps that measure them; their per-layer and per-site tags only when this is not False.
         run_dir_mode: ``"version"``, ``"resume"`` or ``"overwrite"`` (see
             :class:`gradwatch.Watch`); None: ``"resume"`` when the fit restores
             a checkpoint that holds gradwatch's state (``fit(ckpt_path=...)``),
@@ -248,6 +250,16 @@ class GradwatchCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 
+    def _log_signals(self, trainer: "pl.Trainer", step: int) -> None:
+        """The precursor signals of ``step``, when it measured some, sent to each logger directly under the
+        global step the step's other numbers are logged with: ``log_dict`` would send a key's last value again
+        on every later step, and the signals are measured on some steps only."""
+        signals = tags.signal_metrics(WatchView(self.watch).signals(step), per_layer=self.log_layers is not False)
+        if not signals or not trainer.loggers or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(signals, step=trainer.global_step)
+
     def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Any) -> None:
         metrics = {
             tags.GRAD_NORM: float(result.grad_norm),
@@ -265,6 +277,8 @@ class GradwatchCallback(Callback):
             metrics[tags.finding(finding.code)] = severity_level(finding.severity)
         if trainer.loggers:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        if record is not None:
+            self._log_signals(trainer, record.step)
         for finding in result.findings:
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)

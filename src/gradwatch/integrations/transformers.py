@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover
         "gradwatch.integrations.transformers needs transformers: pip install 'gradwatch[transformers]'"
     ) from exc
 
+from ..plugins import WatchView
 from ..runpath import check_mode
 from ..watch import Watch
 from .. import tags
@@ -95,7 +96,8 @@ class GradwatchCallback(TrainerCallback):
         layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) and, on
             the steps that measure them, the update ratios (``gradwatch/layer_update_ratio/<name>``) to the
             ``report_to`` backends on step 1 and every this many steps (at a logging step); None: never.
-            Default: 50.
+            Default: 50. The precursor signals (``gradwatch/adam_rms_max``, ...) are added at a logging step
+            that measured them; their per-layer and per-site tags unless this is None.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
 
@@ -312,3 +314,5 @@ class GradwatchCallback(TrainerCallback):
                 for name, value in zip(record.layer_names, record.update_ratio.tolist()):
                     if value == value:
                         logs[tags.layer_update_ratio(name)] = float(value)
+        # the precursor signals, when this step measured them (a logging step between two measurements gets none)
+        logs.update(tags.signal_metrics(WatchView(self.watch).signals(record.step), per_layer=every is not None))

@@ -48,7 +48,7 @@ def report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | Non
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise ImportError("gradwatch.report needs matplotlib: pip install 'gradwatch[report]'") from exc
-    from .figures import FIGURES
+    from .figures import FIGURES, PRECURSOR_FIGURES
     from .page import build_page
     from .prepare import prepare
 
@@ -64,7 +64,7 @@ def report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | Non
     if len(labels) == 2 and labels[0] == labels[1]:  # e.g. a/run and b/run: say which is which
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
     views = [prepare(r, label) for r, label in zip(runs, labels)]
-    text = build_page(views, FIGURES)
+    text = build_page(views, FIGURES, PRECURSOR_FIGURES)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")

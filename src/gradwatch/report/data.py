@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import PrecursorConfig
+
 #: Points per line after downsampling: ~1000 buckets x (min, max); a chart is ~900 px wide.
 MAX_LINE_POINTS = 2000
 #: Step columns of the layer x step heatmap (about one per horizontal pixel).
@@ -573,3 +575,133 @@ def tick_text(value: float) -> str:
     if math.isclose(size, 10.0 ** exponent, rel_tol=1e-9):
         return f"$-10^{{{exponent}}}$" if value < 0 else f"$10^{{{exponent}}}$"
     return f"{value:.2g}"
+
+
+# ----- precursor signals (signals.jsonl) -----------------------------------------------------
+#: The finding each precursor signal raises (docs/precursors.md).
+PRECURSOR_CODES = {"adam_rms": "update_spike_precursor", "attention": "attention_logit_growth",
+                   "log_z": "output_logit_divergence"}
+
+
+def _number(value: Any) -> float:
+    """A signals.jsonl value as a float (non-finite floats are written as strings); NaN if not a number."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class PrecursorSeries:
+    """The precursor signals of one run as arrays, each over the steps that measured it.
+
+    ``attention`` is (measured steps x sites), NaN where a site was not seen on a step;
+    ``rms_layer`` names the layer of each ``rms_max``.
+    """
+
+    rms_steps: np.ndarray
+    rms_max: np.ndarray
+    rms_layer: list[str]
+    attention_steps: np.ndarray
+    attention_sites: list[str]
+    attention: np.ndarray
+    log_z_steps: np.ndarray
+    log_z_mean: np.ndarray
+    log_z_max: np.ndarray
+
+    @property
+    def attention_max(self) -> np.ndarray:
+        """The largest logit over every site, per measured step."""
+        if not self.attention.size:
+            return np.zeros(0)
+        with np.errstate(invalid="ignore"):
+            finite = np.where(np.isfinite(self.attention), self.attention, -np.inf)
+            peak = finite.max(axis=1)
+        return np.where(np.isfinite(peak), peak, np.nan)
+
+
+def precursor_series(records: list[dict[str, Any]]) -> PrecursorSeries | None:
+    """The lines of ``signals.jsonl`` as arrays; None when no line holds a signal.
+
+    A step written twice (a resumed run) keeps its last line; lines without a step are skipped.
+
+    Example:
+        >>> s = precursor_series([{"step": 1, "attention_logit_max": {"h.0": 3.0}, "log_z_mean": 1.5, "log_z_max": 2.0},
+        ...                       {"step": 50, "adam_rms_max": 1.1, "adam_rms_layer": "fc",
+        ...                        "attention_logit_max": {"h.0": 4.0, "h.1": 9.0}}])
+        >>> s.rms_steps.tolist(), s.rms_layer, s.attention_sites, s.attention_max.tolist(), s.log_z_steps.tolist()
+        ([50], ['fc'], ['h.0', 'h.1'], [3.0, 9.0], [1])
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in records:
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            by_step[step] = record
+    rms: list[tuple[int, float, str]] = []
+    attention: list[tuple[int, dict[str, Any]]] = []
+    log_z: list[tuple[int, float, float]] = []
+    for step in sorted(by_step):
+        record = by_step[step]
+        if "adam_rms_max" in record:
+            rms.append((step, _number(record["adam_rms_max"]), str(record.get("adam_rms_layer", ""))))
+        sites = record.get("attention_logit_max")
+        if isinstance(sites, dict) and sites:
+            attention.append((step, sites))
+        if "log_z_mean" in record or "log_z_max" in record:
+            log_z.append((step, _number(record.get("log_z_mean")), _number(record.get("log_z_max"))))
+    if not (rms or attention or log_z):
+        return None
+    names: list[str] = []
+    for _, sites in attention:
+        names.extend(str(s) for s in sites if str(s) not in names)
+    column = {name: j for j, name in enumerate(names)}
+    table = np.full((len(attention), len(names)), np.nan)
+    for i, (_, sites) in enumerate(attention):
+        for site, value in sites.items():
+            table[i, column[str(site)]] = _number(value)
+    return PrecursorSeries(
+        rms_steps=np.array([s for s, _, _ in rms], dtype=np.int64),
+        rms_max=np.array([v for _, v, _ in rms], dtype=np.float64),
+        rms_layer=[layer for _, _, layer in rms],
+        attention_steps=np.array([s for s, _ in attention], dtype=np.int64),
+        attention_sites=names,
+        attention=table,
+        log_z_steps=np.array([s for s, _, _ in log_z], dtype=np.int64),
+        log_z_mean=np.array([m for _, m, _ in log_z], dtype=np.float64),
+        log_z_max=np.array([p for _, _, p in log_z], dtype=np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class PrecursorThresholds:
+    """The thresholds a run's precursor findings used; ``recorded``: read from its meta.json (else the
+    :class:`gradwatch.PrecursorConfig` defaults: a run written before meta.json recorded them)."""
+
+    rms: float
+    attention_logit: float
+    log_z: float
+    recorded: bool
+
+
+def precursor_thresholds(meta: dict[str, Any]) -> PrecursorThresholds:
+    """The precursor thresholds of a run: meta.json's ``precursors`` block, else PrecursorConfig's defaults.
+
+    Example:
+        >>> precursor_thresholds({"precursors": {"rms_threshold": 4.0, "attention_logit_threshold": 80.0}})
+        PrecursorThresholds(rms=4.0, attention_logit=80.0, log_z=30.0, recorded=True)
+        >>> precursor_thresholds({}).recorded
+        False
+    """
+    default = PrecursorConfig()
+    block = meta.get("precursors") if isinstance(meta, dict) else None
+    recorded = isinstance(block, dict)
+    block = block if recorded else {}
+
+    def pick(name: str) -> float:
+        value = _number(block.get(name))
+        return value if math.isfinite(value) and value > 0 else float(getattr(default, name))
+
+    return PrecursorThresholds(pick("rms_threshold"), pick("attention_logit_threshold"), pick("log_z_threshold"),
+                               recorded)

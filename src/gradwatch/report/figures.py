@@ -536,6 +536,168 @@ def draw_fp16_forecast(views: Sequence[RunView]) -> Any:
         return _finish(fig)
 
 
+# ----- precursor signals (signals.jsonl; docs/precursors.md) -------------------------------
+#: Points of a precursor series coloured by their layer (the largest values, when there are more).
+MAX_LAYER_POINTS = 600
+
+
+def _threshold_lines(ax: Any, views: Sequence[RunView], field: str, name: str, negative: bool = False) -> None:
+    """The runs' threshold as a horizontal line, labelled with its value (one line when the runs agree);
+    ``negative`` also draws it below zero (a rule on an absolute value)."""
+    shown: list[float] = []
+    for i, view in enumerate(views):
+        limits = view.precursor_thresholds
+        if limits is None or view.signals is None:
+            continue
+        value = float(getattr(limits, field))
+        if value in shown:
+            continue
+        shown.append(value)
+        source = "" if limits.recorded else " (PrecursorConfig default: not recorded by this run)"
+        who = _runs_label(views, i) if len(views) > 1 and len(shown) > 1 else ""
+        ax.axhline(value, color="#2ca02c" if i == 0 else "#8c564b", linestyle=":", linewidth=1.3,
+                   label=f"{who}{name} = {value:g}{source}")
+        if negative:
+            ax.axhline(-value, color="#2ca02c" if i == 0 else "#8c564b", linestyle=":", linewidth=1.3)
+
+
+def _finding_lines(ax: Any, views: Sequence[RunView], code: str) -> None:
+    """A vertical line at each step where ``code`` was raised, coloured by the finding's severity."""
+    for i, view in enumerate(views):
+        for severity in ("info", "warning", "error"):
+            marks = data.thin_steps([f.step for f in view.findings if f.code == code and f.severity == severity])
+            if marks:
+                ax.vlines(marks, 0, 1, transform=ax.get_xaxis_transform(), colors=SEVERITY_COLORS[severity],
+                          linestyles=RUN_STYLES[i], linewidth=1.0, alpha=0.8,
+                          label=f"{_runs_label(views, i)}{code} raised")
+
+
+def _series_line(ax: Any, steps: np.ndarray, values: np.ndarray, style: str, color: Any, label: str,
+                 linewidth: float = 1.0, **kwargs: Any) -> None:
+    """A sparse series (the steps that measured it) as a line, with markers while the points are few."""
+    xs, ys = data.minmax_downsample(steps, np.where(np.isfinite(values), values, np.nan))
+    ax.plot(xs, ys, style, color=color, linewidth=linewidth, marker="o" if xs.size <= 200 else None,
+            markersize=2.5, label=label, **kwargs)
+
+
+def _log_if_wide(ax: Any, values: Sequence[np.ndarray], factor: float = 30.0) -> None:
+    """Log y when every value is positive and they span more than ``factor``."""
+    finite = np.concatenate([np.asarray(v, dtype=np.float64)[np.isfinite(v)] for v in values] or [np.zeros(0)])
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > factor:
+        ax.set_yscale("log")
+
+
+def draw_adam_rms(views: Sequence[RunView]) -> Any:
+    """Adam's RMS_t, the largest over layers, on each measured step; its points coloured by the layer
+    that had it; the ``rms_threshold`` line and the steps ``update_spike_precursor`` was raised."""
+    if not any(v.signals is not None and np.isfinite(v.signals.rms_max).any() for v in views):
+        return None
+    with _style():
+        fig = _new(3.6)
+        ax = fig.add_subplot()
+        markers = ("o", "s")
+        for i, view in enumerate(views):
+            s = view.signals
+            if s is None or not np.isfinite(s.rms_max).any():
+                continue
+            _series_line(ax, s.rms_steps, s.rms_max, RUN_STYLES[i], RUN_COLORS[i],
+                         f"{_runs_label(views, i)}max RMS_t over layers", linewidth=0.9, alpha=0.7)
+            values = np.where(np.isfinite(s.rms_max), s.rms_max, -np.inf)
+            picks = np.argsort(-values, kind="stable")[:MAX_LAYER_POINTS]
+            picks = picks[np.isfinite(values[picks])]
+            layers = np.array(s.rms_layer, dtype=object)
+            peak_of: dict[str, float] = {}
+            for j in picks.tolist():
+                peak_of[layers[j]] = max(peak_of.get(layers[j], -np.inf), values[j])
+            top = sorted(peak_of, key=lambda name: -peak_of[name])[:6]
+            colors = _palette("tab10", 10, 0.0, 1.0)
+            for k, layer in enumerate(top):
+                rows = picks[layers[picks] == layer]
+                ax.plot(s.rms_steps[rows], s.rms_max[rows], linestyle="none", marker=markers[i], markersize=3.5,
+                        color=colors[k % 10], label=f"{_runs_label(views, i)}max in {_short(layer)}")
+            rest = picks[~np.isin(layers[picks], top)]
+            if rest.size:
+                ax.plot(s.rms_steps[rest], s.rms_max[rest], linestyle="none", marker=markers[i], markersize=2.5,
+                        color="#999999", label=f"{_runs_label(views, i)}max in another layer")
+            j = int(np.argmax(values))
+            ax.annotate(f"{_short(str(layers[j]))}: {s.rms_max[j]:.3g}", (s.rms_steps[j], s.rms_max[j]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=RUN_COLORS[i])
+        _threshold_lines(ax, views, "rms", "rms_threshold")
+        _finding_lines(ax, views, data.PRECURSOR_CODES["adam_rms"])
+        ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=0.8, label="1 (v tracks g²)")
+        _log_if_wide(ax, [v.signals.rms_max for v in views if v.signals is not None])
+        ax.set_ylabel("Adam RMS_t = sqrt(mean(g² / v))")
+        ax.set_xlabel("step")
+        _legend(ax, loc="best")
+        return _finish(fig)
+
+
+def draw_attention_logits(views: Sequence[RunView]) -> Any:
+    """The max attention logit on each sampled step: per attention site (the six with the largest
+    peaks) and the max over every site; the ``attention_logit_threshold`` line and the steps
+    ``attention_logit_growth`` was raised."""
+    if not any(v.signals is not None and np.isfinite(v.signals.attention).any() for v in views):
+        return None
+    with _style():
+        fig = _new(3.6)
+        ax = fig.add_subplot()
+        drawn: list[np.ndarray] = []
+        for i, view in enumerate(views):
+            s = view.signals
+            if s is None or not np.isfinite(s.attention).any():
+                continue
+            with np.errstate(invalid="ignore"):
+                peaks = np.where(np.isfinite(s.attention), s.attention, -np.inf).max(axis=0)
+            order = [j for j in np.argsort(-peaks, kind="stable").tolist() if np.isfinite(peaks[j])]
+            top = order[:6]
+            colors = [RUN_COLORS[i]] if len(top) == 1 else _palette(
+                "viridis" if i == 0 else "Oranges", len(top), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, j in zip(colors, top):
+                measured = np.isfinite(s.attention[:, j])
+                _series_line(ax, s.attention_steps[measured], s.attention[measured, j], RUN_STYLES[i], color,
+                             f"{_runs_label(views, i)}{_short(s.attention_sites[j])}", linewidth=0.9)
+            if len(order) > 1:
+                _series_line(ax, s.attention_steps, s.attention_max, RUN_STYLES[i], RUN_COLORS[i],
+                             f"{_runs_label(views, i)}max over {len(order)} sites", linewidth=1.8, alpha=0.6)
+            drawn.append(s.attention)
+        _threshold_lines(ax, views, "attention_logit", "attention_logit_threshold")
+        _finding_lines(ax, views, data.PRECURSOR_CODES["attention"])
+        _log_if_wide(ax, drawn)
+        ax.set_ylabel("max |q kᵀ| · scale")
+        ax.set_xlabel("step")
+        _legend(ax, loc="best")
+        return _finish(fig)
+
+
+def draw_log_z(views: Sequence[RunView]) -> Any:
+    """log Z = logsumexp(logits) of the output softmax on each sampled step: its mean and the largest
+    |log Z|; the ``log_z_threshold`` line (on |mean log Z|) and the steps ``output_logit_divergence``
+    was raised."""
+    if not any(v.signals is not None and np.isfinite(v.signals.log_z_mean).any() for v in views):
+        return None
+    with _style():
+        fig = _new(3.4)
+        ax = fig.add_subplot()
+        negative = False
+        for i, view in enumerate(views):
+            s = view.signals
+            if s is None or not s.log_z_steps.size:
+                continue
+            _series_line(ax, s.log_z_steps, s.log_z_mean, RUN_STYLES[i], RUN_COLORS[i],
+                         f"{_runs_label(views, i)}mean log Z", linewidth=1.2)
+            if np.isfinite(s.log_z_max).any():
+                _series_line(ax, s.log_z_steps, s.log_z_max, RUN_STYLES[i], RUN_COLORS[i],
+                             f"{_runs_label(views, i)}max |log Z|", linewidth=0.8, alpha=0.45)
+            negative |= bool(np.any(s.log_z_mean[np.isfinite(s.log_z_mean)] < 0))
+        _threshold_lines(ax, views, "log_z", "log_z_threshold", negative=negative)
+        _finding_lines(ax, views, data.PRECURSOR_CODES["log_z"])
+        ax.axhline(0.0, color="#7f7f7f", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("log Z of the output softmax")
+        ax.set_xlabel("step")
+        _legend(ax, loc="best")
+        return _finish(fig)
+
+
 def _as_svg(draw: Callable[[Sequence[RunView]], Any]) -> Callable[[Sequence[RunView]], str | None]:
     """The chart ``draw`` makes, as SVG text (None when it has nothing to show)."""
 
@@ -553,6 +715,7 @@ fig_depth, fig_heatmap, fig_grad_norm, fig_loss, fig_gain, fig_update_ratio, fig
     fig_loss_scale, fig_fp16_forecast = map(_as_svg, (
         draw_depth, draw_heatmap, draw_grad_norm, draw_loss, draw_gain, draw_update_ratio, draw_act_grad,
         draw_activations, draw_loss_scale, draw_fp16_forecast))
+fig_adam_rms, fig_attention_logits, fig_log_z = map(_as_svg, (draw_adam_rms, draw_attention_logits, draw_log_z))
 
 #: (figure id, title, function, caption) in page order.
 FIGURES = (
@@ -582,4 +745,21 @@ FIGURES = (
     ("fig-fp16-forecast", "fp16 forecast", fig_fp16_forecast,
      "Per layer, the share of non-zero gradient elements that float16 would flush to zero at the run's loss "
      "scale and at the reference scale (latest sampled forecast; see docs/precision.md)."),
+)
+
+#: The precursor signals' charts, in their own section (only when the run measured some; docs/precursors.md).
+PRECURSOR_FIGURES = (
+    ("fig-adam-rms", "Adam RMS_t (update-spike precursor)", fig_adam_rms,
+     "The largest per-layer RMS_t = sqrt(mean(g\u00b2 / v)) of Adam's update on each measured step (rms_every, "
+     "and every step while it is high), its points coloured by the layer that had it. About 1 while Adam's second "
+     "moment tracks the squared gradient; far above 1 it lags, and a loss spike tends to follow. Dotted: "
+     "rms_threshold; vertical lines: update_spike_precursor raised."),
+    ("fig-attention-logits", "Max attention logit (attention-logit growth)", fig_attention_logits,
+     "The largest |q k\u1d40| \u00b7 scale of each attention module on the sampled steps (the sites with the "
+     "largest peaks, and the max over all sites). Growing logits saturate the softmax into one-hot. Dotted: "
+     "attention_logit_threshold; vertical lines: attention_logit_growth raised."),
+    ("fig-log-z", "log Z of the output softmax (output-logit divergence)", fig_log_z,
+     "logsumexp of the logits given to F.cross_entropy on the sampled steps: the mean (solid) and the largest "
+     "|log Z| (light). A drift far from 0 is output-logit divergence (z-loss holds it). Dotted: "
+     "log_z_threshold on |mean log Z|; vertical lines: output_logit_divergence raised."),
 )

@@ -330,14 +330,58 @@ def _events(view: RunView) -> str:
 
 
 # ----- page -------------------------------------------------------------------------------
-def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Callable[..., str | None], str]]) -> str:
+Figures = Sequence[tuple[str, str, Callable[..., "str | None"], str]]
+
+
+def _charts(views: Sequence[RunView], figures: Figures, absent_id: str, absent_text: str) -> list[str]:
+    """Each chart with its heading and caption; one that does not apply is left out and named once at the end."""
+    out: list[str] = []
+    absent = []
+    for fig_id, heading, draw, caption in figures:
+        try:
+            svg = draw(views)
+        except Exception as exc:  # one chart that fails must not cost the whole report
+            logger.warning("gradwatch report: chart %s could not be drawn: %r", fig_id, exc)
+            out.append(f'<h3>{esc(heading)}</h3><p class="absent" id="{esc(fig_id)}-error">This chart could not be drawn '
+                       f"({esc(type(exc).__name__)}: {esc(str(exc)[:300])}).</p>")
+            continue
+        if svg is None:
+            absent.append(f'<span id="{esc(fig_id)}-absent">{esc(heading)}</span>')
+        else:
+            out.append(f'<h3>{esc(heading)}</h3>')
+            out.append(f'<figure id="{esc(fig_id)}">{svg_img(svg, heading)}<figcaption>{esc(caption)}</figcaption></figure>')
+    if absent:
+        out.append(f'<p class="absent" id="{esc(absent_id)}">{esc(absent_text)}, so not drawn: {", ".join(absent)}.</p>')
+    return out
+
+
+def _precursor_note(views: Sequence[RunView]) -> str:
+    """Which thresholds the precursor charts draw, and where they come from (meta.json or the defaults)."""
+    parts = []
+    for i, view in enumerate(views):
+        limits = view.precursor_thresholds
+        if view.signals is None or limits is None:
+            continue
+        source = ("as recorded in the run's meta.json" if limits.recorded else
+                  "PrecursorConfig's defaults: this run's meta.json does not record its thresholds")
+        who = f"{_run_span(views, i)}: " if len(views) > 1 else ""
+        parts.append(f"<li>{who}<code>rms_threshold</code> {fmt(limits.rms)}, <code>attention_logit_threshold</code> "
+                     f"{fmt(limits.attention_logit)}, <code>log_z_threshold</code> {fmt(limits.log_z)} ({esc(source)})</li>")
+    return ('<p id="precursor-thresholds">Signals measured before a loss spike (see docs/precursors.md), each '
+            f"with the threshold its finding uses:</p><ul>{''.join(parts)}</ul>")
+
+
+def build_page(views: Sequence[RunView], figures: Figures, precursor_figures: Figures = ()) -> str:
     """The whole HTML page for one run, or two overlaid (``views[0]`` is run A).
+
+    ``precursor_figures`` are drawn in their own section, only when some run measured precursor signals.
 
     Example:
         >>> from gradwatch.report.figures import FIGURES  # doctest: +SKIP
         >>> page = build_page([prepare(load_run("runs/exp1"))], FIGURES)  # doctest: +SKIP
     """
     compare = len(views) > 1
+    signals = bool(precursor_figures) and any(getattr(v, "signals", None) is not None for v in views)
     title = (f"gradwatch: {views[0].label} vs {views[1].label}" if compare else f"gradwatch: {views[0].label}")
     out = [
         "<!DOCTYPE html>",
@@ -349,6 +393,7 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
         f'<p>Report written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} by gradwatch. '
         + (f"Run A {_run_span(views, 0)} is drawn solid, run B {_run_span(views, 1)} dashed.</p>" if compare else "</p>"),
         '<nav><a href="#summary">summary</a><a href="#findings">findings</a><a href="#charts">charts</a>'
+        + ('<a href="#precursors">early warning</a>' if signals else "")
         + ('<a href="#bundles">bundles</a>' if any(v.bundles for v in views) else "")
         + '<a href="#layers">layers</a><a href="#events">events</a></nav>',
         '<section id="summary"><h2>Summary</h2>',
@@ -359,23 +404,11 @@ def build_page(views: Sequence[RunView], figures: Sequence[tuple[str, str, Calla
     for i, view in enumerate(views):
         out.append((f"<h3>{_run_span(views, i)}</h3>" if compare else "") + _findings(view))
     out.append('</section><section id="charts"><h2>Charts</h2>')
-    absent = []
-    for fig_id, heading, draw, caption in figures:
-        out.append(f'<h3>{esc(heading)}</h3>')
-        try:
-            svg = draw(views)
-        except Exception as exc:  # one chart that fails must not cost the whole report
-            logger.warning("gradwatch report: chart %s could not be drawn: %r", fig_id, exc)
-            out.append(f'<p class="absent" id="{esc(fig_id)}-error">This chart could not be drawn '
-                       f"({esc(type(exc).__name__)}: {esc(str(exc)[:300])}).</p>")
-            continue
-        if svg is None:  # a chart that does not apply is left out, and named once below
-            out.pop()
-            absent.append(f'<span id="{esc(fig_id)}-absent">{esc(heading)}</span>')
-        else:
-            out.append(f'<figure id="{esc(fig_id)}">{svg_img(svg, heading)}<figcaption>{esc(caption)}</figcaption></figure>')
-    if absent:
-        out.append(f'<p class="absent" id="charts-absent">Not recorded in this run, so not drawn: {", ".join(absent)}.</p>')
+    out.extend(_charts(views, figures, "charts-absent", "Not recorded in this run, so not drawn"))
+    if signals:  # only for a run that measured precursor signals: no empty section, no empty charts
+        out.append('</section><section id="precursors"><h2>Early warning: precursor signals</h2>')
+        out.append(_precursor_note(views))
+        out.extend(_charts(views, precursor_figures, "precursors-absent", "Not measured in this run"))
     if any(view.bundles for view in views):
         out.append('</section><section id="bundles"><h2>Reproduction bundles of non-finite steps</h2>')
         for i, view in enumerate(views):

@@ -50,6 +50,12 @@ class RunView:
     norm: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (L,) normalization layers
     forecast: dict[str, Any] | None = None  # the latest fp16 forecast, only if it is worth acting on
     lost_updates: dict[str, Any] | None = None  # the latest bf16 lost-update event
+    signals: data.PrecursorSeries | None = None  # signals.jsonl (None: no precursor signal measured)
+    precursor_thresholds: data.PrecursorThresholds | None = None
+
+    def precursor_steps(self, code: str) -> list[int]:
+        """Steps at which a finding with ``code`` was raised."""
+        return [int(f.step) for f in self.findings if f.code == code]
 
     def norm_of(self, names: list[str]) -> np.ndarray:
         """Which of ``names`` are normalization layers (by the layer table's types)."""
@@ -117,6 +123,8 @@ def prepare(run: Run, label: str | None = None, checkpoints: int = 6) -> RunView
         norm=data.norm_mask(run.layer_names, run.layers),
         forecast=forecast if relevant else None,
         lost_updates=_latest(run.events, "bf16_lost_updates"),
+        signals=data.precursor_series(run.signals),
+        precursor_thresholds=data.precursor_thresholds(run.meta),
     )
 
 
