@@ -96,3 +96,23 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
         assert run.summary["gradwatch/clip_threshold"] == CLIP
     finally:
         run.finish()
+
+
+def test_mlflow_logger_names_a_root_layer_in_a_name_mlflow_accepts(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from gradwatch.loggers import MlflowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    model = torch.nn.Linear(4, 2)  # the model is its own only layer: "(root)", which MLflow's names reject
+    x = torch.randn(8, 4)
+    with mlflow.start_run() as run:
+        watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=[MlflowLogger(layers_every=1)])
+        want = []
+        for _ in range(3):
+            result = watch.step(lambda: model(x).pow(2).mean())
+            want.append(result.grad_norm)  # one layer: its norm is the global norm
+        watch.close()
+    assert watch.layers == ["(root)"]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "gradwatch/layer_grad_norm/_root_")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(want, rel=1e-6)

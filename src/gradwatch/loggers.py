@@ -152,7 +152,7 @@ def MlflowLogger(client: Any = None, run_id: str | None = None, layers_every: in
         import time
 
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(tags.mlflow_name(k), v, now, step) for k, v in metrics.items()])
 
     def text(f: Finding) -> None:
         client.log_text(run_id, str(f), f"gradwatch/findings/{f.step}_{f.code}.md")

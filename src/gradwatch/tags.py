@@ -30,6 +30,7 @@ The precursor signals (docs/precursors.md), on the steps that measured them only
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 PREFIX = "gradwatch/"
@@ -101,6 +102,22 @@ def attention_logit(site: str) -> str:
         'gradwatch/attention_logit/h.0.attn'
     """
     return ATTENTION_LOGIT + site
+
+
+_MLFLOW_UNSAFE = re.compile(r"[^\w./\- :]")  # MLflow accepts word characters, '.', '/', '-', ' ', ':'
+
+
+def mlflow_name(tag: str) -> str:
+    """``tag`` with every character MLflow rejects in a metric name replaced by ``_``.
+
+    A layer named after the model's root (``(root)``) or an indexed submodule would
+    otherwise make MLflow refuse the whole batch.
+
+    Example:
+        >>> mlflow_name("gradwatch/attention_logit/(root)")
+        'gradwatch/attention_logit/_root_'
+    """
+    return _MLFLOW_UNSAFE.sub("_", tag)
 
 
 def _finite(value: Any) -> float | None:
