@@ -5,8 +5,9 @@ vocabulary 64) trained with AdamW on a synthetic language task (arithmetic token
 sequences ``x_t = x_0 + k t mod 64`` with 5% of the tokens replaced at random) through
 ``gw.Watch(...).step(closure)`` with default settings:
 
-- **learning-rate sweep** (Wortsman et al. 2023, arXiv 2309.14322): lr from 1e-3 to 2e-1,
-  without and with qk-layernorm, and with qk-layernorm plus z-loss 1e-4, no warm-up;
+- **learning-rate sweep** (Wortsman et al. 2023, arXiv 2309.14322): peak lr from 1e-3 to 1,
+  without and with qk-layernorm, and with qk-layernorm plus z-loss 1e-4, with the paper's
+  schedule: linear warm-up (``--warmup``, 100 steps) then cosine decay (to 10% here);
 - **second-moment lag** (Wortsman et al. 2023, arXiv 2304.13013): a stable run (lr 1e-2,
   beta2 = 0.999) whose loss weight ramps from 1 to 100 over 10 steps at step 305 after a long
   quiet stretch (an auxiliary-loss weight or unscaled loss switched on mid-run): the gradient
@@ -24,13 +25,14 @@ stable runs, how many precursor findings they got (false alarms).
 
 Usage::
 
-    python -m benchmarks.instability [--steps 300] [--seeds 2] [--quick] [--json out.json]
+    python -m benchmarks.instability [--steps 400] [--warmup 100] [--seeds 2] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -164,14 +166,25 @@ class Outcome:
 
 def train(name: str, lr: float, variant: str = "plain", seed: int = 0, steps: int = 300, beta2: float = 0.99,
           ramp_at: int | None = None, ramp_to: float = 30.0, ramp_steps: int = 10,
-          on_precursor: str | None = None) -> Outcome:
-    """One run through ``gw.Watch(...).step(closure)``; the losses judged by :func:`onset`."""
+          on_precursor: str | None = None, warmup: int = 0, precursors: Any = "default") -> Outcome:
+    """One run through ``gw.Watch(...).step(closure)``; the losses judged by :func:`onset`.
+
+    ``warmup``: steps of linear learning-rate warm-up, then a cosine decay to 10% at ``steps``
+    (0: a constant learning rate)."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = TinyGPT(qk_ln="qk_ln" in variant)
     zloss = 1e-4 if "zloss" in variant else 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0)
-    watch = gw.Watch(model, opt, on_precursor=on_precursor)
+    schedule = None
+    if warmup:
+        def factor(done: int) -> float:
+            if done < warmup:
+                return (done + 1) / warmup
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * (done - warmup) / max(1, steps - warmup)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    options = {} if precursors == "default" else {"precursors": precursors}
+    watch = gw.Watch(model, opt, on_precursor=on_precursor, **options)
     plugin = next(p for p in watch.plugins if p.name == "precursors")
     losses: list[float] = []
     peaks = {"rms": 0.0, "attn": 0.0, "log_z": 0.0}
@@ -192,6 +205,8 @@ def train(name: str, lr: float, variant: str = "plain", seed: int = 0, steps: in
             return loss
 
         watch.step(closure)
+        if schedule is not None:
+            schedule.step()
         losses.append(task[-1])
         last = plugin.last if plugin.last.get("step") == step else {}
         peaks["rms"] = max(peaks["rms"], float(last.get("adam_rms_max", 0.0)))
@@ -230,15 +245,15 @@ def judge_sweep(runs: list[Outcome], factor: float = 1.5) -> None:
             o.diverged_at = behind(o.losses, best.losses, factor) or o.steps
 
 
-def sweep(steps: int, seeds: int, quick: bool = False) -> list[Outcome]:
-    lrs = [1e-3, 1e-2, 1e-1] if quick else [1e-3, 3e-3, 1e-2, 3e-2, 5e-2, 1e-1, 2e-1]
+def sweep(steps: int, seeds: int, quick: bool = False, warmup: int = 100) -> list[Outcome]:
+    lrs = [1e-3, 3e-2, 3e-1] if quick else [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
     variants = ["plain", "qk_ln"] if quick else ["plain", "qk_ln", "qk_ln+zloss"]
     out = []
     for seed in range(seeds):
         runs = []
         for variant in variants:
             for lr in lrs:
-                runs.append(train(f"sweep lr={lr:g} {variant}", lr, variant, seed, steps))
+                runs.append(train(f"sweep lr={lr:g} {variant}", lr, variant, seed, steps, warmup=warmup))
                 _progress(runs[-1])
         judge_sweep(runs)
         out += runs
@@ -292,6 +307,13 @@ def summary(outcomes: list[Outcome]) -> str:
         f"- stable runs: {len(stable)}; precursor findings on them (false alarms): {alarms} "
         f"(runs: {sorted({o.name for o in stable if o.precursors})})",
     ]
+    for o in stable:  # a stable run that got a finding: how it ended against the same lr with qk-layernorm
+        twin = next((t for t in runs if t.seed == o.seed and t.lr == o.lr and t.variant == "qk_ln"), None)
+        if o.precursors and twin is not None and twin is not o:
+            lines.append(f"  - {o.name} seed {o.seed}: {o.precursors[0][1]} at step {o.precursors[0][0]}; final loss "
+                         f"{o.loss_last:.3f} vs {twin.loss_last:.3f} with qk-layernorm "
+                         f"({100 * (o.loss_last / twin.loss_last - 1):+.0f}%), max attention logit "
+                         f"{o.max_attention_logit:.3g} vs {twin.max_attention_logit:.3g}")
     for seed in sorted({o.seed for o in outcomes if o.name.startswith("lag")}):
         base = next((o for o in outcomes if o.name == "lag beta2=0.999" and o.seed == seed), None)
         clipped = next((o for o in outcomes if o.name == "lag beta2=0.999 clip_update" and o.seed == seed), None)
@@ -304,16 +326,18 @@ def summary(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="steps per sweep run")
+    parser.add_argument("--steps", type=int, default=400, help="steps per sweep run")
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="linear warm-up steps of the sweep, then cosine decay to 10%% (0: constant lr)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the reduced set tests/test_instability.py runs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    outcomes = sweep(args.steps, args.seeds, args.quick) + lag_runs(args.seeds, args.quick)
+    outcomes = sweep(args.steps, args.seeds, args.quick, args.warmup) + lag_runs(args.seeds, args.quick)
     print(f"Command: `python -m benchmarks.instability{' --quick' if args.quick else ''} --steps {args.steps} "
-          f"--seeds {args.seeds}` ({time.perf_counter() - started:.0f} s wall, torch {torch.__version__}, 1 thread)\n")
+          f"--warmup {args.warmup} --seeds {args.seeds}` ({time.perf_counter() - started:.0f} s wall, torch {torch.__version__}, 1 thread)\n")
     print(table(outcomes))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(o) | {"lead": o.lead, "event": o.event} for o in outcomes],

@@ -212,7 +212,7 @@ def test_report_with_precursor_signals_renders_in_headless_chromium(tmp_path: Pa
     train(tmp_path / "run")
     evaluate = _render_and_check(browser, gw.report(tmp_path / "run").resolve())
     ids = evaluate("[...document.querySelectorAll('#precursors figure')].map(f => f.id)")
-    assert ids == ["fig-adam-rms", "fig-attention-logits", "fig-log-z"]
+    assert ids == ["fig-adam-rms", "fig-attention-logits", "fig-log-z", "fig-output-rms"]
     assert evaluate("document.querySelector('#precursor-thresholds').nextElementSibling.innerText.includes('rms_threshold 3')")
 
 

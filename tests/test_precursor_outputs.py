@@ -18,11 +18,13 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.loggers import MetricsLogger
+from gradwatch.report.data import precursor_series
 
 STEPS = 30
 JUMP = 26  # from this step the loss (so every gradient) is 1000x: Adam's second moment lags
 THRESHOLDS = {"rms_threshold": 3.0, "attention_logit_threshold": 30.0, "log_z_threshold": 1.0}
-SIGNAL_PREFIXES = ("gradwatch/adam_rms", "gradwatch/layer_adam_rms/", "gradwatch/attention_logit", "gradwatch/log_z")
+SIGNAL_PREFIXES = ("gradwatch/adam_rms", "gradwatch/layer_adam_rms/", "gradwatch/attention_logit", "gradwatch/log_z",
+                   "gradwatch/output_rms", "gradwatch/layer_output_rms/")
 
 
 class Attention(nn.Module):
@@ -55,7 +57,9 @@ def train(run_dir: Path | None, plugins: list[gw.WatchPlugin] = (), **watch_kwar
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    config = gw.PrecursorConfig(rms_every=2, sample_every=4, rms_warmup=5, quiet_steps=4, **THRESHOLDS)
+    # dense_sampling off: the attention logits pass half their threshold early, which would sample every step
+    config = gw.PrecursorConfig(rms_every=2, sample_every=4, rms_warmup=5, quiet_steps=4, dense_sampling=False,
+                                **THRESHOLDS)
     watch = gw.Watch(model, opt, run_dir=run_dir, precursors=config, plugins=list(plugins), **watch_kwargs)
     for step in range(1, STEPS + 1):
         x = torch.randn(8, 5, 6) * (1 + step / 5)
@@ -77,9 +81,11 @@ def expected_tags(line: dict[str, Any], per_layer: bool = True) -> dict[str, flo
         out["gradwatch/attention_logit_max"] = max(line["attention_logit_max"].values())
         if per_layer:
             out.update({f"gradwatch/attention_logit/{k}": v for k, v in line["attention_logit_max"].items()})
-    for key in ("log_z_mean", "log_z_max"):
+    for key in ("log_z_mean", "log_z_max", "output_rms_growth_max"):
         if key in line:
             out[f"gradwatch/{key}"] = line[key]
+    if per_layer:
+        out.update({f"gradwatch/layer_output_rms/{k}": v for k, v in line.get("output_rms", {}).items()})
     return out
 
 
@@ -203,7 +209,7 @@ def _svg_texts(svg: str) -> list[str]:
     return re.findall(r"<!-- (.*?) -->", svg)  # matplotlib writes each text it draws as a comment
 
 
-PRECURSOR_FIGURES = {"fig-adam-rms", "fig-attention-logits", "fig-log-z"}
+PRECURSOR_FIGURES = {"fig-adam-rms", "fig-attention-logits", "fig-log-z", "fig-output-rms"}
 
 
 def test_report_draws_each_signal_with_its_threshold_and_findings(logged: Any) -> None:
@@ -250,7 +256,8 @@ def test_report_of_an_old_run_falls_back_to_the_default_thresholds(logged: Any, 
 def test_a_run_without_signals_has_no_precursor_section(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    with gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "sgd") as watch:
+    with gw.Watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "sgd",
+                  precursors=gw.PrecursorConfig(output_rms=False)) as watch:
         for _ in range(5):
             watch.step(lambda: model(torch.randn(8, 4)).pow(2).mean())
     assert gw.load_run(tmp_path / "sgd").signals == []  # SGD has no second moment, MSE no softmax
@@ -264,7 +271,8 @@ def test_a_run_with_only_adam_rms_draws_only_that(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with gw.Watch(model, opt, run_dir=tmp_path / "mlp", precursors=gw.PrecursorConfig(rms_every=2)) as watch:
+    with gw.Watch(model, opt, run_dir=tmp_path / "mlp",
+                  precursors=gw.PrecursorConfig(rms_every=2, output_rms=False)) as watch:
         for _ in range(6):
             watch.step(lambda: model(torch.randn(8, 4)).pow(2).mean())
     assert [s["step"] for s in gw.load_run(tmp_path / "mlp").signals] == [2, 4, 6]
@@ -272,6 +280,7 @@ def test_a_run_with_only_adam_rms_draws_only_that(tmp_path: Path) -> None:
     section = page.split('<section id="precursors">')[1].split("</section>")[0]
     assert set(_figures(section)) == {"fig-adam-rms"}
     assert 'id="fig-attention-logits-absent"' in section and 'id="fig-log-z-absent"' in section
+    assert 'id="fig-output-rms-absent"' in section
     assert "Not measured in this run" in section
 
 
@@ -411,3 +420,25 @@ def test_lightning_loggers_get_the_signals_on_their_steps_only() -> None:
     assert sorted(got) == [s - 1 for s in sorted(lines)]
     for step, line in lines.items():
         assert got[step - 1] == pytest.approx(expected_tags(line)), step
+
+
+def test_output_rms_growth_is_drawn_relative_to_each_layers_first_sample(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.Watch(model, opt, run_dir=tmp_path / "mlp", precursors=gw.PrecursorConfig(sample_every=2)) as watch:
+        for step in range(1, 7):
+            x = torch.randn(8, 4) * step  # the first layer's output grows with its input: about 6x by step 6
+            watch.step(lambda: model(x).pow(2).mean())
+    lines = gw.load_run(tmp_path / "mlp").signals
+    assert [line["step"] for line in lines] == [1, 2, 4, 6]
+    series = precursor_series(lines)
+    first = lines[0]["output_rms"]
+    want = np.array([[line["output_rms"][n] / first[n] for n in ("0", "2")] for line in lines])
+    assert series.output_layers == ["0", "2"]
+    np.testing.assert_allclose(series.output_growth, want, rtol=1e-9)
+    assert lines[-1]["output_rms_growth_max"] == pytest.approx(want[-1].max(), rel=1e-4)
+    page = gw.report(tmp_path / "mlp").read_text(encoding="utf-8")
+    section = page.split('<section id="precursors">')[1].split("</section>")[0]
+    assert set(_figures(section)) == {"fig-output-rms"}
+    assert "max over 2 layers" in _svg_texts(_figures(section)["fig-output-rms"])

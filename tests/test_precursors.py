@@ -99,7 +99,9 @@ def test_attention_logit_and_log_z_equal_explicit_computations() -> None:
     torch.manual_seed(1)
     model = Attention()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(sample_every=2))
+    # thresholds far above these logits: the cadence alone decides which steps are sampled
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(sample_every=2, attention_logit_threshold=1e4,
+                                                                log_z_threshold=1e4))
     plugin = _plugin(watch)
     for step in range(1, 5):
         x = torch.randn(3, 6, 8) * 4
@@ -127,6 +129,26 @@ def test_attention_logit_and_log_z_equal_explicit_computations() -> None:
             assert "attention_logit_max" not in last and "log_z_mean" not in last
     watch.close()
 
+
+
+@pytest.mark.parametrize("threshold, sampled", [(1e4, [1, 2, 4, 6, 8]), (2.0, [1, 2, 3, 4, 5, 6, 7, 8])])
+def test_sampling_turns_dense_while_a_sampled_logit_is_above_half_its_threshold(threshold, sampled) -> None:
+    torch.manual_seed(1)
+    model = Attention()  # its logits are about 18 here: above half of 2.0, far below half of 1e4
+    watch = gw.Watch(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                     precursors=gw.PrecursorConfig(sample_every=2, attention_logit_threshold=threshold,
+                                                   log_z_threshold=1e4, quiet_steps=1000))
+    plugin = _plugin(watch)
+    seen = []
+    for step in range(1, 9):
+        x, y = torch.randn(3, 6, 8) * 4, torch.randint(0, 5, (3, 6))
+        watch.step(lambda: F.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1)))
+        if "attention_logit_max" in plugin.last:
+            seen.append(step)
+    assert seen == sampled
+    codes = [f.code for f in watch.findings if f.code == "attention_logit_growth"]
+    assert codes == ([] if threshold > 100 else ["attention_logit_growth"])  # one episode: one finding
+    watch.close()
 
 def test_attention_site_is_the_hf_module_and_the_math_is_unchanged() -> None:
     transformers = pytest.importorskip("transformers")
@@ -265,15 +287,49 @@ def test_the_benchmarks_instability_judges_by_hand() -> None:
     assert behind([4.0, 4.5, 5.0, 5.0, 5.0, 5.0], [4.0, 3.0, 2.5, 2.0, 2.0, 2.0], smooth=1) == 3  # 5 > 1.5 x 2.5
 
 
-def test_a_model_without_attention_or_cross_entropy_stops_sampling_after_its_first_step() -> None:
+@pytest.mark.parametrize("output_rms", [False, True])
+def test_a_model_without_attention_or_cross_entropy_stops_sampling_after_its_first_step(output_rms: bool) -> None:
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    watch = gw.Watch(model, opt)
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(output_rms=output_rms, sample_every=2))
     plugin = _plugin(watch)
-    armed = []
+    armed, modes = [], []
     for step in range(1, 6):
         x = torch.randn(8, 6)
         watch.step(lambda: model(x).pow(2).mean())
         armed.append(len(plugin._hooks))  # hooks armed for the next step by prepare()
-    assert armed == [0, 0, 0, 0, 0]  # step 1 saw no attention and no cross_entropy: nothing armed again
+        modes.append(plugin._use_mode)
+    assert not any(modes)  # step 1 saw no attention and no cross_entropy: no TorchFunctionMode again
+    layers = len(watch.layers)
+    # output RMS: one forward hook per layer armed before each sampled step (2, 4 and 6), none before 3 and 5
+    assert armed == ([layers, 0, layers, 0, layers] if output_rms else [0, 0, 0, 0, 0])
+    watch.close()
+
+
+def test_output_rms_and_its_growth_equal_the_layer_outputs() -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if name in ("0", "2"):
+            module.register_forward_hook(lambda m, a, o, name=name: outputs.setdefault(name, []).append(o.detach()))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    watch = gw.Watch(model, opt, precursors=gw.PrecursorConfig(sample_every=2))
+    plugin = _plugin(watch)
+    for step in range(1, 5):
+        x = torch.randn(8, 6)
+        watch.step(lambda: model(x).pow(2).mean())
+        last = plugin.last
+        if step == 3:
+            assert "output_rms" not in last  # not sampled
+            continue
+        want = {n: float(o[-1].pow(2).mean().sqrt()) for n, o in outputs.items()}
+        assert set(last["output_rms"]) == set(watch.layers) == set(want)
+        for n in want:
+            assert last["output_rms"][n] == pytest.approx(want[n], rel=1e-4)
+        first = {n: float(o[0].pow(2).mean().sqrt()) for n, o in outputs.items()}
+        growth = {n: want[n] / first[n] for n in want}
+        worst = max(growth, key=growth.__getitem__)
+        assert last["output_rms_growth_layer"] == worst
+        assert last["output_rms_growth_max"] == pytest.approx(growth[worst], rel=1e-4)
     watch.close()

@@ -279,19 +279,25 @@ class PrecursorConfig(_Config):
         attention_logits: on sampled steps, the max attention logit of every
             ``F.scaled_dot_product_attention`` call (a second matmul of q and k per call). Default: True.
         log_z: on sampled steps, log Z of the logits given to ``F.cross_entropy``. Default: True.
+        output_rms: on sampled steps, the RMS of each layer's output (its growth relative to the
+            layer's first sampled value; recorded, no finding). Default: True.
         rms_every: measure RMS_t every this many steps, and on every step while the last
             measurement was above half of ``rms_threshold`` (4 elementwise passes over the
             gradients: ~260 us for 16 tensors on one CPU thread, dispatch-bound). Default: 50.
-        sample_every: the attention-logit and log Z sampling interval in steps (and each of the first
-            ``sample_every`` steps). Default: 50.
+        sample_every: the sampling interval of attention logits, log Z and output RMS in steps (and
+            each of the first ``sample_every`` steps; with ``dense_sampling``, every step while the
+            last sampled attention logit was above half its threshold). Default: 50.
+        dense_sampling: sample every step while a sampled attention logit is above half of
+            ``attention_logit_threshold`` (a growth caught between two sampled steps is followed
+            step by step). Default: True.
         rms_threshold: a layer whose RMS_t is above this on ``rms_consecutive`` measurements in a
             row raises ``update_spike_precursor``. Default: 6.0.
         rms_consecutive: see ``rms_threshold``. Default: 2.
         rms_warmup: not judged before Adam's step count reaches this. Default: 50.
         attention_logit_threshold: ``attention_logit_growth`` above this max logit. Default: 50.0.
         log_z_threshold: ``output_logit_divergence`` when ``|mean log Z|`` is above this. Default: 30.0.
-        quiet_steps: an episode ends after this many measurements below the threshold (one finding
-            per episode). Default: 50.
+        quiet_steps: an episode ends this many steps after the last measurement above the
+            threshold (one finding per episode). Default: 50.
 
     Example:
         >>> PrecursorConfig(rms_threshold=8.0).rms_threshold
@@ -301,6 +307,8 @@ class PrecursorConfig(_Config):
     adam_rms: bool = True
     attention_logits: bool = True
     log_z: bool = True
+    output_rms: bool = True
+    dense_sampling: bool = True
     rms_every: int = 50
     sample_every: int = 50
     rms_threshold: float = 6.0
@@ -311,7 +319,7 @@ class PrecursorConfig(_Config):
     quiet_steps: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("adam_rms", "attention_logits", "log_z"):
+        for name in ("adam_rms", "attention_logits", "log_z", "output_rms", "dense_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("rms_every", "sample_every", "rms_consecutive", "quiet_steps"):

@@ -25,6 +25,8 @@ The precursor signals (docs/precursors.md), on the steps that measured them only
     gradwatch/attention_logit/<site>     the largest attention logit of one attention module
     gradwatch/log_z_mean                 mean log Z of the output softmax
     gradwatch/log_z_max                  the largest |log Z|
+    gradwatch/output_rms_growth_max      the largest growth of a layer's output RMS since its first sample
+    gradwatch/layer_output_rms/<name>    per-layer output RMS
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ ATTENTION_LOGIT_MAX = PREFIX + "attention_logit_max"
 ATTENTION_LOGIT = PREFIX + "attention_logit/"
 LOG_Z_MEAN = PREFIX + "log_z_mean"
 LOG_Z_MAX = PREFIX + "log_z_max"
+OUTPUT_RMS_GROWTH_MAX = PREFIX + "output_rms_growth_max"
+LAYER_OUTPUT_RMS = PREFIX + "layer_output_rms/"
 
 
 def layer_grad_norm(name: str) -> str:
@@ -165,6 +169,11 @@ def signal_metrics(entry: Mapping[str, Any] | None, per_layer: bool = True) -> d
                 put(attention_logit(str(site)), value)
     put(LOG_Z_MEAN, entry.get("log_z_mean"))
     put(LOG_Z_MAX, entry.get("log_z_max"))
+    put(OUTPUT_RMS_GROWTH_MAX, entry.get("output_rms_growth_max"))
+    outputs = entry.get("output_rms")
+    if per_layer and isinstance(outputs, Mapping):
+        for name, value in outputs.items():
+            put(LAYER_OUTPUT_RMS + str(name), value)
     return out
 
 

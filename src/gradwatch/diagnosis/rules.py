@@ -70,28 +70,39 @@ UPDATE_RATIO_RUNS = 3
 class Episode:
     """Once-per-episode bookkeeping for one rule and key.
 
+    ``quiet`` counts checks, or steps when each check passes its ``step`` (a signal
+    sampled at a changing cadence: the episode ends ``quiet`` steps after the last
+    true check, however many checks fell in between).
+
     Example:
         >>> e = Episode(quiet=2)
         >>> [e.update(c) for c in (True, True, False, True, False, False, True)]
         [True, False, False, False, False, False, True]
+        >>> e = Episode(quiet=50)
+        >>> [e.update(c, step) for c, step in ((True, 10), (False, 11), (True, 40), (False, 90), (True, 95))]
+        [True, False, False, False, True]
     """
 
     def __init__(self, quiet: int = 3) -> None:
         self.quiet = quiet
         self.active = False
         self._false = 0
+        self._last_true: int | None = None
 
-    def update(self, condition: bool) -> bool:
-        """Feed the condition of this check; True when a new episode starts (fire now)."""
+    def update(self, condition: bool, step: int | None = None) -> bool:
+        """Feed the condition of this check (at ``step``, for a step-counted ``quiet``); True when a
+        new episode starts (fire now)."""
         if condition:
             self._false = 0
+            self._last_true = step
             if not self.active:
                 self.active = True
                 return True
             return False
         if self.active:
             self._false += 1
-            if self._false >= self.quiet:
+            since = self._false if step is None or self._last_true is None else step - self._last_true
+            if since >= self.quiet:
                 self.active = False
                 self._false = 0
         return False

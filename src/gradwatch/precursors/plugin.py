@@ -84,9 +84,8 @@ class PrecursorPlugin(WatchPlugin):
         self.rms_rule = rules.RmsRule(config.rms_threshold, config.rms_consecutive, config.rms_warmup,
                                       config.quiet_steps)
         self.attention_rule = rules.ThresholdRule("attention_logit_growth", config.attention_logit_threshold,
-                                                  max(1, config.quiet_steps // config.sample_every))
-        self.log_z_rule = rules.ThresholdRule("output_logit_divergence", config.log_z_threshold,
-                                              max(1, config.quiet_steps // config.sample_every))
+                                                  config.quiet_steps)
+        self.log_z_rule = rules.ThresholdRule("output_logit_divergence", config.log_z_threshold, config.quiet_steps)
         self._mode: _SampledMode | None = None
         self._mode_depth = 0
         self._sampling = False
@@ -99,6 +98,11 @@ class PrecursorPlugin(WatchPlugin):
         self._seen_attention: bool | None = None  # None: not sampled yet
         self._seen_log_z: bool | None = None
         self._hook_modules = False
+        self._use_mode = False  # this sampled step enters the TorchFunctionMode (attention or cross_entropy)
+        self._sample_escalated = False  # the last sampled attention logit or |log Z| was above half its threshold
+        self._outputs: dict[str, torch.Tensor] = {}  # layer -> output RMS (0-d tensor) of this sampled step
+        #: each layer's first sampled output RMS, the reference of its growth
+        self.output_rms_first: dict[str, float] = {}
         self._attention: dict[str, torch.Tensor] = {}
         self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
@@ -113,8 +117,10 @@ class PrecursorPlugin(WatchPlugin):
 
     # ----- cadence -----------------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
-        """Whether ``step`` samples attention logits and log Z: each of the first ``sample_every`` steps
-        (a run that diverges from the start shows it there) and every ``sample_every`` steps after."""
+        """Whether ``step`` samples attention logits, log Z and output RMS by the fixed cadence: each of the
+        first ``sample_every`` steps (a run that diverges from the start shows it there) and every
+        ``sample_every`` steps after (and, beyond this, every step while a sampled value was above half its
+        threshold)."""
         return step <= self.config.sample_every or step % self.config.sample_every == 0
 
     def attach(self, view: WatchView) -> None:
@@ -133,9 +139,14 @@ class PrecursorPlugin(WatchPlugin):
         # neither attention nor cross_entropy, no mode either (a plain MLP with MSE pays nothing)
         wants_attention = self.config.attention_logits and self._seen_attention is not False
         wants_log_z = self.config.log_z and self._seen_log_z is not False
-        wants_sample = (wants_attention or wants_log_z) and not self._compiled
+        self._use_mode = wants_attention or wants_log_z
+        wants_sample = (self._use_mode or self.config.output_rms) and not self._compiled
         self._hook_modules = wants_attention
-        self._sampling = wants_sample and self.is_sampled(next_step)
+        # output RMS alone (no attention, no cross_entropy seen): step 1 and every sample_every steps, without
+        # the dense first steps (each sampled step costs one small transfer; a plain MLP pays it once per 50)
+        cadence = (self.is_sampled(next_step) if self._use_mode
+                   else next_step == 1 or next_step % self.config.sample_every == 0)
+        self._sampling = wants_sample and (cadence or self._sample_escalated)
         # every rms_every steps; every step while the last measurement was above half the threshold (a lag
         # episode builds over steps: measured densely once it starts) and under clip_update (it acts on each)
         rms_due = self.config.adam_rms and self._adam and (next_step % self.config.rms_every == 0 or self.on_precursor is not None
@@ -148,9 +159,16 @@ class PrecursorPlugin(WatchPlugin):
     # ----- sampled signals: the mode and the module stack ----------------------------------
     def _arm(self) -> None:
         model = self._model
-        self._attention, self._log_z = {}, []
-        self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
-        self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
+        self._attention, self._log_z, self._outputs = {}, [], {}
+        if self._use_mode:
+            self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
+            self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
+        if self.config.output_rms:
+            modules = dict(model.named_modules())
+            for name in self.view.layers.names:
+                module = modules.get(name)
+                if module is not None and name:
+                    self._hooks.append(module.register_forward_hook(self._output_hook(name)))
         if self._hook_modules:  # the module stack names each attention call (sampled steps only)
             for module in model.modules():
                 self._hooks.append(module.register_forward_pre_hook(self._push))
@@ -173,6 +191,18 @@ class PrecursorPlugin(WatchPlugin):
         if id(module) in self._names and self._stack:
             self._stack.pop()
 
+    def _output_hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():  # an evaluation pass is not the step's forward
+                return
+            tensor = signals.first_tensor(output)
+            if tensor is not None and tensor.numel():
+                with no_torch_function():
+                    value = signals.output_rms(tensor)
+                old = self._outputs.get(name)  # a layer run twice (weight sharing): its larger output
+                self._outputs[name] = value if old is None else torch.maximum(old, value)
+        return record
+
     def _enter(self) -> None:
         if not torch.is_grad_enabled():  # evaluation passes between steps are not this step's forward
             return
@@ -190,11 +220,11 @@ class PrecursorPlugin(WatchPlugin):
             self._mode = None
 
     def before_forward(self, ctx: StepContext) -> None:
-        if self._sampling and ctx.current.closure is not None:
+        if self._sampling and self._use_mode and ctx.current.closure is not None:
             self._enter()
 
     def after_forward(self, ctx: StepContext) -> None:
-        if self._sampling and ctx.current.closure is not None:
+        if self._sampling and self._use_mode and ctx.current.closure is not None:
             self._exit()
 
     def _record_attention(self, args: Any, kwargs: dict[str, Any]) -> None:
@@ -316,7 +346,26 @@ class PrecursorPlugin(WatchPlugin):
                 finding = self.log_z_rule.check(ctx.step, {"output logits": mean})
                 if finding is not None:
                     found.append(finding)
-            self._attention, self._log_z = {}, []
+            if self._outputs:
+                names = list(self._outputs)
+                devices = {v.device for v in self._outputs.values()}
+                device = next(iter(devices))
+                values = torch.stack([self._outputs[n].to(device) for n in names]).tolist()  # one transfer
+                rms = {n: v for n, v in zip(names, values) if math.isfinite(v)}
+                for n, v in rms.items():
+                    if v > 0:
+                        self.output_rms_first.setdefault(n, v)
+                growth = {n: v / self.output_rms_first[n] for n, v in rms.items() if n in self.output_rms_first}
+                entry["output_rms"] = {n: round(v, 5) for n, v in rms.items()}
+                if growth:
+                    worst = max(growth, key=growth.__getitem__)
+                    entry["output_rms_growth_max"], entry["output_rms_growth_layer"] = round(growth[worst], 5), worst
+            # attention logits can grow within a few steps: followed step by step from half the threshold.
+            # Not log Z: a healthy untrained model's |log Z| sits near 20 (GPT-style init), and its
+            # divergence is a slow drift that the every-sample_every cadence follows well enough
+            self._sample_escalated = self.config.dense_sampling and any(
+                v > self.config.attention_logit_threshold / 2 for v in entry.get("attention_logit_max", {}).values())
+            self._attention, self._log_z, self._outputs = {}, [], {}
         self.last = entry
         if len(entry) > 1:
             writer = self.view.writer

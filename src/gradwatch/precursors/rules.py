@@ -1,7 +1,7 @@
 """Precursor rules: numbers in, findings out, one finding per episode (pure: no hooks, no I/O).
 
 An *episode* starts when a signal crosses its threshold and ends once it has stayed
-below it for ``quiet_steps`` measurements; a finding is raised at the start of each
+below it for ``quiet_steps`` steps; a finding is raised at the start of each
 episode only, with every layer or site above the threshold in its evidence.
 """
 
@@ -55,7 +55,7 @@ class RmsRule:
             else:
                 self._run.pop(name, None)
                 self._first.pop(name, None)
-        if not self.episode.update(bool(hot)):
+        if not self.episode.update(bool(hot), step):
             return None
         worst = max(hot, key=hot.__getitem__)
         bound = 1.0 / math.sqrt(1.0 - beta2) if beta2 is not None and beta2 < 1 else None
@@ -78,7 +78,9 @@ class RmsRule:
 
 @dataclass
 class ThresholdRule:
-    """A sampled signal per site (attention logits) or one value (log Z) above ``threshold``: one finding per episode.
+    """A sampled signal per site (attention logits) or one value (log Z) above ``threshold``: one finding per
+    episode; an episode ends ``quiet_steps`` steps (not measurements: the sampling cadence varies) after
+    the last measurement above the threshold.
 
     Example:
         >>> rule = ThresholdRule("attention_logit_growth", threshold=50.0, quiet_steps=3)
@@ -101,7 +103,7 @@ class ThresholdRule:
             series.append((step, value))
             del series[:-8]
         hot = {s: v for s, v in values.items() if math.isfinite(v) and abs(v) > self.threshold}
-        if not self.episode.update(bool(hot)):
+        if not self.episode.update(bool(hot), step):
             return None
         worst = max(hot, key=lambda s: abs(hot[s]))
         trail = {s: [(k, round(v, 4)) for k, v in self.history[s]] for s in hot}

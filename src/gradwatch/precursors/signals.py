@@ -14,6 +14,8 @@ Three quantities that the literature finds move *before* a loss spike:
 - :func:`log_z`: the mean and the largest ``|log Z|`` of the output softmax,
   ``log Z = logsumexp(logits)``: its drift far from 0 is output-logit divergence, which
   z-loss (``1e-4 * log Z ** 2``, PaLM) holds in place.
+- :func:`output_rms`: the RMS of a layer's output, whose growth over training (the residual
+  stream, the logits) shows representations scaling up with the learning rate.
 
 Each runs under ``torch.no_grad()`` and returns tensors on the input's device: the
 caller decides when to read them.
@@ -141,3 +143,31 @@ def log_z(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         z = torch.logsumexp(logits.detach().float(), dim=-1)
         return z.mean(), z.abs().amax()
+
+
+def first_tensor(output: object) -> torch.Tensor | None:
+    """The floating-point tensor a module's forward returned: the output itself, or the first
+    element of a tuple/list or the first value of a mapping (``transformers``' ``ModelOutput``).
+
+    Example:
+        >>> first_tensor((torch.ones(2), None)).shape, first_tensor({"a": torch.ones(3)}).shape
+        (torch.Size([2]), torch.Size([3]))
+    """
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    if isinstance(output, dict) and output:
+        return first_tensor(next(iter(output.values())))
+    return None
+
+
+def output_rms(output: torch.Tensor) -> torch.Tensor:
+    """``sqrt(mean(output^2))`` in float32, as a 0-d tensor on the output's device.
+
+    Example:
+        >>> float(output_rms(torch.tensor([3.0, -4.0])))  # sqrt((9 + 16) / 2)
+        3.535533905029297
+    """
+    with torch.no_grad():
+        return output.detach().float().pow(2).mean().sqrt()

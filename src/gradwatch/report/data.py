@@ -18,7 +18,7 @@ Downsampling keeps what a person must not miss:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -610,6 +610,10 @@ class PrecursorSeries:
     log_z_steps: np.ndarray
     log_z_mean: np.ndarray
     log_z_max: np.ndarray
+    output_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    output_layers: list[str] = field(default_factory=list)
+    #: (sampled steps x layers): each layer's output RMS over its first sampled value, NaN where not sampled
+    output_growth: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def attention_max(self) -> np.ndarray:
@@ -642,6 +646,7 @@ def precursor_series(records: list[dict[str, Any]]) -> PrecursorSeries | None:
     rms: list[tuple[int, float, str]] = []
     attention: list[tuple[int, dict[str, Any]]] = []
     log_z: list[tuple[int, float, float]] = []
+    outputs: list[tuple[int, dict[str, Any]]] = []
     for step in sorted(by_step):
         record = by_step[step]
         if "adam_rms_max" in record:
@@ -651,8 +656,22 @@ def precursor_series(records: list[dict[str, Any]]) -> PrecursorSeries | None:
             attention.append((step, sites))
         if "log_z_mean" in record or "log_z_max" in record:
             log_z.append((step, _number(record.get("log_z_mean")), _number(record.get("log_z_max"))))
-    if not (rms or attention or log_z):
+        layers = record.get("output_rms")
+        if isinstance(layers, dict) and layers:
+            outputs.append((step, layers))
+    if not (rms or attention or log_z or outputs):
         return None
+    output_layers: list[str] = []
+    for _, layers in outputs:
+        output_layers.extend(str(n) for n in layers if str(n) not in output_layers)
+    growth = np.full((len(outputs), len(output_layers)), np.nan)
+    for i, (_, layers) in enumerate(outputs):
+        for name, value in layers.items():
+            growth[i, output_layers.index(str(name))] = _number(value)
+    for j in range(growth.shape[1]):  # relative to each layer's first sampled (positive, finite) value
+        column = growth[:, j]
+        firsts = column[np.isfinite(column) & (column > 0)]
+        growth[:, j] = column / firsts[0] if firsts.size else np.nan
     names: list[str] = []
     for _, sites in attention:
         names.extend(str(s) for s in sites if str(s) not in names)
@@ -671,6 +690,9 @@ def precursor_series(records: list[dict[str, Any]]) -> PrecursorSeries | None:
         log_z_steps=np.array([s for s, _, _ in log_z], dtype=np.int64),
         log_z_mean=np.array([m for _, m, _ in log_z], dtype=np.float64),
         log_z_max=np.array([p for _, _, p in log_z], dtype=np.float64),
+        output_steps=np.array([s for s, _ in outputs], dtype=np.int64),
+        output_layers=output_layers,
+        output_growth=growth,
     )
 
 

@@ -698,6 +698,45 @@ def draw_log_z(views: Sequence[RunView]) -> Any:
         return _finish(fig)
 
 
+def draw_output_rms(views: Sequence[RunView]) -> Any:
+    """Each layer's output RMS on the sampled steps over its first sampled value (the six layers that grew
+    most, and the largest growth over all layers); a recorded signal with no threshold or finding."""
+    if not any(v.signals is not None and np.isfinite(v.signals.output_growth).any() for v in views):
+        return None
+    with _style():
+        fig = _new(3.4)
+        ax = fig.add_subplot()
+        drawn: list[np.ndarray] = []
+        for i, view in enumerate(views):
+            s = view.signals
+            if s is None or not np.isfinite(s.output_growth).any():
+                continue
+            table = s.output_growth
+            with np.errstate(invalid="ignore"):
+                finite = np.where(np.isfinite(table), table, -np.inf)
+                peaks = finite.max(axis=0)
+            order = [j for j in np.argsort(-peaks, kind="stable").tolist() if np.isfinite(peaks[j])]
+            top = order[:6]
+            colors = [RUN_COLORS[i]] if len(top) == 1 else _palette(
+                "viridis" if i == 0 else "Oranges", len(top), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+            for color, j in zip(colors, top):
+                measured = np.isfinite(table[:, j])
+                _series_line(ax, s.output_steps[measured], table[measured, j], RUN_STYLES[i], color,
+                             f"{_runs_label(views, i)}{_short(s.output_layers[j])}", linewidth=0.9)
+            if len(order) > 1:
+                peak = finite.max(axis=1)
+                _series_line(ax, s.output_steps, np.where(np.isfinite(peak), peak, np.nan), RUN_STYLES[i],
+                             RUN_COLORS[i], f"{_runs_label(views, i)}max over {len(order)} layers", linewidth=1.8,
+                             alpha=0.6)
+            drawn.append(table)
+        ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=0.8, label="1 (as first sampled)")
+        _log_if_wide(ax, drawn)
+        ax.set_ylabel("output RMS / first sampled")
+        ax.set_xlabel("step")
+        _legend(ax, loc="best")
+        return _finish(fig)
+
+
 def _as_svg(draw: Callable[[Sequence[RunView]], Any]) -> Callable[[Sequence[RunView]], str | None]:
     """The chart ``draw`` makes, as SVG text (None when it has nothing to show)."""
 
@@ -715,7 +754,8 @@ fig_depth, fig_heatmap, fig_grad_norm, fig_loss, fig_gain, fig_update_ratio, fig
     fig_loss_scale, fig_fp16_forecast = map(_as_svg, (
         draw_depth, draw_heatmap, draw_grad_norm, draw_loss, draw_gain, draw_update_ratio, draw_act_grad,
         draw_activations, draw_loss_scale, draw_fp16_forecast))
-fig_adam_rms, fig_attention_logits, fig_log_z = map(_as_svg, (draw_adam_rms, draw_attention_logits, draw_log_z))
+fig_adam_rms, fig_attention_logits, fig_log_z, fig_output_rms = map(
+    _as_svg, (draw_adam_rms, draw_attention_logits, draw_log_z, draw_output_rms))
 
 #: (figure id, title, function, caption) in page order.
 FIGURES = (
@@ -762,4 +802,8 @@ PRECURSOR_FIGURES = (
      "logsumexp of the logits given to F.cross_entropy on the sampled steps: the mean (solid) and the largest "
      "|log Z| (light). A drift far from 0 is output-logit divergence (z-loss holds it). Dotted: "
      "log_z_threshold on |mean log Z|; vertical lines: output_logit_divergence raised."),
+    ("fig-output-rms", "Layer output RMS growth", fig_output_rms,
+     "Each layer's output RMS on the sampled steps, divided by its first sampled value (the layers that grew "
+     "most). Representations scale up with the learning rate; recorded for reading beside the other signals, "
+     "with no threshold and no finding of its own."),
 )
