@@ -86,17 +86,19 @@ def test_gradwatch_numbers_reach_report_to_tensorboard(tmp_path, monkeypatch):
     np.testing.assert_allclose(ratio_values, [measured[s] for s in (1, 2, 4)], rtol=1e-5)
 
 
-def _train_reporting(tmp_path, report_to: str):
+def _train_reporting(tmp_path, report_to: str, root_parameter: bool = False):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    if root_parameter:  # a parameter on the model itself (as CLIP's logit_scale): its layer is "(root)"
+        model.register_parameter("temperature", torch.nn.Parameter(torch.ones(())))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
         logging_steps=1, report_to=[report_to], save_strategy="no",
         use_cpu=True, disable_tqdm=True, max_grad_norm=0.05,
     )
     cb = GradwatchCallback(run_dir=tmp_path / "run", layers_every=2)
-    trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args,
-                                   train_dataset=Tokens(STEPS * 4), callbacks=[cb])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(STEPS * 4), callbacks=[cb])
     trainer.train()
     return trainer, gw.load_run(tmp_path / "run")
 
@@ -118,6 +120,23 @@ def test_gradwatch_numbers_reach_report_to_mlflow(tmp_path, monkeypatch):
     layer_history = sorted((m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, layer))
     assert [s for s, _ in layer_history] == [1, 2, 4]
     np.testing.assert_allclose([v for _, v in layer_history], run.steps["layer_grad_norms"][[0, 1, 3], 0], rtol=1e-5)
+
+
+def test_report_to_mlflow_takes_a_root_layer_under_a_name_mlflow_accepts(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    trainer, run = _train_reporting(tmp_path, "mlflow", root_parameter=True)  # MLflow rejects "(root)" in a name
+    assert "(root)" in run.layer_names
+    client = mlflow.MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if client.search_runs([e.experiment_id])]
+    (mlrun,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(mlrun.info.run_id, "gradwatch/layer_grad_norm/_root_")
+    j = run.layer_names.index("(root)")
+    want = run.steps["layer_grad_norms"][[0, 1, 3], j]
+    np.testing.assert_allclose([m.value for m in sorted(history, key=lambda m: m.step)], want, rtol=1e-5)
 
 
 def test_gradwatch_numbers_reach_report_to_wandb_offline(tmp_path, monkeypatch):
