@@ -271,6 +271,17 @@ def test_a_reproduced_instability_is_named_before_its_loss_onset() -> None:
     assert stable.precursors == [] and stable.max_attention_logit < 50
 
 
+def test_with_warm_up_attention_logit_growth_is_named_steps_before_the_loss_spike() -> None:
+    from benchmarks.instability import train
+
+    # the benchmark's sweep schedule (100 warm-up steps) at peak lr 0.3 without qk-layernorm: the logits
+    # grow while the lr ramps up, and the loss spikes some 20 steps after they pass the threshold
+    run = train("lr=0.3 warm-up", 0.3, "plain", seed=0, steps=60, warmup=100)
+    assert run.onset is not None and run.precursor is not None
+    assert run.precursor[1] == "attention_logit_growth"
+    assert run.lead is not None and run.lead >= 5
+
+
 def test_the_documented_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     from _docs import doc_block
 

@@ -71,11 +71,8 @@ class MetricsLogger(WatchPlugin):
             out[tags.LOSS_SCALE] = record.loss_scale
         every = self.layers_every
         if every and (record.step == 1 or record.step % every == 0):
-            for name, value in zip(record.layer_names, record.layer_grad_norms.tolist()):
-                out[tags.layer_grad_norm(name)] = value
-            if record.update_ratio is not None:
-                for name, value in zip(record.layer_names, record.update_ratio.tolist()):
-                    out[tags.layer_update_ratio(name)] = value
+            ratios = None if record.update_ratio is None else record.update_ratio.tolist()
+            out.update(tags.layer_metrics(record.layer_names, record.layer_grad_norms.tolist(), ratios))
         view = getattr(self, "view", None)
         if view is not None:  # the precursor signals of this step, when it measured some
             out.update(tags.signal_metrics(view.signals(record.step), per_layer=every is not None))

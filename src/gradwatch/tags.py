@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 PREFIX = "gradwatch/"
 LOSS = PREFIX + "loss"
@@ -106,6 +106,26 @@ def attention_logit(site: str) -> str:
         'gradwatch/attention_logit/h.0.attn'
     """
     return ATTENTION_LOGIT + site
+
+
+def layer_metrics(names: Sequence[str], grad_norms: Iterable[float] | None = None,
+                  update_ratios: Iterable[float] | None = None) -> dict[str, float]:
+    """The per-layer tags of one step: ``layer_grad_norm/<name>`` and ``layer_update_ratio/<name>``
+    for the finite values given (a layer not measured on this step, NaN, gets no tag).
+
+    Example:
+        >>> layer_metrics(["fc1", "fc2"], [0.5, 0.25], [1e-3, float("nan")])
+        {'gradwatch/layer_grad_norm/fc1': 0.5, 'gradwatch/layer_grad_norm/fc2': 0.25, 'gradwatch/layer_update_ratio/fc1': 0.001}
+    """
+    out: dict[str, float] = {}
+    for tag_of, values in ((layer_grad_norm, grad_norms), (layer_update_ratio, update_ratios)):
+        if values is None:
+            continue
+        for name, value in zip(names, values):
+            number = _finite(value)
+            if number is not None:
+                out[tag_of(name)] = number
+    return out
 
 
 _MLFLOW_UNSAFE = re.compile(r"[^\w./\- :]")  # MLflow accepts word characters, '.', '/', '-', ' ', ':'

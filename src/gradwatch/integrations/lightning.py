@@ -245,8 +245,7 @@ class GradwatchCallback(Callback):
             return
         if not trainer.loggers or not trainer.is_global_zero:
             return
-        metrics = {tags.layer_update_ratio(name): float(value)
-                   for name, value in zip(record.layer_names, record.update_ratio.tolist()) if value == value}
+        metrics = tags.layer_metrics(record.layer_names, update_ratios=record.update_ratio.tolist())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 

@@ -308,11 +308,7 @@ class GradwatchCallback(TrainerCallback):
             logs[tags.LOSS_SCALE] = float(record.loss_scale)
         every = self.layers_every
         if every and (record.step % every == 0 or record.step == 1):
-            for name, value in zip(record.layer_names, record.layer_grad_norms.tolist()):
-                logs[tags.layer_grad_norm(name)] = float(value)
-            if record.update_ratio is not None:  # measured on this step (NaN: a layer not measured)
-                for name, value in zip(record.layer_names, record.update_ratio.tolist()):
-                    if value == value:
-                        logs[tags.layer_update_ratio(name)] = float(value)
+            ratios = None if record.update_ratio is None else record.update_ratio.tolist()  # NaN: not measured
+            logs.update(tags.layer_metrics(record.layer_names, record.layer_grad_norms.tolist(), ratios))
         # the precursor signals, when this step measured them (a logging step between two measurements gets none)
         logs.update(tags.signal_metrics(WatchView(self.watch).signals(record.step), per_layer=every is not None))
