@@ -16,8 +16,9 @@ sequences ``x_t = x_0 + k t mod 64`` with 5% of the tokens replaced at random) t
 
 A run is *unstable* when its cross-entropy (the task loss, not the weighted one; median of
 3 steps) rises above ``max(1.3 x best so far, best + 0.5)`` (the *onset*, a loss spike), or
-when it ends above 1.5x the final loss of the best run of its sweep (it *diverged*; its
-event is the step where its loss first exceeded 1.5x the best run's at that step) - judged
+when, at a higher learning rate than the best run of its sweep, it ends above 1.5x that run's
+final loss (it *diverged*; its event is the step where its loss first exceeded 1.5x the best
+run's at that step; a lower-lr run that ends higher is slow, not unstable) - judged
 from the losses alone, with no look at gradwatch. For each unstable run: whether a precursor
 finding (``update_spike_precursor``, ``attention_logit_growth``,
 ``output_logit_divergence``) came at or before the onset, and the lead in steps; for the
@@ -141,6 +142,7 @@ class Outcome:
     losses: list[float] = field(default_factory=list, repr=False)
     diverged_at: int | None = None  # set by judge_sweep: the step a diverged run fell behind the best
     first_warning: tuple[int, str] | None = None  # the first warning/error finding of any code
+    warnings: list[tuple[int, str]] = field(default_factory=list)  # every warning/error finding
 
     @property
     def warned_before(self) -> bool:
@@ -219,6 +221,7 @@ def train(name: str, lr: float, variant: str = "plain", seed: int = 0, steps: in
                    found[0] if found else None, found, peaks["rms"], peaks["attn"], peaks["log_z"],
                    time.perf_counter() - started, losses)
     outcome.first_warning = min(warnings) if warnings else None
+    outcome.warnings = sorted(warnings)
     return outcome
 
 
@@ -237,11 +240,13 @@ def behind(losses: list[float], best: list[float], factor: float = 1.5, smooth: 
 
 
 def judge_sweep(runs: list[Outcome], factor: float = 1.5) -> None:
-    """Mark the runs of one seed's sweep: a final loss above ``factor`` x the best final loss is unstable
-    (diverged), its event the step where it fell behind the best run (:func:`behind`)."""
+    """Mark the runs of one seed's sweep: a run at a higher learning rate than the best run whose final
+    loss is above ``factor`` x the best final loss is unstable (diverged), its event the step where it
+    fell behind the best run (:func:`behind`). A run at a lower learning rate that ends higher is slow
+    (under-trained in the steps given), not unstable."""
     best = min(runs, key=lambda o: o.loss_last)
     for o in runs:
-        if o.onset is None and o.loss_last > factor * best.loss_last:
+        if o.onset is None and o.lr > best.lr and o.loss_last > factor * best.loss_last:
             o.diverged_at = behind(o.losses, best.losses, factor) or o.steps
 
 
@@ -290,6 +295,14 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(rows) + "\n\n" + summary(outcomes)
 
 
+def _codes(runs: list[Outcome]) -> str:
+    counts: dict[str, int] = {}
+    for o in runs:
+        for _, code in o.warnings:
+            counts[code] = counts.get(code, 0) + 1
+    return ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) or "none"
+
+
 def summary(outcomes: list[Outcome]) -> str:
     runs = [o for o in outcomes if "clip_update" not in o.name]  # clip_update runs are the treatment, not the proof
     unstable = [o for o in runs if o.unstable]
@@ -297,13 +310,16 @@ def summary(outcomes: list[Outcome]) -> str:
     warned = [o for o in unstable if o.lead is not None]
     leads = [o.lead for o in warned if o.lead is not None]
     alarms = sum(len(o.precursors) for o in stable)
+    any_leads = [o.event - o.first_warning[0] for o in unstable if o.warned_before]
     lines = [
         f"- unstable runs (a loss spike, or diverged): {len(unstable)}; a precursor finding at or before the onset in "
         f"{len(warned)}/{len(unstable)} ({100 * len(warned) / max(1, len(unstable)):.0f}%); "
         f"median lead {statistics.median(leads) if leads else '-'} steps (range "
         f"{min(leads) if leads else '-'}..{max(leads) if leads else '-'})",
         f"- any gradwatch warning or error (lr_too_high included) at or before the event: "
-        f"{sum(o.warned_before for o in unstable)}/{len(unstable)}",
+        f"{sum(o.warned_before for o in unstable)}/{len(unstable)}; median lead "
+        f"{statistics.median(any_leads) if any_leads else '-'} steps; warnings on the stable runs: "
+        f"{sum(len(o.warnings) for o in stable)} ({_codes(stable)})",
         f"- stable runs: {len(stable)}; precursor findings on them (false alarms): {alarms} "
         f"(runs: {sorted({o.name for o in stable if o.precursors})})",
     ]

@@ -281,8 +281,10 @@ class PrecursorConfig(_Config):
         log_z: on sampled steps, log Z of the logits given to ``F.cross_entropy``. Default: True.
         output_rms: on sampled steps, the RMS of each layer's output (its growth relative to the
             layer's first sampled value; recorded, no finding). Default: True.
-        rms_every: measure RMS_t every this many steps, and on every step while the last
-            measurement was above half of ``rms_threshold`` (4 elementwise passes over the
+        rms_every: measure RMS_t every this many steps, on every step while the last
+            measurement was above half of ``rms_threshold``, and on the step after one whose
+            global gradient norm rose above ``rms_threshold / 2`` times its running RMS (an EMA
+            of its square with the optimizer's beta2; host-side, free) (4 elementwise passes over the
             gradients: ~260 us for 16 tensors on one CPU thread, dispatch-bound). Default: 50.
         sample_every: the sampling interval of attention logits, log Z and output RMS in steps (and
             each of the first ``sample_every`` steps; with ``dense_sampling``, every step while the

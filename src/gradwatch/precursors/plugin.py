@@ -110,6 +110,7 @@ class PrecursorPlugin(WatchPlugin):
         self._rms_step = 0  # the step self.rms was measured on
         self._rms_due = config.adam_rms
         self._escalated = False  # the last measurement, past rms_warmup, was above half the threshold
+        self._grad_sq_ema: float | None = None  # EMA of the squared global gradient norm (Adam's v, in one number)
         self._adam_step = 0
         self._beta2: float | None = None
         self._clip_handle: Any = None
@@ -315,7 +316,23 @@ class PrecursorPlugin(WatchPlugin):
         self._clip_handle = optimizer.register_step_post_hook(scale_updates)
 
     # ----- judging and writing -------------------------------------------------------------
+    def _watch_gradient_jump(self, record: StepRecord) -> None:
+        """Between two RMS_t measurements: a global gradient norm far above its running RMS (an EMA of its
+        square with Adam's beta2, a one-number stand-in for v) makes the next step measure RMS_t, whose
+        lag lasts for many steps after such a jump. Host-side, from the step's own norm: no cost on the device."""
+        norm = record.grad_norm
+        if record.skipped or not math.isfinite(norm) or not (self.config.adam_rms and self._adam):
+            return
+        square = norm * norm
+        ema = self._grad_sq_ema
+        if ema is not None and ema > 0 and self._adam_step >= self.config.rms_warmup:
+            if square > (self.config.rms_threshold / 2) ** 2 * ema:
+                self._escalated = True
+        beta = self._beta2 if self._beta2 is not None else 0.99
+        self._grad_sq_ema = square if ema is None else beta * ema + (1 - beta) * square
+
     def after_step(self, ctx: StepContext, record: StepRecord) -> list[Finding]:
+        self._watch_gradient_jump(record)
         if self._clip_handle is not None and (ctx.stepped or record.skipped):
             self._clip_handle.remove()  # the step did not run (skipped): nothing to scale
             self._clip_handle = None
