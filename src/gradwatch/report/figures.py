@@ -632,6 +632,27 @@ def draw_adam_rms(views: Sequence[RunView]) -> Any:
         return _finish(fig)
 
 
+def _top_columns(ax: Any, views: Sequence[RunView], i: int, steps: np.ndarray, table: np.ndarray,
+                 names: list[str], what: str) -> None:
+    """Run ``i``'s (steps x columns) ``table``: a line for each of the six columns with the largest
+    peaks, and a thicker one for the max over every column when there are several."""
+    with np.errstate(invalid="ignore"):
+        finite = np.where(np.isfinite(table), table, -np.inf)
+        peaks = finite.max(axis=0)
+    order = [j for j in np.argsort(-peaks, kind="stable").tolist() if np.isfinite(peaks[j])]
+    top = order[:6]
+    colors = [RUN_COLORS[i]] if len(top) == 1 else _palette(
+        "viridis" if i == 0 else "Oranges", len(top), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
+    for color, j in zip(colors, top):
+        measured = np.isfinite(table[:, j])
+        _series_line(ax, steps[measured], table[measured, j], RUN_STYLES[i], color,
+                     f"{_runs_label(views, i)}{_short(names[j])}", linewidth=0.9)
+    if len(order) > 1:
+        peak = finite.max(axis=1)
+        _series_line(ax, steps, np.where(np.isfinite(peak), peak, np.nan), RUN_STYLES[i], RUN_COLORS[i],
+                     f"{_runs_label(views, i)}max over {len(order)} {what}", linewidth=1.8, alpha=0.6)
+
+
 def draw_attention_logits(views: Sequence[RunView]) -> Any:
     """The max attention logit on each sampled step: per attention site (the six with the largest
     peaks) and the max over every site; the ``attention_logit_threshold`` line and the steps
@@ -646,19 +667,7 @@ def draw_attention_logits(views: Sequence[RunView]) -> Any:
             s = view.signals
             if s is None or not np.isfinite(s.attention).any():
                 continue
-            with np.errstate(invalid="ignore"):
-                peaks = np.where(np.isfinite(s.attention), s.attention, -np.inf).max(axis=0)
-            order = [j for j in np.argsort(-peaks, kind="stable").tolist() if np.isfinite(peaks[j])]
-            top = order[:6]
-            colors = [RUN_COLORS[i]] if len(top) == 1 else _palette(
-                "viridis" if i == 0 else "Oranges", len(top), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
-            for color, j in zip(colors, top):
-                measured = np.isfinite(s.attention[:, j])
-                _series_line(ax, s.attention_steps[measured], s.attention[measured, j], RUN_STYLES[i], color,
-                             f"{_runs_label(views, i)}{_short(s.attention_sites[j])}", linewidth=0.9)
-            if len(order) > 1:
-                _series_line(ax, s.attention_steps, s.attention_max, RUN_STYLES[i], RUN_COLORS[i],
-                             f"{_runs_label(views, i)}max over {len(order)} sites", linewidth=1.8, alpha=0.6)
+            _top_columns(ax, views, i, s.attention_steps, s.attention, s.attention_sites, "sites")
             drawn.append(s.attention)
         _threshold_lines(ax, views, "attention_logit", "attention_logit_threshold")
         _finding_lines(ax, views, data.PRECURSOR_CODES["attention"])
@@ -711,24 +720,8 @@ def draw_output_rms(views: Sequence[RunView]) -> Any:
             s = view.signals
             if s is None or not np.isfinite(s.output_growth).any():
                 continue
-            table = s.output_growth
-            with np.errstate(invalid="ignore"):
-                finite = np.where(np.isfinite(table), table, -np.inf)
-                peaks = finite.max(axis=0)
-            order = [j for j in np.argsort(-peaks, kind="stable").tolist() if np.isfinite(peaks[j])]
-            top = order[:6]
-            colors = [RUN_COLORS[i]] if len(top) == 1 else _palette(
-                "viridis" if i == 0 else "Oranges", len(top), 0.1 if i == 0 else 0.45, 0.85 if i == 0 else 0.95)
-            for color, j in zip(colors, top):
-                measured = np.isfinite(table[:, j])
-                _series_line(ax, s.output_steps[measured], table[measured, j], RUN_STYLES[i], color,
-                             f"{_runs_label(views, i)}{_short(s.output_layers[j])}", linewidth=0.9)
-            if len(order) > 1:
-                peak = finite.max(axis=1)
-                _series_line(ax, s.output_steps, np.where(np.isfinite(peak), peak, np.nan), RUN_STYLES[i],
-                             RUN_COLORS[i], f"{_runs_label(views, i)}max over {len(order)} layers", linewidth=1.8,
-                             alpha=0.6)
-            drawn.append(table)
+            _top_columns(ax, views, i, s.output_steps, s.output_growth, s.output_layers, "layers")
+            drawn.append(s.output_growth)
         ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=0.8, label="1 (as first sampled)")
         _log_if_wide(ax, drawn)
         ax.set_ylabel("output RMS / first sampled")
