@@ -301,7 +301,9 @@ def test_precursor_series_and_thresholds_by_hand() -> None:
     assert series.log_z_steps.tolist() == [1] and series.log_z_mean.tolist() == [-1.0]
     assert data.precursor_series([{"step": 3}]) is None
     limits = data.precursor_thresholds({"precursors": {"rms_threshold": "bad", "log_z_threshold": 12}})
-    assert (limits.rms, limits.attention_logit, limits.log_z, limits.recorded) == (6.0, 50.0, 12.0, True)
+    default = gw.PrecursorConfig()  # a value that is not a number falls back to the default
+    assert (limits.rms, limits.attention_logit, limits.log_z, limits.recorded) == (
+        default.rms_threshold, default.attention_logit_threshold, 12.0, True)
 
 
 # ----- the Hugging Face Trainer -----------------------------------------------------------
