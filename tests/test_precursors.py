@@ -346,3 +346,63 @@ def test_output_rms_and_its_growth_equal_the_layer_outputs() -> None:
         assert last["output_rms_growth_layer"] == worst
         assert last["output_rms_growth_max"] == pytest.approx(growth[worst], rel=1e-4)
     watch.close()
+
+
+class EagerAttention(nn.Module):
+    """Explicit-matmul causal attention (the way `attn_implementation="eager"` writes it)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, call: str = "F") -> None:
+        super().__init__()
+        self.heads, self.call = heads, call
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, 5)
+        self.logits: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        logits = q @ k.transpose(-2, -1) / math.sqrt(C // self.heads)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        logits = logits.masked_fill(~mask, float("-inf"))
+        self.logits.append(logits.detach())
+        probs = F.softmax(logits, dim=-1) if self.call == "F" else logits.softmax(-1)
+        return self.head((probs @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("call", ["F", "method"])
+def test_an_eager_attention_is_seen_at_its_softmax(call: str) -> None:
+    torch.manual_seed(0)
+    model = EagerAttention(call=call)
+    watch = gw.Watch(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                     precursors=gw.PrecursorConfig(sample_every=2, attention_logit_threshold=1e4))
+    plugin = _plugin(watch)
+    for step in range(1, 4):
+        x, y = torch.randn(3, 6, 8) * 3, torch.randint(0, 5, (3, 6))
+        model.logits.clear()
+        watch.step(lambda: F.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1)))
+        if step in (1, 2):
+            causal = model.logits[-1][torch.isfinite(model.logits[-1])]  # the unmasked logits
+            (site, value), = plugin.last["attention_logit_max"].items()
+            assert site == "(root)" and value == pytest.approx(float(causal.max()), rel=1e-5)
+        else:
+            assert "attention_logit_max" not in plugin.last
+    watch.close()
+
+
+def test_hf_gpt2_eager_attention_is_named_like_its_sdpa_twin() -> None:
+    transformers = pytest.importorskip("transformers")
+    sites = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        watch = gw.Watch(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        watch.step(lambda: model(input_ids=ids, labels=ids).loss)
+        sites[implementation] = _plugin(watch).last["attention_logit_max"]
+        watch.close()
+    assert set(sites["eager"]) == set(sites["sdpa"]) == {"transformer.h.0.attn", "transformer.h.1.attn"}
+    for site in sites["eager"]:  # signed max of the unmasked logits <= max |q k^T| over every position
+        assert 0 < sites["eager"][site] <= sites["sdpa"][site] + 1e-5
+    assert sites["eager"] != sites["sdpa"]  # read at the eager softmax, not by a second q k^T

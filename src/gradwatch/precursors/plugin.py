@@ -14,8 +14,9 @@ Where each signal is taken:
   ``watch.step(closure)``, around the closure, so a loss computed outside the model counts);
   it sees each ``F.scaled_dot_product_attention`` call (named after the innermost module
   running it) and each ``F.cross_entropy`` call, and computes the statistic beside the
-  call, leaving the call itself unchanged. Attention written as explicit matmuls (an
-  "eager" attention) is not seen.
+  call, leaving the call itself unchanged. An attention written as explicit matmuls (an
+  "eager" attention) is seen at its softmax: a 4-d input normalized over its last dimension
+  gives the largest (signed, finite) logit it received.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from ..records import StepRecord
 from . import rules, signals
 
 ON_PRECURSOR = (None, "clip_update")
+#: the softmax entry points an eager attention calls (``F.softmax``, ``torch.softmax``, ``x.softmax``)
+_SOFTMAXES = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
 
 
 class _SampledMode(TorchFunctionMode):
@@ -55,6 +58,9 @@ class _SampledMode(TorchFunctionMode):
         elif func is F.cross_entropy and self.plugin.config.log_z:
             with no_torch_function():
                 self.plugin._record_log_z(args, kwargs)
+        elif func in _SOFTMAXES and self.plugin.config.attention_logits:
+            with no_torch_function():
+                self.plugin._record_eager_attention(args, kwargs)
         return out
 
 
@@ -236,6 +242,16 @@ class PrecursorPlugin(WatchPlugin):
         scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
         site = self._stack[-1] if self._stack else "attention"
         value = signals.attention_logit_max(q, k, scale)
+        old = self._attention.get(site)
+        self._attention[site] = value if old is None else torch.maximum(old, value)
+
+    def _record_eager_attention(self, args: Any, kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if not signals.is_attention_softmax(x, dim):
+            return
+        site = self._stack[-1] if self._stack else "attention"
+        value = signals.softmax_logit_max(x)
         old = self._attention.get(site)
         self._attention[site] = value if old is None else torch.maximum(old, value)
 

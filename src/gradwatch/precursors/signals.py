@@ -11,6 +11,8 @@ Three quantities that the literature finds move *before* a loss spike:
 - :func:`attention_logit_max`: ``max |q k^T| * scale`` of one attention call, the logit
   whose growth saturates the softmax into one-hot (Wortsman et al. 2023, arXiv 2309.14322;
   Dehghani et al. 2023).
+  In an "eager" attention (explicit matmuls, then softmax), :func:`softmax_logit_max`
+  reads the softmax's input instead.
 - :func:`log_z`: the mean and the largest ``|log Z|`` of the output softmax,
   ``log Z = logsumexp(logits)``: its drift far from 0 is output-logit divergence, which
   z-loss (``1e-4 * log Z ** 2``, PaLM) holds in place.
@@ -130,6 +132,36 @@ def attention_logit_max(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
             logits = torch.matmul(q[..., start:start + chunk, :].float(), kt)
             peak = torch.maximum(peak, logits.abs().amax())
         return peak * scale
+
+
+def is_attention_softmax(x: object, dim: object) -> bool:
+    """Whether a softmax call is an "eager" attention's: a 4-d floating tensor ``(batch, heads, queries,
+    keys)`` normalized over its last dimension, as explicit-matmul attention implementations
+    (``transformers``' ``attn_implementation="eager"``, nanoGPT's slow path) write it.
+
+    Example:
+        >>> is_attention_softmax(torch.zeros(2, 4, 8, 8), -1), is_attention_softmax(torch.zeros(2, 10, 8, 8), 1)
+        (True, False)
+    """
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
+            and isinstance(dim, int) and dim in (-1, 3))
+
+
+def softmax_logit_max(logits: torch.Tensor) -> torch.Tensor:
+    """The largest finite logit given to an eager attention's softmax (0-d float32 tensor).
+
+    Signed, not ``|.|`` as :func:`attention_logit_max`: masked positions arrive as ``-inf``, the
+    dtype's minimum or BERT's additive ``-10000``, and only the largest logit of a row decides
+    how one-hot its softmax is. Any mask the model applied is respected; the scale is the model's own.
+
+    Example:
+        >>> x = torch.tensor([[[[1.0, 7.5], [2.0, float("-inf")]]]])
+        >>> float(softmax_logit_max(x))
+        7.5
+    """
+    with torch.no_grad():
+        x = logits.detach().float()
+        return torch.where(torch.isfinite(x), x, torch.full((), -math.inf, device=x.device)).amax()
 
 
 def log_z(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
