@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+try:  # setuptools before anything imports distutils: inductor imports setuptools later, which then fails
+    import setuptools  # noqa: F401  (its distutils shim asserts when distutils came first)
+except ImportError:  # pragma: no cover
+    pass
+
 import os
 
 import pytest
