@@ -42,6 +42,12 @@ ON_PRECURSOR = (None, "clip_update")
 _SOFTMAXES = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
 
 
+def _keep_max(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """``store[key]`` becomes the larger of its value and ``value`` (0-d tensors, on the device: no sync)."""
+    old = store.get(key)
+    store[key] = value if old is None else torch.maximum(old, value)
+
+
 class _SampledMode(TorchFunctionMode):
     """Catches attention and cross-entropy calls on a sampled step; computes their statistic beside them."""
 
@@ -105,7 +111,7 @@ class PrecursorPlugin(WatchPlugin):
         self._seen_log_z: bool | None = None
         self._hook_modules = False
         self._use_mode = False  # this sampled step enters the TorchFunctionMode (attention or cross_entropy)
-        self._sample_escalated = False  # the last sampled attention logit or |log Z| was above half its threshold
+        self._sample_escalated = False  # the last sampled attention logit was above half its threshold
         self._outputs: dict[str, torch.Tensor] = {}  # layer -> output RMS (0-d tensor) of this sampled step
         #: each layer's first sampled output RMS, the reference of its growth
         self.output_rms_first: dict[str, float] = {}
@@ -139,6 +145,7 @@ class PrecursorPlugin(WatchPlugin):
         # an optimizer without Adam's betas (SGD, Adagrad, ...) has no second moment to read: never due
         self._adam = any(isinstance(g.get("betas"), (tuple, list)) for g in view.optimizer.param_groups)
         self._names = {id(m): n or "(root)" for n, m in self._model.named_modules()}
+        self._modules = dict(self._model.named_modules())  # name -> module: where the output-RMS hooks go
 
     def prepare(self, next_step: int) -> None:
         self._disarm()
@@ -171,9 +178,8 @@ class PrecursorPlugin(WatchPlugin):
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter()))
             self._hooks.append(model.register_forward_hook(lambda m, a, o: self._exit()))
         if self.config.output_rms:
-            modules = dict(model.named_modules())
             for name in self.view.layers.names:
-                module = modules.get(name)
+                module = self._modules.get(name)
                 if module is not None and name:
                     self._hooks.append(module.register_forward_hook(self._output_hook(name)))
         if self._hook_modules:  # the module stack names each attention call (sampled steps only)
@@ -206,8 +212,7 @@ class PrecursorPlugin(WatchPlugin):
             if tensor is not None and tensor.numel():
                 with no_torch_function():
                     value = signals.output_rms(tensor)
-                old = self._outputs.get(name)  # a layer run twice (weight sharing): its larger output
-                self._outputs[name] = value if old is None else torch.maximum(old, value)
+                _keep_max(self._outputs, name, value)  # a layer run twice (weight sharing): its larger output
         return record
 
     def _enter(self) -> None:
@@ -242,8 +247,7 @@ class PrecursorPlugin(WatchPlugin):
         scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
         site = self._stack[-1] if self._stack else "attention"
         value = signals.attention_logit_max(q, k, scale)
-        old = self._attention.get(site)
-        self._attention[site] = value if old is None else torch.maximum(old, value)
+        _keep_max(self._attention, site, value)
 
     def _record_eager_attention(self, args: Any, kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("input")
@@ -252,8 +256,7 @@ class PrecursorPlugin(WatchPlugin):
             return
         site = self._stack[-1] if self._stack else "attention"
         value = signals.softmax_logit_max(x)
-        old = self._attention.get(site)
-        self._attention[site] = value if old is None else torch.maximum(old, value)
+        _keep_max(self._attention, site, value)
 
     def _record_log_z(self, args: Any, kwargs: dict[str, Any]) -> None:
         logits = args[0] if args else kwargs.get("input")
