@@ -67,6 +67,25 @@ def test_adam_rms_chunks_and_layer_aggregation_by_hand() -> None:
     assert signals.layer_rms([4.0, 12.0], [2, 2], [0, 0], 1) == [2.0]
 
 
+@pytest.mark.parametrize("kernels", ["foreach", "per-tensor fallback"])
+def test_adam_rms_of_many_tensors_matches_float64_by_hand(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels != "foreach":  # the kernels refuse these tensors: the per-tensor loop answers the same
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise NotImplementedError("no kernel")
+        monkeypatch.setattr(torch, "_foreach_addcmul", refuse)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (5,), (3, 7), (1,)]
+    tensors = [signals.AdamTensor(torch.randn(*s, generator=gen), torch.rand(*s, generator=gen) * 1e-3,
+                                  beta2, 1e-8, step)
+               for s, beta2, step in zip(shapes, (0.999, 0.999, 0.95, 0.9), (10, 10, 3, 1000))]
+    tensors[3].exp_avg_sq.zero_()  # floored at eps^2: v_hat = eps^2 where g^2 * (1 - beta2) is below it
+    got = signals.adam_rms(tensors).tolist()
+    for value, t in zip(got, tensors):
+        g, v = t.grad.double(), t.exp_avg_sq.double()
+        v_hat = ((t.beta2 * v + (1 - t.beta2) * g * g) / (1 - t.beta2 ** t.step)).clamp_min(t.eps ** 2)
+        assert value == pytest.approx(float((g * g / v_hat).sum()), rel=1e-5)
+
+
 def test_sgd_has_no_second_moment_and_is_left_alone() -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

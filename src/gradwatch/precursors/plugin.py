@@ -126,6 +126,8 @@ class PrecursorPlugin(WatchPlugin):
         self._adam_step = 0
         self._beta2: float | None = None
         self._clip_handle: Any = None
+        self._slot_of: dict[int, int] = {}  # id(parameter) -> its layer slot, made again when the index changes
+        self._slot_key: Any = None
         self.last: dict[str, Any] = {}  # the last step's signals (what signals.jsonl got)
 
     # ----- cadence -----------------------------------------------------------------------
@@ -268,7 +270,12 @@ class PrecursorPlugin(WatchPlugin):
     # ----- Adam RMS_t ----------------------------------------------------------------------
     def _adam_tensors(self) -> tuple[list[signals.AdamTensor], list[int], list[int], list[nn.Parameter]]:
         optimizer = self.view.optimizer
-        slot_of = {id(p): s for p, s in zip(self.view.layers.params, self.view.layers.param_layer)}
+        layers = self.view.layers
+        key = (id(layers), getattr(layers, "version", None), len(layers.params))
+        if self._slot_key != key:  # the layer index changed (a group added, layers unfrozen): map again
+            self._slot_of = {id(p): s for p, s in zip(layers.params, layers.param_layer)}
+            self._slot_key = key
+        slot_of = self._slot_of
         tensors, numels, slots, params = [], [], [], []
         for group in optimizer.param_groups:
             betas = group.get("betas")
