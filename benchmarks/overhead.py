@@ -14,6 +14,10 @@ cancel out. Variants:
 - watch: ``watch.step(closure)`` with default settings and a run directory on
 - watch_diagnose_off: the same with ``diagnose=False`` (telemetry, clipping, skip, NaN replay only)
 - detect_anomaly: the baseline under ``torch.autograd.detect_anomaly()`` (for scale)
+- baseline_copy: the baseline loop again, on a second model built alike: the control. Its
+  ratio is what placement in memory alone does (0.97-1.03 on a shared 2-core machine); the
+  rounds are shared among ``--builds`` fresh sets of models (default 3) so that this bias
+  averages out of the other ratios
 
 ``--depth-sweep`` (issue 19): how the cost grows with the number of layers. MLPs of
 10-1000 ``Linear(64)+ReLU`` layers (batch 32) and GPT-style models of 2-166 blocks
@@ -74,7 +78,10 @@ def clipped_loop(make: Callable[[], torch.nn.Module], loss_of: Callable[[torch.n
 
 def _variants(name: str, tmp: Path) -> dict[str, Callable[[], None]]:
     make, loss_of = _workload(name)
-    out: dict[str, Callable[[], None]] = {"baseline": clipped_loop(make, loss_of)}
+    out: dict[str, Callable[[], None]] = {"baseline": clipped_loop(make, loss_of),
+                                          # the control: the same loop on a second model, whose ratio to the
+                                          # first is what placement in memory alone does to a ratio
+                                          "baseline_copy": clipped_loop(make, loss_of)}
 
     torch.manual_seed(0)
     watch_model = make()
@@ -131,6 +138,14 @@ def alternating_ratios(
     Each round times ``steps`` steps of every variant in turn; the order rotates
     between rounds, so drifts of a shared machine cancel out.
     """
+    ratios, base_times = round_ratios(variants, rounds, steps)
+    return {n: statistics.median(v) for n, v in ratios.items()}, statistics.median(base_times)
+
+
+def round_ratios(
+    variants: dict[str, Callable[[], None]], rounds: int, steps: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per round, each variant's step time / the ``"baseline"`` one; and the baseline step of each round (s)."""
     names = list(variants)
     ratios: dict[str, list[float]] = {n: [] for n in names if n != "baseline"}
     base_times = []
@@ -145,20 +160,35 @@ def alternating_ratios(
         base_times.append(times["baseline"])
         for n in ratios:
             ratios[n].append(times[n] / times["baseline"])
+    return ratios, base_times
+
+
+def measure(name: str, rounds: int, steps: int, tmp: Path, builds: int = 3) -> tuple[dict[str, float], float]:
+    """(median ratio per variant, median baseline step in seconds), over ``builds`` fresh sets of models.
+
+    Why several builds: two copies of the same loop on two models built alike differ by up to ~3% on
+    this machine (where their tensors landed in memory; ``baseline_copy`` prints it), a bias that stays
+    for the life of the models. Building every variant again ``builds`` times and taking the median
+    over all their rounds averages that placement out.
+    """
+    per_build = max(1, -(-rounds // builds))
+    ratios: dict[str, list[float]] = {}
+    base_times: list[float] = []
+    for build in range(builds):
+        variants = _variants(name, tmp / f"build{build}")
+        # warm-up: the plain variants 2 steps; the Watches past their first steps (the update ratio on each of
+        # the first update_ratio_every, the precursors' signals on each of the first sample_every: a one-time
+        # cost), so the ratio is what every later step costs
+        first = max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
+        for key, fn in variants.items():
+            for _ in range(first if key.startswith("watch") else 2):
+                fn()
+        build_ratios, build_base = round_ratios(variants, per_build, steps)
+        for n, values in build_ratios.items():
+            ratios.setdefault(n, []).extend(values)
+        base_times += build_base
+        del variants
     return {n: statistics.median(v) for n, v in ratios.items()}, statistics.median(base_times)
-
-
-def measure(name: str, rounds: int, steps: int, tmp: Path) -> tuple[dict[str, float], float]:
-    """(median ratio per variant, median baseline step in seconds)."""
-    variants = _variants(name, tmp)
-    # warm-up: the plain variants 2 steps; the Watches past their first steps (the update ratio on each of
-    # the first update_ratio_every, the precursors' signals on each of the first sample_every: a one-time
-    # cost), so the ratio is what every later step costs
-    first = max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
-    for key, fn in variants.items():
-        for _ in range(first if key.startswith("watch") else 2):
-            fn()
-    return alternating_ratios(variants, rounds, steps)
 
 
 # ----- --depth-sweep ------------------------------------------------------------------------
@@ -258,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default: gpt 3, mlp 100)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--builds", type=int, default=3,
+                        help="fresh sets of models the rounds are shared among (placement in memory averages out)")
     parser.add_argument("--workloads", default="gpt,mlp")
     parser.add_argument("--ddp", action="store_true", help="also run the 2-process DDP benchmark (benchmarks/ddp_overhead.py)")
     parser.add_argument("--depth-sweep", action="store_true",
@@ -276,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):
             steps = args.steps or DEFAULT_STEPS.get(name, 5)
-            result, base_step = measure(name, args.rounds, steps, Path(tmp))
+            result, base_step = measure(name, args.rounds, steps, Path(tmp), args.builds)
             cells = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
             # the baseline step says which state a shared machine was in (ratios drift with it)
             print(f"{name:4s}  {cells}  (baseline step {base_step * 1e3:.2f} ms)")

@@ -54,10 +54,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..activation_fns import ACTIVATIONS, ActivationFn, function_activation, module_activation
-from ..compat import no_torch_function
+from ..compat import OwnMode, no_torch_function, own_ops
 
 MIN_EXAMPLES = 16
 
@@ -130,10 +129,9 @@ class ActivationSample:
 #: Turns torch-function handling (modes included) off for the sampler's own ops; a new
 #: instance per use (one instance entered twice would not restore the state).
 _NoTorchFunction = no_torch_function  # gradwatch's own ops inside hooks, unseen by the sampling mode
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: keeps no state
 
 
-class _FunctionalActivations(TorchFunctionMode):
+class _FunctionalActivations(OwnMode):
     """Catches functional activations while the closure runs (only on sampled steps)."""
 
     def __init__(self, sampler: "ActivationSampler") -> None:
@@ -272,7 +270,7 @@ class ActivationSampler:
             if not isinstance(out, torch.Tensor):
                 return
             # our own tensor calls must not go through the functional-activation mode (when it is on)
-            with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
+            with own_ops():
                 if out.requires_grad and torch.is_grad_enabled():
                     out.register_hook(grad_hook)
 
@@ -284,7 +282,7 @@ class ActivationSampler:
         def pre_hook(module: nn.Module, args: Any) -> None:
             # an activation module inside another one (or called from one) is the outer one's
             if self._inside_act_module == 0 and on_input and args and isinstance(args[0], torch.Tensor):
-                with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:  # before an in-place forward
+                with own_ops():  # before an in-place forward
                     self._record(name, fn.name, args[0], where=(name, self._last_layer or None))
             self._inside_act_module += 1  # functional activations inside an activation module are that module's
 
@@ -296,7 +294,7 @@ class ActivationSampler:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._inside_act_module = max(0, self._inside_act_module - 1)
             if on_output and self._inside_act_module == 0 and isinstance(output, torch.Tensor):
-                with _NoTorchFunction() if self._mode is not None else _NO_CONTEXT:
+                with own_ops():
                     self._record(name, fn.name, output, where=(name, self._last_layer or None))
 
         return hook

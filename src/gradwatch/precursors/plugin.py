@@ -27,9 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
-from ..compat import compiled_inner_module, no_torch_function
+from ..compat import OwnMode, compiled_inner_module, no_torch_function, own_ops
 from ..config import PrecursorConfig
 from ..findings import Finding
 from ..plugins import StepContext, WatchPlugin, WatchView
@@ -48,7 +47,7 @@ def _keep_max(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> 
     store[key] = value if old is None else torch.maximum(old, value)
 
 
-class _SampledMode(TorchFunctionMode):
+class _SampledMode(OwnMode):
     """Catches attention and cross-entropy calls on a sampled step; computes their statistic beside them."""
 
     def __init__(self, plugin: "PrecursorPlugin") -> None:
@@ -210,11 +209,10 @@ class PrecursorPlugin(WatchPlugin):
         def record(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():  # an evaluation pass is not the step's forward
                 return
-            tensor = signals.first_tensor(output)
-            if tensor is not None and tensor.numel():
-                with no_torch_function():
-                    value = signals.output_rms(tensor)
-                _keep_max(self._outputs, name, value)  # a layer run twice (weight sharing): its larger output
+            with own_ops():  # every tensor call here, numel() included, unseen by the sampling modes
+                tensor = signals.first_tensor(output)
+                if tensor is not None and tensor.numel():
+                    _keep_max(self._outputs, name, signals.output_rms(tensor))  # a layer run twice (weight sharing): its larger output
         return record
 
     def _enter(self) -> None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import compat
+
 _CHUNK_BYTES = 32 * 2**20  # temporaries of adam_rms: at most ~2 x this many bytes at once
 
 
@@ -93,15 +95,17 @@ def _chunk_norms(chunk: list[AdamTensor]) -> list[torch.Tensor]:
         v = [t.exp_avg_sq.detach().float() for t in chunk]
         weights = [(1.0 - t.beta2) / t.beta2 for t in chunk]
         floors = [t.eps * t.eps * (1.0 - t.beta2 ** t.step) / t.beta2 for t in chunk]
-        try:
-            d = list(torch._foreach_addcmul(v, g, g, weights))
-            torch._foreach_clamp_min_(d, floors)
-            torch._foreach_rsqrt_(d)
-            torch._foreach_mul_(d, g)  # d := g / sqrt(d)
-            return list(torch._foreach_norm(d))
-        except (AttributeError, RuntimeError, NotImplementedError, TypeError):  # no kernel for these tensors
-            return [torch.linalg.vector_norm(gi * torch.addcmul(vi, gi, gi, value=w).clamp_min_(floor).rsqrt_())
-                    for gi, vi, w, floor in zip(g, v, weights, floors)]
+        norms = compat.foreach_chain([
+            ("addcmul", (v, g, g, weights)),  # d = v + w * g^2 (new tensors)
+            ("clamp_min_", (..., floors)),
+            ("rsqrt_", (...,)),
+            ("mul_", (..., g)),  # d := g / sqrt(d)
+            ("norm", (...,)),
+        ])
+        if norms is not None:
+            return norms
+        return [torch.linalg.vector_norm(gi * torch.addcmul(vi, gi, gi, value=w).clamp_min_(floor).rsqrt_())
+                for gi, vi, w, floor in zip(g, v, weights, floors)]
 
 
 def layer_rms(sums: list[float], numels: list[int], slots: list[int], n_layers: int) -> list[float]:
