@@ -174,12 +174,12 @@ def measure(name: str, rounds: int, steps: int, tmp: Path, builds: int = 3) -> t
     per_build = max(1, -(-rounds // builds))
     ratios: dict[str, list[float]] = {}
     base_times: list[float] = []
+    # warm-up: the plain variants 2 steps; the Watches past their first steps (the update ratio on each of
+    # the first update_ratio_every, the precursors' signals on each of the first sample_every: a one-time
+    # cost), so the ratio is what every later step costs
+    first = max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
     for build in range(builds):
         variants = _variants(name, tmp / f"build{build}")
-        # warm-up: the plain variants 2 steps; the Watches past their first steps (the update ratio on each of
-        # the first update_ratio_every, the precursors' signals on each of the first sample_every: a one-time
-        # cost), so the ratio is what every later step costs
-        first = max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
         for key, fn in variants.items():
             for _ in range(first if key.startswith("watch") else 2):
                 fn()

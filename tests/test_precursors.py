@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from gradwatch import compat
 from gradwatch.precursors import rules, signals
 from gradwatch.precursors.plugin import PrecursorPlugin
 
@@ -69,6 +70,9 @@ def test_adam_rms_chunks_and_layer_aggregation_by_hand() -> None:
 
 @pytest.mark.parametrize("kernels", ["foreach", "per-tensor fallback"])
 def test_adam_rms_of_many_tensors_matches_float64_by_hand(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers: list[object] = []  # what the kernel chain returned (None: it refused, the loop answered)
+    chain = compat.foreach_chain
+    monkeypatch.setattr(compat, "foreach_chain", lambda steps: answers.append(chain(steps)) or answers[-1])
     if kernels != "foreach":  # the kernels refuse these tensors: the per-tensor loop answers the same
         def refuse(*args: object, **kwargs: object) -> None:
             raise NotImplementedError("no kernel")
@@ -84,6 +88,7 @@ def test_adam_rms_of_many_tensors_matches_float64_by_hand(kernels: str, monkeypa
         g, v = t.grad.double(), t.exp_avg_sq.double()
         v_hat = ((t.beta2 * v + (1 - t.beta2) * g * g) / (1 - t.beta2 ** t.step)).clamp_min(t.eps ** 2)
         assert value == pytest.approx(float((g * g / v_hat).sum()), rel=1e-5)
+    assert len(answers) == 1 and (answers[0] is None) == (kernels != "foreach")  # the path named was the one taken
 
 
 def test_sgd_has_no_second_moment_and_is_left_alone() -> None:

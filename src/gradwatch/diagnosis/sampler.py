@@ -46,7 +46,6 @@ that ran just before it, or None).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable

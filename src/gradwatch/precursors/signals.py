@@ -53,7 +53,7 @@ def adam_rms(tensors: list[AdamTensor]) -> torch.Tensor:
     ``v_hat = (beta2 * v + (1 - beta2) * g^2) / (1 - beta2 ** step)`` is the second moment
     the coming Adam update divides by, floored at ``eps ** 2`` as StableAdamW does. The
     per-tensor RMS is ``sqrt(sum / numel)``; a layer's is ``sqrt(sum of sums / sum of numels)``.
-    Computed with five multi-tensor (foreach) kernels and one norm per chunk, in chunks that keep
+    Computed with five multi-tensor (foreach) kernels per chunk, the last a norm, in chunks that keep
     the temporaries under ~64 MiB.
 
     Example:

@@ -632,6 +632,20 @@ def draw_adam_rms(views: Sequence[RunView]) -> Any:
         return _finish(fig)
 
 
+def _signal_tables(views: Sequence[RunView],
+                   columns: Callable[[data.PrecursorSeries], tuple[np.ndarray, np.ndarray, list[str]]]
+                   ) -> list[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+    """``(run index, steps, table, column names)`` of every run whose (steps x columns) signal table
+    ``columns`` picks has a finite value; empty: no figure."""
+    out = []
+    for i, view in enumerate(views):
+        if view.signals is not None:
+            steps, table, names = columns(view.signals)
+            if np.isfinite(table).any():
+                out.append((i, steps, table, names))
+    return out
+
+
 def _top_columns(ax: Any, views: Sequence[RunView], i: int, steps: np.ndarray, table: np.ndarray,
                  names: list[str], what: str) -> None:
     """Run ``i``'s (steps x columns) ``table``: a line for each of the six columns with the largest
@@ -657,21 +671,17 @@ def draw_attention_logits(views: Sequence[RunView]) -> Any:
     """The max attention logit on each sampled step: per attention site (the six with the largest
     peaks) and the max over every site; the ``attention_logit_threshold`` line and the steps
     ``attention_logit_growth`` was raised."""
-    if not any(v.signals is not None and np.isfinite(v.signals.attention).any() for v in views):
+    tables = _signal_tables(views, lambda s: (s.attention_steps, s.attention, s.attention_sites))
+    if not tables:
         return None
     with _style():
         fig = _new(3.6)
         ax = fig.add_subplot()
-        drawn: list[np.ndarray] = []
-        for i, view in enumerate(views):
-            s = view.signals
-            if s is None or not np.isfinite(s.attention).any():
-                continue
-            _top_columns(ax, views, i, s.attention_steps, s.attention, s.attention_sites, "sites")
-            drawn.append(s.attention)
+        for i, steps, table, sites in tables:
+            _top_columns(ax, views, i, steps, table, sites, "sites")
         _threshold_lines(ax, views, "attention_logit", "attention_logit_threshold")
         _finding_lines(ax, views, data.PRECURSOR_CODES["attention"])
-        _log_if_wide(ax, drawn)
+        _log_if_wide(ax, [table for _, _, table, _ in tables])
         ax.set_ylabel("max |q kᵀ| · scale")
         ax.set_xlabel("step")
         _legend(ax, loc="best")
@@ -710,20 +720,16 @@ def draw_log_z(views: Sequence[RunView]) -> Any:
 def draw_output_rms(views: Sequence[RunView]) -> Any:
     """Each layer's output RMS on the sampled steps over its first sampled value (the six layers that grew
     most, and the largest growth over all layers); a recorded signal with no threshold or finding."""
-    if not any(v.signals is not None and np.isfinite(v.signals.output_growth).any() for v in views):
+    tables = _signal_tables(views, lambda s: (s.output_steps, s.output_growth, s.output_layers))
+    if not tables:
         return None
     with _style():
         fig = _new(3.4)
         ax = fig.add_subplot()
-        drawn: list[np.ndarray] = []
-        for i, view in enumerate(views):
-            s = view.signals
-            if s is None or not np.isfinite(s.output_growth).any():
-                continue
-            _top_columns(ax, views, i, s.output_steps, s.output_growth, s.output_layers, "layers")
-            drawn.append(s.output_growth)
+        for i, steps, table, layers in tables:
+            _top_columns(ax, views, i, steps, table, layers, "layers")
         ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=0.8, label="1 (as first sampled)")
-        _log_if_wide(ax, drawn)
+        _log_if_wide(ax, [table for _, _, table, _ in tables])
         ax.set_ylabel("output RMS / first sampled")
         ax.set_xlabel("step")
         _legend(ax, loc="best")
