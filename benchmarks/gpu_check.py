@@ -312,8 +312,14 @@ def check_syncs(device: torch.device, sizes: Sizes) -> Row:
             # step 51 is a plain healthy step (sampled steps read their attention logits and log Z on top)
             watch.step(lambda: models.gpt_loss(watched, x, y))
         _sync(device)
-        with _count_syncs(device) as watch_count:
-            watch.step(lambda: models.gpt_loss(watched, x, y))
+        # on the CPU the Watch reads each norm in place (nothing to transfer there); counted here is the
+        # one-transfer path that a model on an accelerator takes
+        read_on_cpu, _norms.MeasurePlan.read_on_cpu = _norms.MeasurePlan.read_on_cpu, False
+        try:
+            with _count_syncs(device) as watch_count:
+                watch.step(lambda: models.gpt_loss(watched, x, y))
+        finally:
+            _norms.MeasurePlan.read_on_cpu = read_on_cpu
         watch.close()
     unit = "synchronizing CUDA calls" if device.type == "cuda" else "host transfer calls (.cpu/.numpy/...)"
     extra = watch_count["n"] - plain_count["n"]

@@ -540,6 +540,26 @@ def test_rollback_restores_weights_and_optimizer_state_and_training_converges() 
     watch.close()
 
 
+def test_rollback_snapshots_on_steps_without_weight_norms_and_never_keeps_non_finite_weights() -> None:
+    model = mlp()
+    model.register_parameter("spare", nn.Parameter(torch.zeros(2, 2)))  # held by the optimizer, unused: no gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.Watch(model, opt, on_nonfinite="rollback", update_ratio_every=10,
+                     nonfinite=gw.NonFiniteConfig(rollback_every=7), repair=gw.RepairConfig(lr_backoff=None))
+    keeper = plugin_of(watch).rollback
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    for _ in range(14):
+        result = watch.step(lambda: F.mse_loss(model(x), y))
+    assert all(math.isnan(v) for v in result.record.layer_weight_norms)  # step 14 measures no weight norm ...
+    assert keeper.step == 14  # ... and its snapshot was taken all the same
+    with torch.no_grad():
+        model.spare[0, 0] = float("inf")  # a weight made non-finite: the loss and gradients stay finite
+    for _ in range(7):
+        watch.step(lambda: F.mse_loss(model(x), y))
+    assert keeper.step == 14  # step 21 kept no snapshot of the inf weight
+    watch.close()
+
+
 def test_rollback_is_not_used_for_a_nan_batch_and_options_are_validated() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

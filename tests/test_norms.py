@@ -167,6 +167,31 @@ def test_fast_path_equals_clip_grad_norm_and_the_general_path(weights_on_host: b
     assert plan.tensor_norms2(grads) is None
 
 
+@pytest.mark.parametrize("weights_on_host", [True, False])
+def test_fast_path_without_weights_reads_no_weight_and_gives_the_same_gradient_norms(weights_on_host: bool) -> None:
+    model = _model_with_grads(_mlp, torch.float32, 2.0)
+    index = LayerIndex(model)
+    plan = norms.MeasurePlan(index.params, index.param_layer, len(index))
+    if not weights_on_host:
+        plan.host = None
+    grads = [p.grad for p in index.params]
+    read: list[int] = []
+    if plan.host is not None:
+        plan.host.squares = lambda: read.append(1) or []  # any read of the weights would show here
+    with torch.no_grad():
+        _, tensor_norms, on_host = plan.tensor_norms2(grads, weights=False)
+        vec = on_host(torch.stack(tensor_norms).double().numpy())
+    n = len(index)
+    assert len(tensor_norms) == len(grads) and not read  # one norm per gradient: no weight went to the kernel
+    per_layer = np.zeros(n)
+    for g, slot in zip(grads, index.param_layer):  # by hand, in float64
+        per_layer[slot] += g.double().pow(2).sum().item()
+    np.testing.assert_allclose(vec[:n], np.sqrt(per_layer), rtol=1e-6)
+    assert np.isnan(vec[n : 2 * n]).all()
+    reference = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    assert vec[2 * n] == pytest.approx(reference.item(), rel=1e-6)
+
+
 def test_fast_path_over_several_dtype_groups_equals_the_general_path() -> None:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64)),

@@ -56,8 +56,11 @@ def _assert_same_records(run: gw.Run, whole: gw.Run) -> None:
     assert np.all(np.diff(steps) > 0), "step numbers strictly increasing, no duplicates"
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(run.steps[key], whole.steps[key], rtol=1e-6)
+    assert not np.isnan(run.steps["layer_grad_norms"]).any()
+    # weight norms: on the steps that measure the update ratio (the first 10, then every 10th), NaN elsewhere
+    measured = ~np.isnan(run.steps["layer_weight_norms"]).any(axis=1)
+    assert measured.tolist() == [s <= 10 or s % 10 == 0 for s in steps.tolist()]
     for key in ("layer_grad_norms", "layer_weight_norms"):
-        assert not np.isnan(run.steps[key]).any()
         np.testing.assert_allclose(run.steps[key], whole.steps[key], rtol=1e-6)
     assert [(f.code, f.step) for f in run.findings] == [(f.code, f.step) for f in whole.findings]
 

@@ -114,6 +114,24 @@ def test_weight_norms_and_update_ratio(weights_path: str) -> None:
     _assert_update_ratio_of_next_step(watch, model, list(w1), lambda: F.mse_loss(model(x), y))
 
 
+def test_weight_norms_are_measured_on_the_update_ratio_steps_only(weights_path: str) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.Watch(model, opt, clip_norm=None, update_ratio_every=3)
+    x, y = _data(1)[0]
+    for step in range(1, 10):
+        before = {n: math.hypot(m.weight.norm().item(), m.bias.norm().item())
+                  for n, m in model.named_children() if isinstance(m, nn.Linear)}
+        record = watch.step(lambda: F.mse_loss(model(x), y)).record
+        weights = dict(zip(watch.layers, record.layer_weight_norms.tolist()))
+        if step <= 3 or step % 3 == 0:  # the first 3, then every 3rd: the steps that measure the update ratio
+            assert record.update_ratio is not None
+            assert weights == pytest.approx(before, rel=1e-6)  # before the update, by hand
+        else:
+            assert record.update_ratio is None and all(math.isnan(v) for v in weights.values())
+        assert np.isfinite(record.layer_grad_norms).all()  # the gradient norms on every step
+
+
 def _assert_update_ratio_of_next_step(watch, model, names, closure) -> gw.StepResult:
     before = {n: (model.get_submodule(n).weight.detach().clone(), model.get_submodule(n).bias.detach().clone()) for n in names}
     result = watch.step(closure)
@@ -425,9 +443,16 @@ def test_one_host_sync_per_step_on_healthy_steps(monkeypatch: pytest.MonkeyPatch
     x, y = _data(1)[0]
     watch.step(lambda: F.mse_loss(model(x), y))  # step 1 sets up the layer order
     loss_fn = lambda: F.mse_loss(model(x), y)  # noqa: E731
-    with count_host_transfers(monkeypatch) as calls:
+    assert watch._pipeline._plan.on_cpu
+    with count_host_transfers(monkeypatch) as calls:  # the path of a model on an accelerator
         watch.step(loss_fn)
     assert calls["n"] == 2  # packed.cpu() then .numpy() on the host copy: one transfer
+    # on the CPU there is nothing to transfer: each value is read in place, nothing packed
+    n_params = len(list(model.parameters()))
+    with count_host_transfers(monkeypatch, accelerator_path=False) as calls:
+        result = watch.step(loss_fn)
+    assert calls["n"] == n_params + 1  # one item() per gradient norm and the loss's
+    assert math.isfinite(result.grad_norm) and result.grad_norm > 0
 
 
 def test_record_arrays_are_numpy_in_layer_order() -> None:

@@ -3,8 +3,8 @@
 Two tricks, each behind one small interface, each measured (README, "Overhead"):
 
 - :class:`HostWeights`: numpy views that share the memory of float32/float64 CPU
-  weights. Their squared norms (every step) and the update-ratio snapshot and
-  difference (every ``update_ratio_every`` steps) then cost one ``numpy.dot`` /
+  weights. Their squared norms, the update-ratio snapshot and the difference
+  (every ``update_ratio_every`` steps) then cost one ``numpy.dot`` /
   ``copyto`` per tensor instead of a torch dispatch: about a third of the time
   per tensor (on the 7 x Linear(128) benchmark MLP, ~12 us of a ~1.1 ms step
   instead of ~29 us). Anything else (CUDA, half precision, non-contiguous or

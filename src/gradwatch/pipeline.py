@@ -459,16 +459,18 @@ class StepPipeline:
             plan = self._plan = _norms.MeasurePlan(index.params, index.param_layer, len(index), self.watch.device)
         return plan
 
-    def _norms(self, grads: list[torch.Tensor | None], loss: torch.Tensor, exact: bool = False) -> tuple[
+    def _norms(self, grads: list[torch.Tensor | None], loss: torch.Tensor, exact: bool = False,
+               weights: bool = True) -> tuple[
             _norms.TensorGroups, torch.Tensor | list[torch.Tensor], torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]:
-        """(gradient groups, norms, loss, on_host); no host sync. See :mod:`gradwatch.norms`."""
+        """(gradient groups, norms, loss, on_host); no host sync. See :mod:`gradwatch.norms`.
+        ``weights=False``: the fast path reads no weight (their norms come back NaN)."""
         watch = self.watch
         norm_type = watch.norm_type
         if watch._dist is not None:
             groups, powers, weight_powers, loss = watch._dist.measure(watch.index, grads, loss, norm_type, watch.device, exact)
         else:
             plan = self._plan_for()
-            fast = plan.tensor_norms2(grads) if norm_type == 2.0 and not exact else None
+            fast = plan.tensor_norms2(grads, weights) if norm_type == 2.0 and not exact else None
             if fast is not None:
                 return fast[0], fast[1], loss, fast[2]
             groups, powers, weight_powers = plan.measure(grads, norm_type, exact)
@@ -476,29 +478,45 @@ class StepPipeline:
         norms = torch.cat([layer_norms, weight_powers.sqrt().to(layer_norms.dtype), total.reshape(1)])
         return groups, norms, loss, None
 
+    def weights_due(self, step: int) -> bool:
+        """Whether step ``step`` measures the weight norms: the steps that measure the update ratio (which
+        divides by them), the first ``update_ratio_every`` and every ``update_ratio_every``-th. Reading every
+        weight on every step cost the benchmark MLP ~45 us of a ~2.3 ms step (README, "Overhead")."""
+        return self.ratio.due(step)
+
     def measure(self, ctx: StepContext) -> Measurement:
-        """Per-layer norms before clipping, weight norms, the global norm and the loss: the step's one host sync."""
+        """Per-layer norms before clipping, weight norms (NaN on steps that do not measure them, see
+        :meth:`weights_due`), the global norm and the loss: the step's one host sync."""
         watch = self.watch
         index = watch.index
         n_layers = len(index)
+        weights = self.weights_due(ctx.step)
         with torch.no_grad():
             grads = [p.grad for p in index.params]
             losses = [m.loss for m in ctx.micro if m.loss is not None]
             loss = losses[0] if len(losses) == 1 else torch.stack([t.detach().reshape(()) for t in losses]).mean()
-            groups, norms, loss, on_host = self._norms(grads, loss)
+            groups, norms, loss, on_host = self._norms(grads, loss, weights=weights)
             scale = watch.precision.loss_scale_tensor()
             head = [loss] if scale is None else [loss, scale]
-            host = _to_host(head, norms)  # the one host sync of the step
-            width = len(head)
-            values = host[width:] if on_host is None else on_host(host[width:])
+            if on_host is not None and self._plan is not None and self._plan.on_cpu and loss.device.type == "cpu":
+                # CPU: nothing to transfer; reading each value in place costs ~8 us in the step against
+                # ~27 us for the stack and copy of the one-transfer path
+                scalars = [t.item() for t in head]
+                values = on_host([t.item() for t in norms])  # type: ignore[union-attr]
+            else:
+                host = _to_host(head, norms)  # the one host sync of the step
+                width = len(head)
+                scalars = host[:width].tolist()
+                values = host[width:] if on_host is None else on_host(host[width:])
             if not math.isfinite(values[2 * n_layers]) and any(g is not None for g in grads):
                 # a float32 sum of squares may have overflowed: measure once more, exactly (rare)
                 groups, norms, _, _ = self._norms(grads, loss, exact=True)
                 values = _to_host([], norms)
-        scalars = host[:width].tolist()
         loss_value = scalars[0] if ctx.loss_known else math.nan
         layer_values = values[:n_layers]
         weight_values = values[n_layers: 2 * n_layers]
+        if not weights:  # the same on every path: the distributed and general paths read them anyway
+            weight_values[:] = math.nan
         if self._unmeasured.size:  # layers not measured now: frozen, or not held by the optimizer
             layer_values[self._unmeasured] = math.nan
             weight_values[self._unmeasured] = math.nan

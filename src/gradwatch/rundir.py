@@ -15,7 +15,9 @@ Layout (every file is optional except ``meta.json``)::
                          numpy.fromfile(path, "<f4").reshape(-1, n)[row]. A row sits at
                          ``row * n * 4`` whatever happened to earlier writes (a failed
                          write leaves NaN rows, never shifted ones)
-      weight_norms.f32   per-layer weight norms, same layout
+      weight_norms.f32   per-layer weight norms (before the update), same layout; measured on the
+                         steps that measure the update ratio (the first update_ratio_every, then
+                         every update_ratio_every-th), NaN rows on the others
       findings.jsonl     one Finding per line
       activations.jsonl  sampled activation statistics (one object per sampled step)
       signals.jsonl      precursor signals (Adam RMS_t, attention logits, log Z), see gradwatch.precursors

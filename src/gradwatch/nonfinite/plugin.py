@@ -47,7 +47,6 @@ import contextlib
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import NonFiniteConfig
@@ -211,7 +210,7 @@ class NonFinitePlugin(WatchPlugin):
                 keeper = self.rollback
                 groups_changed = keeper is not None and keeper.group_count != len(self.view.optimizer.param_groups)
                 if keeper is not None and (keeper.due(ctx.step) or groups_changed) \
-                        and np.isfinite(record.layer_weight_norms).all():  # (add_param_group: a snapshot now)
+                        and keeper.weights_finite():  # (add_param_group: a snapshot now)
                     keeper.snapshot(ctx.step)
             self._quiet_next(ctx.step + 1)
             return []

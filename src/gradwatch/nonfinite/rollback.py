@@ -25,12 +25,14 @@ the backoff on its next step; scale ``scheduler.base_lrs`` too in that case.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..compat import foreach_norm
 from ..repair.backoff import scale_lr_
 
 
@@ -280,6 +282,26 @@ class Rollback:
             self._model_state = _copy(dict(self.model.state_dict()), self.device)
             self._optim_state = _copy(self.optimizer.state_dict(), self.device)
         self.step = int(step)
+
+    def weights_finite(self) -> bool:
+        """Whether every floating-point parameter of the model is finite now (a snapshot of non-finite
+        weights would restore them). One fused max-abs pass, on snapshot steps only.
+
+        Example:
+            >>> model = nn.Linear(2, 1); keeper = Rollback(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> keeper.weights_finite()
+            True
+            >>> with torch.no_grad():
+            ...     _ = model.bias.fill_(float("nan"))
+            >>> keeper.weights_finite()
+            False
+        """
+        with torch.no_grad():
+            floats = [p.detach() for p in self.model.parameters() if p.is_floating_point() and p.numel()]
+            if not floats:
+                return True
+            peaks = foreach_norm(floats, math.inf)  # NaN and inf propagate through max |w|
+            return bool(torch.isfinite(torch.stack([t.float().cpu() for t in peaks])).all())
 
     def due(self, step: int) -> bool:
         """Whether a snapshot should be taken after ``step`` (every ``every`` steps)."""
