@@ -430,3 +430,51 @@ def test_hf_gpt2_eager_attention_is_named_like_its_sdpa_twin() -> None:
     for site in sites["eager"]:  # signed max of the unmasked logits <= max |q k^T| over every position
         assert 0 < sites["eager"][site] <= sites["sdpa"][site] + 1e-5
     assert sites["eager"] != sites["sdpa"]  # read at the eager softmax, not by a second q k^T
+
+
+class _LogitTable(nn.Module):
+    """Logits looked up per example: a model whose log Z and cross-entropy are set by construction."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(logits.clone())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table[idx]
+
+
+@pytest.mark.parametrize("case", ["confident", "drifting"])
+def test_log_z_far_from_zero_is_judged_only_when_the_targets_are_not_predicted_with_near_certainty(case: str) -> None:
+    torch.manual_seed(0)
+    n, classes = 32, 4
+    y = torch.randint(0, classes, (n,))
+    if case == "confident":  # the target logit 40, the others 0: log Z ~ 40 at a loss of ~4e-17
+        logits = 40.0 * F.one_hot(y, classes).float()
+    else:  # every logit 40 (+ noise): the same log Z, shifted as a whole, at a loss of ~log 4
+        logits = 40.0 + 0.1 * torch.randn(n, classes)
+    model = _LogitTable(logits)
+    watch = gw.Watch(model, torch.optim.SGD(model.parameters(), lr=1e-6),
+                     precursors=gw.PrecursorConfig(sample_every=5, log_z_threshold=30.0, quiet_steps=1000))
+    idx = torch.arange(n)
+    codes = []
+    for _ in range(10):
+        codes += [f.code for f in watch.step(lambda: F.cross_entropy(model(idx), y)).findings]
+    last = _plugin(watch).last
+    want_z = torch.logsumexp(logits, dim=-1).mean().item()  # by hand, from the table (the lr barely moves it)
+    assert last["log_z_mean"] == pytest.approx(want_z, rel=1e-4) and want_z > 30.0
+    assert last["log_z_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-3, abs=1e-12)
+    if case == "confident":
+        assert last["log_z_loss"] < rules.CONFIDENT_LOSS and "output_logit_divergence" not in codes
+    else:
+        assert codes.count("output_logit_divergence") == 1  # once per episode
+        (finding,) = [f for f in watch.findings if f.code == "output_logit_divergence"]
+        assert finding.evidence["cross_entropy"] == pytest.approx(math.log(classes), rel=0.05)
+    watch.close()
+
+
+def test_mean_loss_reads_what_cross_entropy_returned_for_each_reduction() -> None:
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    want = F.cross_entropy(logits, y).item()
+    assert signals.mean_loss(F.cross_entropy(logits, y)).item() == pytest.approx(want)
+    assert signals.mean_loss(F.cross_entropy(logits, y, reduction="none"), "none").item() == pytest.approx(want)
+    assert signals.mean_loss(F.cross_entropy(logits, y, reduction="sum"), "sum") is None  # the count is unknown

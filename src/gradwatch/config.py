@@ -298,7 +298,9 @@ class PrecursorConfig(_Config):
         rms_consecutive: see ``rms_threshold``. Default: 2.
         rms_warmup: not judged before Adam's step count reaches this. Default: 50.
         attention_logit_threshold: ``attention_logit_growth`` above this max logit. Default: 50.0.
-        log_z_threshold: ``output_logit_divergence`` when ``|mean log Z|`` is above this. Default: 30.0.
+        log_z_threshold: ``output_logit_divergence`` when ``|mean log Z|`` is above this, unless the
+            cross-entropy of those logits is below 0.01 (targets predicted with near-certainty: log Z is
+            then the target logit, a confidence, not a drift). Default: 30.0.
         quiet_steps: an episode ends this many steps after the last measurement above the
             threshold (one finding per episode). Default: 50.
 

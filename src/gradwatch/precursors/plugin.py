@@ -62,7 +62,7 @@ class _SampledMode(OwnMode):
                 self.plugin._record_attention(args, kwargs)
         elif func is F.cross_entropy and self.plugin.config.log_z:
             with no_torch_function():
-                self.plugin._record_log_z(args, kwargs)
+                self.plugin._record_log_z(args, kwargs, out)
         elif func in _SOFTMAXES and self.plugin.config.attention_logits:
             with no_torch_function():
                 self.plugin._record_eager_attention(args, kwargs)
@@ -115,7 +115,7 @@ class PrecursorPlugin(WatchPlugin):
         #: each layer's first sampled output RMS, the reference of its growth
         self.output_rms_first: dict[str, float] = {}
         self._attention: dict[str, torch.Tensor] = {}
-        self._log_z: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._log_z: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (mean, max |.|, the loss)
         #: the last measured per-layer RMS_t (layer name -> value; None: not measured yet)
         self.rms: dict[str, float] | None = None
         self._rms_step = 0  # the step self.rms was measured on
@@ -258,12 +258,13 @@ class PrecursorPlugin(WatchPlugin):
         value = signals.softmax_logit_max(x)
         _keep_max(self._attention, site, value)
 
-    def _record_log_z(self, args: Any, kwargs: dict[str, Any]) -> None:
+    def _record_log_z(self, args: Any, kwargs: dict[str, Any], out: Any = None) -> None:
         logits = args[0] if args else kwargs.get("input")
         if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.is_floating_point():
             # F.cross_entropy takes (N, C) or (N, C, d1, ...): the class dimension is 1 when dim > 1
             z_input = logits if logits.dim() <= 2 else logits.movedim(1, -1)
-            self._log_z.append(signals.log_z(z_input))
+            mean, peak = signals.log_z(z_input)
+            self._log_z.append((mean, peak, signals.mean_loss(out, kwargs.get("reduction", args[6] if len(args) > 6 else "mean"))))
 
     # ----- Adam RMS_t ----------------------------------------------------------------------
     def _adam_tensors(self) -> tuple[list[signals.AdamTensor], list[int], list[int], list[nn.Parameter]]:
@@ -381,10 +382,14 @@ class PrecursorPlugin(WatchPlugin):
                 if finding is not None:
                     found.append(finding)
             if self._log_z:
-                mean = sum(float(m) for m, _ in self._log_z) / len(self._log_z)
-                peak = max(float(p) for _, p in self._log_z)
+                mean = sum(float(m) for m, _, _ in self._log_z) / len(self._log_z)
+                peak = max(float(p) for _, p, _ in self._log_z)
                 entry["log_z_mean"], entry["log_z_max"] = round(mean, 5), round(peak, 5)
-                finding = self.log_z_rule.check(ctx.step, {"output logits": mean})
+                losses = [float(c) for _, _, c in self._log_z if c is not None]
+                loss = sum(losses) / len(losses) if losses else None
+                if loss is not None:
+                    entry["log_z_loss"] = round(loss, 6)
+                finding = self.log_z_rule.check(ctx.step, {"output logits": mean}, loss=loss)
                 if finding is not None:
                     found.append(finding)
             if self._outputs:

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from ..diagnosis.rules import Episode  # the diagnosis rules' episode: fire once, re-arm after quiet steps
 from ..findings import Finding
 
+#: log Z is not judged while the cross-entropy of those logits is below this (nats; p(target) ~ 0.99 on
+#: average): log Z = z_target + loss, so a model that gets its targets right with near-certainty has log Z at
+#: its target logit, which grows with confidence (a memorized batch: |log Z| 30 at a loss of 3e-6), not drift
+CONFIDENT_LOSS = 1e-2
+
 
 @dataclass
 class RmsRule:
@@ -97,19 +102,22 @@ class ThresholdRule:
     def __post_init__(self) -> None:
         self.episode = Episode(self.quiet_steps)
 
-    def check(self, step: int, values: dict[str, float]) -> Finding | None:
+    def check(self, step: int, values: dict[str, float], loss: float | None = None) -> Finding | None:
+        """The finding of a new episode, else None. ``loss`` (log Z only): the cross-entropy of the
+        logits measured; below :data:`CONFIDENT_LOSS` no value counts as above the threshold."""
         for site, value in values.items():
             series = self.history.setdefault(site, [])
             series.append((step, value))
             del series[:-8]
-        hot = {s: v for s, v in values.items() if math.isfinite(v) and abs(v) > self.threshold}
+        confident = loss is not None and math.isfinite(loss) and loss < CONFIDENT_LOSS
+        hot = {} if confident else {s: v for s, v in values.items() if math.isfinite(v) and abs(v) > self.threshold}
         if not self.episode.update(bool(hot), step):
             return None
         worst = max(hot, key=lambda s: abs(hot[s]))
         trail = {s: [(k, round(v, 4)) for k, v in self.history[s]] for s in hot}
         if self.code == "attention_logit_growth":
             return _attention_finding(step, hot, worst, self.threshold, trail)
-        return _log_z_finding(step, hot[worst], self.threshold, trail.get(worst, []))
+        return _log_z_finding(step, hot[worst], self.threshold, trail.get(worst, []), loss)
 
 
 def _attention_finding(step: int, hot: dict[str, float], worst: str, threshold: float,
@@ -127,11 +135,14 @@ def _attention_finding(step: int, hot: dict[str, float], worst: str, threshold: 
     return Finding("attention_logit_growth", "warning", step, msg, evidence, {"module": worst}, fixes)
 
 
-def _log_z_finding(step: int, value: float, threshold: float, trail: list[tuple[int, float]]) -> Finding:
-    msg = (f"The output softmax's log-normalizer log Z = logsumexp(logits) averages {value:.3g} (|log Z| above "
-           f"{threshold:g}; it stays near 0 in a stable run with z-loss): the output logits are drifting as a whole, "
-           "which precedes output-logit divergence and loss spikes.")
-    evidence = {"log_z_mean": value, "threshold": threshold, "recent": trail}
+def _log_z_finding(step: int, value: float, threshold: float, trail: list[tuple[int, float]],
+                   loss: float | None = None) -> Finding:
+    at_loss = f" at a cross-entropy of {loss:.3g}" if loss is not None else ""
+    msg = (f"The output softmax's log-normalizer log Z = logsumexp(logits) averages {value:.3g}{at_loss} (|log Z| "
+           f"above {threshold:g}; it stays near 0 in a stable run with z-loss): the output logits are drifting as a "
+           "whole, which precedes output-logit divergence and loss spikes.")
+    evidence = {"log_z_mean": value, "threshold": threshold, "recent": trail, "cross_entropy": loss,
+                "confident_below": CONFIDENT_LOSS}
     fixes = [
         "add z-loss 1e-4: z = torch.logsumexp(logits, dim=-1); loss = F.cross_entropy(logits, y) + 1e-4 * (z ** 2).mean()",
         "lower the learning rate; weight decay on the output layer",

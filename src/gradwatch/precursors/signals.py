@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -191,6 +192,26 @@ def log_z(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         z = torch.logsumexp(logits.detach().float(), dim=-1)
         return z.mean(), z.abs().amax()
+
+
+def mean_loss(loss: Any, reduction: Any = "mean") -> torch.Tensor | None:
+    """The mean per-example loss from what ``F.cross_entropy`` returned (0-d float32, on its device; no
+    sync), or None when it cannot be told (a sum over an unknown count of targets, not a tensor).
+
+    Example:
+        >>> float(mean_loss(torch.tensor([0.5, 1.5]), "none")), float(mean_loss(torch.tensor(0.25)))
+        (1.0, 0.25)
+        >>> mean_loss(torch.tensor(4.0), "sum") is None
+        True
+    """
+    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or not loss.numel():
+        return None
+    with torch.no_grad():
+        if reduction == "mean":
+            return loss.detach().float().reshape(())
+        if reduction == "none":
+            return loss.detach().float().mean()
+    return None
 
 
 def first_tensor(output: object) -> torch.Tensor | None:
