@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..findings import Finding, _jsonable
+from ..nonfinite.bundle import format_number, summarize_bundle
 from ..rundir import Run
 
 
@@ -36,55 +36,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _num(value: Any) -> str:
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return str(value)
-    if math.isnan(x) or math.isinf(x):
-        return str(x)
-    return f"{x:.4g}"
-
-
-def describe_bundle(path: Path) -> str:
-    """One line for a reproduction bundle; never raises.
-
-    Example:
-        >>> describe_bundle(Path("missing.pt")).startswith("missing.pt: unreadable")
-        True
-    """
-    if not path.is_file():  # a directory, a pipe (torch.load would wait on it for ever)
-        return f"{path.name}: unreadable (not a regular file)"
-    try:
-        import torch
-
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated, foreign or unsafe file: say so and go on
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        return f"{path.name}: unreadable ({type(exc).__name__}: {reason})"
-    if not isinstance(data, dict):
-        return f"{path.name}: not a gradwatch bundle (a {type(data).__name__}, not a dict)"
-    finding = data.get("finding") if isinstance(data.get("finding"), dict) else {}
-    code = finding.get("code") or data.get("code") or "?"
-    parts = [f"{path.name}: step {data.get('step', '?')}", str(code)]
-    if "loss" in data:
-        parts.append(f"loss={_num(data['loss'])}")
-    if "grad_norm" in data:
-        parts.append(f"grad_norm={_num(data['grad_norm'])}")
-    loc = data.get("localization") if isinstance(data.get("localization"), dict) else None
-    if loc:
-        where = ", ".join(f"{k}={loc[k]}" for k in ("phase", "op", "module", "source") if loc.get(k))
-        if where:
-            parts.append(where)
-    parts.append("batch saved" if data.get("batch") is not None else "no batch")
-    return "  ".join(parts)
-
-
 def _finding_text(finding: Finding) -> str:
     lines = [str(finding).splitlines()[0]]
     numbers = {k: v for k, v in finding.evidence.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numbers:
-        lines.append("    evidence: " + ", ".join(f"{k}={_num(v)}" for k, v in list(numbers.items())[:8]))
+        lines.append("    evidence: " + ", ".join(f"{k}={format_number(v)}" for k, v in list(numbers.items())[:8]))
     lines += [f"    fix: {fix}" for fix in finding.fixes]
     return "\n".join(lines)
 
@@ -124,7 +80,7 @@ def doctor_report(run_data: Run) -> dict[str, Any]:
         "skipped_steps": skipped,
         "counts": counts,
         "findings": [f.to_dict() for f in findings],
-        "bundles": [{"path": str(b), "description": describe_bundle(b)} for b in run_data.bundles],
+        "bundles": [{"path": str(b), "description": summarize_bundle(b)} for b in run_data.bundles],
         "precision": _precision_lines(run_data),
         "read_problems": list(run_data.problems),
         "skipped_lines": dict(run_data.skipped_lines),

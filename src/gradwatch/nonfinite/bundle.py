@@ -145,10 +145,16 @@ def _describe_batch(batch: Any, path: str = "batch", out: list[str] | None = Non
     return out
 
 
-def _num(value: Any) -> str:
+def format_number(value: Any) -> str:
+    """A number as text, 4 significant digits (nan/inf as such; anything else as ``str``).
+
+    Example:
+        >>> format_number(0.000123456), format_number(float("nan")), format_number("n/a")
+        ('0.0001235', 'nan', 'n/a')
+    """
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return str(value)
     return f"{x:.4g}" if math.isfinite(x) else str(x)
 
@@ -167,8 +173,8 @@ def describe_bundle(path: str | os.PathLike[str]) -> str:
     target = Path(path)
     payload = load_bundle(target)
     finding = payload.get("finding") or {}
-    lines = [f"{target.name}: step {payload.get('step')}, loss {_num(payload.get('loss'))}, "
-             f"grad_norm {_num(payload.get('grad_norm'))}"]
+    lines = [f"{target.name}: step {payload.get('step')}, loss {format_number(payload.get('loss'))}, "
+             f"grad_norm {format_number(payload.get('grad_norm'))}"]
     if isinstance(finding, Mapping):
         lines.append(f"  {finding.get('code', '?')}: {finding.get('message', '')}")
         location = finding.get("location") or {}
@@ -180,3 +186,37 @@ def describe_bundle(path: str | os.PathLike[str]) -> str:
     rng = payload.get("rng") or {}
     lines.append("  rng: " + (", ".join(sorted(rng)) if isinstance(rng, Mapping) and rng else "none (no closure)"))
     return "\n".join(lines)
+
+
+def summarize_bundle(path: str | os.PathLike[str]) -> str:
+    """One line on a reproduction bundle (``gradwatch doctor``'s list); never raises, unlike
+    :func:`describe_bundle`: an unreadable or foreign file is said to be one.
+
+    Example:
+        >>> summarize_bundle("missing.pt").startswith("missing.pt: unreadable")
+        True
+    """
+    path = Path(path)
+    if not path.is_file():  # a directory, a pipe (torch.load would wait on it for ever)
+        return f"{path.name}: unreadable (not a regular file)"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated, foreign or unsafe file: say so and go on
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        return f"{path.name}: unreadable ({type(exc).__name__}: {reason})"
+    if not isinstance(data, dict):
+        return f"{path.name}: not a gradwatch bundle (a {type(data).__name__}, not a dict)"
+    finding = data.get("finding") if isinstance(data.get("finding"), dict) else {}
+    code = finding.get("code") or data.get("code") or "?"
+    parts = [f"{path.name}: step {data.get('step', '?')}", str(code)]
+    if "loss" in data:
+        parts.append(f"loss={format_number(data['loss'])}")
+    if "grad_norm" in data:
+        parts.append(f"grad_norm={format_number(data['grad_norm'])}")
+    loc = data.get("localization") if isinstance(data.get("localization"), dict) else None
+    if loc:
+        where = ", ".join(f"{k}={loc[k]}" for k in ("phase", "op", "module", "source") if loc.get(k))
+        if where:
+            parts.append(where)
+    parts.append("batch saved" if data.get("batch") is not None else "no batch")
+    return "  ".join(parts)
