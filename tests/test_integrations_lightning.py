@@ -215,3 +215,52 @@ def test_docs_lightning_snippet_runs(capsys):
     exec(compile(doc_block("integrations.md", "lightning"), "docs/integrations.md", "exec"), {"__name__": "__doc__"})
     out = capsys.readouterr().out
     assert "['net.0', 'net.2']" in out
+
+
+class ClassifierModule(pl.LightningModule):
+    """The usual Lightning pattern: the forward returns logits, training_step computes the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.log_z: list[float] = []  # by hand, per step
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log_z.append(torch.logsumexp(logits.detach(), dim=-1).mean().item())
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_callback_sees_the_cross_entropy_of_training_step_for_log_z():
+    import gradwatch as gw
+    from gradwatch.precursors.plugin import PrecursorPlugin
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(48, 8), torch.randint(0, 4, (48,)))
+    module = ClassifierModule()
+    seen: list[tuple[int, float]] = []
+
+    class Reader(pl.Callback):  # after gradwatch's (list order): this step's signals
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            plugin = next(p for p in callback.watch.plugins if isinstance(p, PrecursorPlugin))
+            if "log_z_mean" in plugin.last:
+                seen.append((plugin.last["step"], plugin.last["log_z_mean"]))
+            assert not plugin._window and plugin._mode_depth == 0  # the mode was left before backward
+
+    callback = GradwatchCallback(precursors=gw.PrecursorConfig(sample_every=2))
+    trainer = pl.Trainer(max_steps=6, callbacks=[callback, Reader()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert [s for s, _ in seen] == [1, 2, 4, 6]  # each of the first sample_every (2) steps, then every 2nd ...
+    for step, value in seen:
+        assert value == pytest.approx(module.log_z[step - 1], rel=1e-5)  # ... each equal to training_step's own
+    from torch.overrides import _get_current_function_mode_stack
+    assert not _get_current_function_mode_stack()

@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - the standalone package
         ) from exc
 
 from ..plugins import WatchView
+from ..precursors.plugin import PrecursorPlugin
 from ..runpath import check_mode
 from ..watch import Watch
 from .. import tags
@@ -184,8 +185,24 @@ class GradwatchCallback(Callback):
     # ----- every step ------------------------------------------------------------------
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._batch = batch
+        self._precursor_window("open_window")  # training_step's own F.cross_entropy: log Z on sampled steps
+
+    def _precursor_window(self, method: str) -> None:
+        watch = self.watch
+        if watch is None or watch.closed:
+            return
+        for plugin in watch.plugins:
+            if isinstance(plugin, PrecursorPlugin):
+                try:
+                    getattr(plugin, method)()
+                except Exception as exc:  # never break the loop for a signal
+                    watch.errors.report(f"precursors.{method}", exc)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._precursor_window("close_window")  # the user's training_step raised: leave no mode on
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        self._precursor_window("close_window")  # the forward calls are done; backward runs without the mode
         # Lightning passes the loss divided by accumulate_grad_batches: the sum is the mean loss.
         try:
             value = loss.detach().float()

@@ -110,6 +110,7 @@ class PrecursorPlugin(WatchPlugin):
         self._seen_log_z: bool | None = None
         self._hook_modules = False
         self._use_mode = False  # this sampled step enters the TorchFunctionMode (attention or cross_entropy)
+        self._window = False  # an integration holds the mode open around its own training step
         self._sample_escalated = False  # the last sampled attention logit was above half its threshold
         self._outputs: dict[str, torch.Tensor] = {}  # layer -> output RMS (0-d tensor) of this sampled step
         #: each layer's first sampled output RMS, the reference of its growth
@@ -192,6 +193,7 @@ class PrecursorPlugin(WatchPlugin):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._window = False
         while self._mode_depth:
             self._exit()
         self._stack = []
@@ -230,6 +232,26 @@ class PrecursorPlugin(WatchPlugin):
         if self._mode_depth == 0 and self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+
+    def open_window(self) -> None:
+        """For an integration whose loss is computed outside the model's forward (Lightning's
+        ``training_step``): on a sampled step, the sampling mode stays on from now until
+        :meth:`close_window` (the model's own forward hooks nest inside it), so a ``F.cross_entropy``
+        there is seen. No effect on other steps; the next step's ``prepare`` closes a window left open.
+
+        Example:
+            >>> plugin = PrecursorPlugin()
+            >>> plugin.open_window(); plugin.close_window()  # not attached, not sampling: nothing happens
+        """
+        if self._sampling and self._use_mode and not self._window:
+            self._enter()
+            self._window = self._mode_depth > 0  # _enter does nothing under torch.no_grad()
+
+    def close_window(self) -> None:
+        """End what :meth:`open_window` began (before backward: the mode watches forward calls)."""
+        if self._window:
+            self._window = False
+            self._exit()
 
     def before_forward(self, ctx: StepContext) -> None:
         if self._sampling and self._use_mode and ctx.current.closure is not None:
