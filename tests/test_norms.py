@@ -146,11 +146,14 @@ def _fast(plan: norms.MeasurePlan, grads: list) -> np.ndarray:
         return on_host(torch.stack(tensor_norms).double().numpy())
 
 
+@pytest.mark.parametrize("few", [True, False], ids=["python-sums", "numpy-sums"])
 @pytest.mark.parametrize("weights_on_host", [True, False])
-def test_fast_path_equals_clip_grad_norm_and_the_general_path(weights_on_host: bool) -> None:
+def test_fast_path_equals_clip_grad_norm_and_the_general_path(weights_on_host: bool, few: bool) -> None:
     model = _model_with_grads(_mlp, torch.float32, 2.0)
     index = LayerIndex(model)
     plan = norms.MeasurePlan(index.params, index.param_layer, len(index))
+    assert plan._few and plan.on_cpu  # a few CPU tensors: per-layer sums in plain Python, values read in place
+    plan._few = few  # many tensors: numpy sums them
     assert (plan.host is not None) is True  # float32 CPU weights: numpy reads them in place
     if not weights_on_host:
         plan.host = None  # the foreach path over gradients and weights (CUDA, half precision, ...)
@@ -167,11 +170,14 @@ def test_fast_path_equals_clip_grad_norm_and_the_general_path(weights_on_host: b
     assert plan.tensor_norms2(grads) is None
 
 
+@pytest.mark.parametrize("few", [True, False], ids=["python-sums", "numpy-sums"])
 @pytest.mark.parametrize("weights_on_host", [True, False])
-def test_fast_path_without_weights_reads_no_weight_and_gives_the_same_gradient_norms(weights_on_host: bool) -> None:
+def test_fast_path_without_weights_reads_no_weight_and_gives_the_same_gradient_norms(weights_on_host: bool,
+                                                                                      few: bool) -> None:
     model = _model_with_grads(_mlp, torch.float32, 2.0)
     index = LayerIndex(model)
     plan = norms.MeasurePlan(index.params, index.param_layer, len(index))
+    plan._few = few
     if not weights_on_host:
         plan.host = None
     grads = [p.grad for p in index.params]
