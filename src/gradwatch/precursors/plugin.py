@@ -244,8 +244,9 @@ class PrecursorPlugin(WatchPlugin):
             >>> plugin.open_window(); plugin.close_window()  # not attached, not sampling: nothing happens
         """
         if self._sampling and self._use_mode and not self._window:
+            depth = self._mode_depth
             self._enter()
-            self._window = self._mode_depth > 0  # _enter does nothing under torch.no_grad()
+            self._window = self._mode_depth > depth  # _enter does nothing under torch.no_grad()
 
     def close_window(self) -> None:
         """End what :meth:`open_window` began (before backward: the mode watches forward calls)."""
