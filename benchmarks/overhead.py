@@ -177,7 +177,7 @@ def measure(name: str, rounds: int, steps: int, tmp: Path, builds: int = 3) -> t
     # warm-up: the plain variants 2 steps; the Watches past their first steps (the update ratio on each of
     # the first update_ratio_every, the precursors' signals on each of the first sample_every: a one-time
     # cost), so the ratio is what every later step costs
-    first = max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
+    first = first_steps()
     for build in range(builds):
         variants = _variants(name, tmp / f"build{build}")
         for key, fn in variants.items():
@@ -194,6 +194,13 @@ def measure(name: str, rounds: int, steps: int, tmp: Path, builds: int = 3) -> t
 # ----- --depth-sweep ------------------------------------------------------------------------
 MLP_DEPTHS = (10, 30, 100, 300, 1000)
 GPT_BLOCKS = (2, 8, 32, 100, 166)  # 6 layers a block + 3: 15 ... 999 layers
+
+
+def first_steps() -> int:
+    """Steps a Watch takes before it is timed: past the update ratio on each of the first
+    ``update_ratio_every`` steps and the precursor signals on each of the first ``sample_every`` (a
+    one-time cost), so a ratio is what every later step costs."""
+    return max(gw.Watch.__init__.__kwdefaults__["update_ratio_every"], gw.PrecursorConfig().sample_every) + 2
 
 
 def depth_workloads() -> list[tuple[str, Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]]:
@@ -237,7 +244,7 @@ def depth_sweep(rounds: int, steps: int | None, tmp: Path, only: str | None = No
             variants[name] = (lambda watch=watch, model=model: watch.step(lambda: loss_of(model)))
         variants["plain"] = plain_loop(make, loss_of)
         for name, fn in variants.items():  # the Watches past the first steps (each measures the update ratio)
-            for _ in range(watches[0].update_ratio_every + 2 if name in ("watch", "monitor") else 2):
+            for _ in range(first_steps() if name in ("watch", "monitor") else 2):  # as in the main benchmark
                 fn()
         start = time.perf_counter()
         variants["baseline"]()
