@@ -322,8 +322,9 @@ class RunFrames:
     ``clip_coef``, ``clip_threshold``, ``clipped``, ``skipped``, ``loss_scale``,
     ``time_ms``). ``layers``: one row per (step, layer), long format (``step``,
     ``layer`` (ordered by depth), ``depth``, ``type``, ``grad_norm`` (pre-clip),
-    ``grad_rms`` (norm / sqrt(trainable elements)), ``weight_norm``,
-    ``update_ratio`` (NaN on steps where it was not measured)).
+    ``grad_rms`` (norm / sqrt(trainable elements)), ``weight_norm`` and
+    ``update_ratio`` (both NaN on steps where they were not measured: the weight norms
+    on every update-ratio step, the ratio on each layer's share of them)).
     """
 
     steps: "pandas.DataFrame"
