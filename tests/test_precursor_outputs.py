@@ -308,7 +308,8 @@ def test_precursor_series_and_thresholds_by_hand() -> None:
 
 # ----- the Hugging Face Trainer -----------------------------------------------------------
 @pytest.mark.slow
-def test_hf_trainer_logs_carry_the_signals_of_their_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_hf_trainer_logs_carry_the_signals_measured_since_the_last_log(tmp_path: Path, logging_steps: int) -> None:
     transformers = pytest.importorskip("transformers")
     from gradwatch.integrations.transformers import GradwatchCallback
 
@@ -336,7 +337,7 @@ def test_hf_trainer_logs_carry_the_signals_of_their_step(tmp_path: Path) -> None
     steps = 6
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        report_to=[], logging_steps=logging_steps, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True, seed=0)
     cb = GradwatchCallback(run_dir=tmp_path / "run", layers_every=1,
                            precursors=gw.PrecursorConfig(rms_every=2, sample_every=3))
@@ -346,9 +347,14 @@ def test_hf_trainer_logs_carry_the_signals_of_their_step(tmp_path: Path) -> None
     assert any("attention_logit_max" in line for line in lines.values())  # GPT-2's sdpa attention is seen
     assert any("log_z_mean" in line for line in lines.values()) and any("adam_rms_max" in line for line in lines.values())
     assert sorted(lines) != list(range(1, steps + 1))  # step 5 measures nothing
-    assert [s for s, _ in logs.logs] == list(range(1, steps + 1))
-    for step, got in logs.logs:
-        assert signal_part(got) == pytest.approx(expected_tags(lines.get(step, {}))), step
+    assert [s for s, _ in logs.logs] == list(range(logging_steps, steps + 1, logging_steps))
+    for step, got in logs.logs:  # the steps since the last log, a later value of a tag replacing an earlier one
+        want: dict[str, float] = {}
+        for measured in range(step - logging_steps + 1, step + 1):
+            want.update(expected_tags(lines.get(measured, {})))
+        assert signal_part(got) == pytest.approx(want), step
+    if logging_steps == 2:  # step 3 measured signals (sampled), and they reach step 4's log
+        assert "log_z_mean" in lines[3] and "gradwatch/log_z_mean" in dict(logs.logs)[4]
 
 
 # ----- Lightning ----------------------------------------------------------------------------

@@ -96,8 +96,9 @@ class GradwatchCallback(TrainerCallback):
         layers_every: log the per-layer gradient norms (``gradwatch/layer_grad_norm/<name>``) and, on
             the steps that measure them, the update ratios (``gradwatch/layer_update_ratio/<name>``) to the
             ``report_to`` backends on step 1 and every this many steps (at a logging step); None: never.
-            Default: 50. The precursor signals (``gradwatch/adam_rms_max``, ...) are added at a logging step
-            that measured them; their per-layer and per-site tags unless this is None.
+            Default: 50. The precursor signals (``gradwatch/adam_rms_max``, ...) measured since the last
+            logging step are added at the next one (of each tag, its latest value); their per-layer and
+            per-site tags unless this is None.
         **watch_options: other :class:`gradwatch.Watch` keywords
             (``norm_type``, ``diagnose``, ``write_rank``, ...).
 
@@ -163,6 +164,7 @@ class GradwatchCallback(TrainerCallback):
             raise ValueError(f"layers_every must be a positive int or None, got {layers_every!r}")
         self.layers_every = layers_every
         self._logged_step = -1
+        self._signals: dict[str, float] = {}  # precursor tags measured since the last logging step
 
     # ----- set-up / tear-down ----------------------------------------------------------
     def _move_first(self) -> None:
@@ -273,6 +275,12 @@ class GradwatchCallback(TrainerCallback):
             loss = stacked.sum() if self._partial else stacked.mean()
         result = watch.observe(loss)  # internal errors are reported inside, never raised
         self.last_result = result
+        try:  # this step's precursor signals wait for the next logging step (the latest value of each tag)
+            entry = WatchView(watch).signals(result.step)
+            if entry:
+                self._signals.update(tags.signal_metrics(entry, per_layer=self.layers_every is not None))
+        except Exception as exc:  # never break the loop for a number we only log
+            watch.errors.report("transformers signals", exc)
         if result.skipped:
             self.skipped_steps += 1
             self._rewind.save([lr_scheduler], optimizer)
@@ -310,5 +318,6 @@ class GradwatchCallback(TrainerCallback):
         if every and (record.step % every == 0 or record.step == 1):
             ratios = None if record.update_ratio is None else record.update_ratio.tolist()  # NaN: not measured
             logs.update(tags.layer_metrics(record.layer_names, record.layer_grad_norms.tolist(), ratios))
-        # the precursor signals, when this step measured them (a logging step between two measurements gets none)
-        logs.update(tags.signal_metrics(WatchView(self.watch).signals(record.step), per_layer=every is not None))
+        # the precursor signals measured since the last logging step (of each tag its latest value)
+        logs.update(self._signals)
+        self._signals = {}
