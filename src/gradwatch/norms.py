@@ -377,8 +377,9 @@ class MeasurePlan:
 
     def _sum_by_layer(self, grad_norms: Sequence[float], weight_squares: Sequence[Any] | None) -> np.ndarray:
         """[per-layer gradient norms, per-layer weight norms (NaN: None), global norm] from per-tensor
-        gradient norms (group order) and weight squares (parameter order); float64 sums, in plain Python:
-        on the benchmark MLP's 16 tensors ~10 us in the step against ~33 us for the numpy calls."""
+        gradient norms (group order) and weight squares (parameter order); float64 sums. Up to
+        :data:`FEW_TENSORS` tensors in plain Python (on the benchmark MLP's 16, ~10 us in the step
+        against ~33 us for the numpy calls), numpy's ``bincount`` for more."""
         n = self.n_layers
         if not self._few:
             squares, grad_part, weight_part = self._host_squares

@@ -301,7 +301,8 @@ class Rollback:
             if not floats:
                 return True
             peaks = foreach_norm(floats, math.inf)  # NaN and inf propagate through max |w|
-            return bool(torch.isfinite(torch.stack([t.float().cpu() for t in peaks])).all())
+            device = peaks[0].device  # one host sync for them all, not one per tensor
+            return bool(torch.isfinite(torch.stack([t.float().to(device) for t in peaks])).all())
 
     def due(self, step: int) -> bool:
         """Whether a snapshot should be taken after ``step`` (every ``every`` steps)."""
